@@ -1,0 +1,124 @@
+"""The worker registry in Redis: the one contract between node agents (writers) and the router (reader).
+
+Keys, all under ``hpcserve:{run_id}:``:
+  workers          hash   worker_id -> WorkerRecord JSON
+  hb:{worker_id}   string heartbeat with a TTL; a worker whose key expired is treated as dead by readers
+  changes          pub/sub channel; the worker_id is published after every change to ``workers``
+  events           stream of state changes, restarts and errors (capped)
+  status           hash   job phase and batch/bench progress fields
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict
+
+Role = Literal["prefill", "decode", "both"]
+WorkerState = Literal["starting", "ready", "draining", "dead"]
+EVENTS_MAXLEN = 10_000
+
+
+def prefix(run_id: str) -> str:
+    return f"hpcserve:{run_id}:"
+
+
+def workers_key(run_id: str) -> str:
+    return prefix(run_id) + "workers"
+
+
+def heartbeat_key(run_id: str, worker_id: str) -> str:
+    return prefix(run_id) + f"hb:{worker_id}"
+
+
+def changes_channel(run_id: str) -> str:
+    return prefix(run_id) + "changes"
+
+
+def events_key(run_id: str) -> str:
+    return prefix(run_id) + "events"
+
+
+def status_key(run_id: str) -> str:
+    return prefix(run_id) + "status"
+
+
+class WorkerRecord(BaseModel):
+    """One engine server as the router sees it. ``url`` is what the router dials."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: str
+    role: Role
+    group: str
+    url: str
+    bootstrap_port: int | None = None
+    node: int
+    host: str
+    state: WorkerState = "starting"
+    started_at: float = 0.0
+    restarts: int = 0
+
+    @property
+    def bootstrap_host(self) -> str:
+        return self.host
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump())
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "WorkerRecord":
+        return cls.model_validate(orjson.loads(raw))
+
+
+async def publish_worker(redis: Any, run_id: str, rec: WorkerRecord, hb_ttl: float | None = None) -> None:
+    """Write or update one worker and tell followers. ``redis`` is a redis.asyncio client."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hset(workers_key(run_id), rec.id, rec.to_json())
+    if hb_ttl:
+        pipe.set(heartbeat_key(run_id, rec.id), b"1", px=int(hb_ttl * 1000))
+    pipe.publish(changes_channel(run_id), rec.id)
+    await pipe.execute()
+
+
+async def remove_worker(redis: Any, run_id: str, worker_id: str) -> None:
+    pipe = redis.pipeline(transaction=False)
+    pipe.hdel(workers_key(run_id), worker_id)
+    pipe.delete(heartbeat_key(run_id, worker_id))
+    pipe.publish(changes_channel(run_id), worker_id)
+    await pipe.execute()
+
+
+async def heartbeat(redis: Any, run_id: str, worker_ids: list[str], ttl: float) -> None:
+    pipe = redis.pipeline(transaction=False)
+    for wid in worker_ids:
+        pipe.set(heartbeat_key(run_id, wid), b"1", px=int(ttl * 1000))
+    await pipe.execute()
+
+
+async def load_workers(redis: Any, run_id: str, *, require_heartbeat: bool = True) -> dict[str, WorkerRecord]:
+    """The full registry; workers whose heartbeat expired are reported with state 'dead'."""
+    raw = await redis.hgetall(workers_key(run_id))
+    recs = {}
+    for k, v in raw.items():
+        rec = WorkerRecord.from_json(v)
+        recs[k.decode() if isinstance(k, bytes) else k] = rec
+    if require_heartbeat and recs:
+        ids = list(recs)
+        alive = await redis.mget([heartbeat_key(run_id, w) for w in ids])
+        for wid, hb in zip(ids, alive):
+            if hb is None and recs[wid].state != "dead":
+                recs[wid] = recs[wid].model_copy(update={"state": "dead"})
+    return recs
+
+
+async def emit_event(redis: Any, run_id: str, kind: str, **fields: Any) -> None:
+    body = {"kind": kind, "ts": f"{time.time():.3f}"}
+    body.update({k: str(v) for k, v in fields.items()})
+    await redis.xadd(events_key(run_id), body, maxlen=EVENTS_MAXLEN, approximate=True)
+
+
+async def set_status(redis: Any, run_id: str, **fields: Any) -> None:
+    await redis.hset(status_key(run_id), mapping={k: str(v) for k, v in fields.items()})
