@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# tests/run.sh - THE test command: `bash tests/run.sh [pytest args...]`
+#
+# On a Debian 12 machine as root it installs what the tests need (once; present packages are
+# skipped), installs the project with its test extras, starts the local multi-node Slurm
+# (slurm/start-local-slurm.sh), runs pytest and exits with pytest's exit code.
+#
+# Cluster reuse: a healthy cluster that was already running is reused and left running;
+# a cluster this script started is stopped (and wiped) on exit. Under CI (CI=true) a
+# separate directory and port range are used, so CI always starts clean and never touches a
+# developer's cluster.
+#
+# Environment:
+#   SLURM_LOCAL_ACCOUNTING=0   no MariaDB/slurmdbd (sacct off); default 1
+#   HPCSERVE_SLURM=0           do not start Slurm (Slurm tests skip)
+#   HPCSERVE_SGLANG_CHECK=0    skip installing the sglang parser-check extras
+#   HPCSERVE_SKIP_INSTALL=1    skip apt-get and pip steps entirely
+#   PYTHON                     interpreter to use (default: python3, else python)
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+export PATH=$PATH:/usr/sbin:/sbin
+export SLURM_LOCAL_ACCOUNTING=${SLURM_LOCAL_ACCOUNTING:-1}
+if [ "${CI:-}" = true ] || [ "${CI:-}" = 1 ]; then
+  export SLURM_LOCAL_DIR=${SLURM_LOCAL_DIR:-/tmp/hpcserve-slurm-ci}
+  export SLURM_LOCAL_PORT_BASE=${SLURM_LOCAL_PORT_BASE:-17910}
+fi
+export SLURM_LOCAL_DIR=${SLURM_LOCAL_DIR:-/tmp/hpcserve-slurm}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+
+T_ALL=$(date +%s.%N)
+TIMINGS=()
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
+say() { printf '[tests/run.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
+phase_done() { TIMINGS+=("$1: $(since "$2")s"); say "phase $1 done in $(since "$2")s"; }
+fail() { say "ERROR: $*"; exit 1; }
+
+# ------------------------------------------------------------------ phase: apt packages
+dpkg_installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+install_apt_packages() {
+  local want=(slurmctld slurmd slurm-client munge redis-server iproute2 procps)
+  [ "$SLURM_LOCAL_ACCOUNTING" = 1 ] && want+=(slurmdbd mariadb-server mariadb-client)
+  command -v dpkg-query >/dev/null 2>&1 || { say "no dpkg here; skipping apt packages"; return 0; }
+  local missing=() p
+  for p in "${want[@]}"; do dpkg_installed "$p" || missing+=("$p"); done
+  if [ "${#missing[@]}" = 0 ]; then say "apt packages already present"; return 0; fi
+  [ "$(id -u)" = 0 ] || fail "missing Debian packages ${missing[*]}; as root run: apt-get install ${missing[*]}"
+  say "apt-get install ${missing[*]}"
+  # keep package scripts from starting system-wide munge/slurm/redis/mariadb services
+  local added_policy=0 ok=0 attempt
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; added_policy=1
+  fi
+  for attempt in 1 2 3; do
+    if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+         -o DPkg::Lock::Timeout=300 --no-install-recommends "${missing[@]}"; then ok=1; break; fi
+    say "apt-get failed (attempt $attempt); retrying"; sleep 5
+  done
+  [ "$added_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+  [ "$ok" = 1 ] || fail "apt-get install ${missing[*]} failed"
+}
+
+# ------------------------------------------------------------------ phase: pip
+# pip install -e '.[test]' runs again only when pyproject.toml, the repo path or the
+# interpreter changed (stamp file), or when hpcserve does not import from this repo.
+install_project() {
+  "$PY" -m pip --version >/dev/null 2>&1 || fail "$PY has no pip; install python3-pip or set PYTHON"
+  local stamp_dir=${XDG_CACHE_HOME:-$HOME/.cache}/hpcserve
+  local stamp_file
+  stamp_file=$stamp_dir/pip-$(printf '%s' "$REPO" | sha256sum | cut -c1-16)
+  local want
+  want="$("$PY" -c 'import sys; print(sys.executable)') $REPO $(sha256sum pyproject.toml | cut -c1-64)"
+  local where
+  where=$(cd / && "$PY" -c 'import hpcserve, os; print(os.path.dirname(os.path.dirname(os.path.abspath(hpcserve.__file__))))' 2>/dev/null || true)
+  if [ "$where" = "$REPO" ] && [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want" ]; then
+    say "project already installed (editable, $REPO)"; return 0
+  fi
+  say "pip install -e '.[test]'"
+  "$PY" -m pip install -q --disable-pip-version-check -e ".[test]" || fail "pip install -e '.[test]' failed"
+  mkdir -p "$stamp_dir" && echo "$want" > "$stamp_file"
+}
+
+# ------------------------------------------------------------------ phase: sglang extras
+# >>> install_sglang_check_deps: TO BE FILLED IN by the engineer who owns the sglang parser
+# checks. It should make `import sglang` work for the parser-check tests on CPU:
+#   "$PY" -m pip install --no-deps sglang==0.5.23
+#   "$PY" -m pip install torch==2.13.0            # the CPU wheel on this machine kind
+#   plus the light dependencies the parser modules import.
+# Return non-zero on failure: the caller turns that into a warning, never a fatal error.
+install_sglang_check_deps() {
+  if (cd / && "$PY" -c 'import sglang' >/dev/null 2>&1); then
+    say "sglang already importable"; return 0
+  fi
+  say "install_sglang_check_deps: not filled in yet; sglang-marked tests will skip"
+  return 0
+}
+# <<< install_sglang_check_deps
+
+# ------------------------------------------------------------------ run
+if [ "${HPCSERVE_SKIP_INSTALL:-0}" != 1 ]; then
+  t=$(now); install_apt_packages; phase_done apt "$t"
+  t=$(now); install_project; phase_done pip "$t"
+  if [ "${HPCSERVE_SGLANG_CHECK:-1}" != 0 ]; then
+    t=$(now)
+    install_sglang_check_deps || say "WARNING: install_sglang_check_deps failed; sglang parser checks will skip"
+    phase_done sglang-deps "$t"
+  fi
+fi
+
+STARTED_SLURM=0
+stop_cluster() {
+  local rc=$?
+  if [ "$STARTED_SLURM" = 1 ]; then
+    local t; t=$(now)
+    bash "$REPO/slurm/stop-local-slurm.sh" --purge || say "WARNING: stopping the local Slurm failed"
+    phase_done slurm-stop "$t"
+  fi
+  say "timings: ${TIMINGS[*]:-none}; total $(since "$T_ALL")s"
+  exit "$rc"
+}
+trap stop_cluster EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+if [ "${HPCSERVE_SLURM:-1}" != 0 ]; then
+  t=$(now)
+  if out=$(bash "$REPO/slurm/start-local-slurm.sh" --check 2>/dev/null); then
+    say "reusing the running local Slurm in $SLURM_LOCAL_DIR (left running afterwards)"
+  else
+    STARTED_SLURM=1
+    if ! out=$(bash "$REPO/slurm/start-local-slurm.sh"); then
+      tail -n 30 "$SLURM_LOCAL_DIR"/log/*.log 2>/dev/null >&2 || true
+      fail "the local Slurm did not start (logs above)"
+    fi
+  fi
+  eval "$out"
+  say "SLURM_CONF=$SLURM_CONF"
+  phase_done slurm-start "$t"
+else
+  say "HPCSERVE_SLURM=0: no local Slurm; Slurm tests will skip"
+fi
+
+# Paths given on the command line replace the default `tests` (else pytest would collect
+# the named files twice or run the whole suite).
+targets=(tests)
+for a in "$@"; do
+  case "$a" in -*) ;; *) [ -e "${a%%::*}" ] && targets=() ;; esac
+done
+t=$(now)
+rc=0
+"$PY" -m pytest -q -p no:cacheprovider "${targets[@]}" "$@" || rc=$?
+phase_done pytest "$t"
+exit "$rc"

@@ -1,0 +1,65 @@
+"""Smoke tests of the local multi-node Slurm cluster (slurm/start-local-slurm.sh)."""
+from __future__ import annotations
+
+import pytest
+
+from slurm_util import job_state, requires_slurm, run_slurm, sbatch, scancel, squeue_state, wait_job_state
+
+pytestmark = [pytest.mark.slurm, requires_slurm]
+
+PLAIN_SCRIPT = """#!/bin/bash
+#SBATCH --job-name=hpcserve-test-only
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --time=5
+srun hostname
+"""
+
+
+def test_two_node_job_runs_one_task_per_node(tmp_path):
+    out = tmp_path / "out.txt"
+    job = sbatch("--nodes=2", "--ntasks-per-node=1", "-D", str(tmp_path), "-o", str(out),
+                 "--wrap", "srun bash -c 'echo $SLURM_NODEID $SLURMD_NODENAME'")
+    assert wait_job_state(job, {"COMPLETED"}, timeout=60) == "COMPLETED"
+    rows = sorted(line.split() for line in out.read_text().splitlines() if line.strip())
+    assert [r[0] for r in rows] == ["0", "1"]
+    assert rows[0][1] != rows[1][1], rows  # two different slurmd nodes
+
+
+def test_test_only_accepts_plain_script_and_rejects_bad_partition(tmp_path):
+    script = tmp_path / "job.sbatch"
+    script.write_text(PLAIN_SCRIPT)
+    good = run_slurm("sbatch", "--test-only", str(script), check=False)
+    assert good.returncode == 0, good.stderr
+    assert "to start at" in good.stderr
+    bad = run_slurm("sbatch", "--test-only", "--partition=no-such-partition", str(script), check=False)
+    assert bad.returncode != 0
+    assert "invalid partition" in bad.stderr.lower()
+
+
+def test_scancel_ends_job_and_squeue_shows_cancelled(tmp_path):
+    job = sbatch("-D", str(tmp_path), "-o", "/dev/null", "--wrap", "sleep 600")
+    try:
+        wait_job_state(job, {"RUNNING"}, timeout=60)
+    finally:
+        scancel(job)
+    wait_job_state(job, {"CANCELLED"}, timeout=60)
+    # the final state must come from squeue itself (MinJobAge keeps it), not only from sacct
+    assert squeue_state(job) == "CANCELLED"
+
+
+def test_failed_job_final_state_and_exit_code_in_squeue(tmp_path):
+    job = sbatch("-D", str(tmp_path), "-o", "/dev/null", "--wrap", "exit 3")
+    assert wait_job_state(job, {"FAILED"}, timeout=60) == "FAILED"
+    # the batched status call the CLI makes: several ids, one line each, fields split by '|'
+    other = sbatch("-D", str(tmp_path), "-o", "/dev/null", "--wrap", "true")
+    wait_job_state(other, {"COMPLETED"}, timeout=60)
+    proc = run_slurm("squeue", "-h", "-t", "all", "-j", f"{job},{other}", "-o", "%i|%T|%r|%N|%M|%l")
+    rows = {line.split("|")[0]: line.split("|") for line in proc.stdout.splitlines()}
+    assert rows[job][1] == "FAILED" and rows[other][1] == "COMPLETED", rows
+    assert job_state(job) == "FAILED"
+
+
+def test_unknown_job_has_no_state():
+    assert squeue_state("999999") is None
+    assert job_state("999999") is None
