@@ -1,0 +1,3 @@
+from hpcserve.cli.main import app
+
+app(prog_name="hpcserve")

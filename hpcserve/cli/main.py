@@ -1,0 +1,101 @@
+"""The `hpcserve` command line: thin verbs over the Python API; every user mistake is one line + exit 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from hpcserve.cli.common import console, fail, guarded, show_plan_table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Recipes -> Slurm jobs -> SGLang prefill/decode worker groups behind one router.")
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+SetOpt = typer.Option(None, "--set", help="Override a recipe key: a.b=value (repeatable).")
+ClusterOpt = typer.Option(None, "--cluster", help="Cluster profile YAML replacing the recipe's cluster.")
+
+
+@app.command()
+@guarded
+def validate(recipes: List[Path] = typer.Argument(..., help="Recipe files."),
+             set_: Optional[List[str]] = SetOpt, cluster: Optional[str] = ClusterOpt,
+             engine_check: bool = typer.Option(False, "--engine-check",
+                                               help="Also parse every SGLang command line with SGLang's parser.")):
+    """Validate recipes (schema, topology, ports); optionally check engine flags with SGLang itself."""
+    from hpcserve.api import load_plans
+    from hpcserve.engines.check import check_plan_engine_args
+    for path in recipes:
+        plans = load_plans(path, set_ or [], cluster)
+        if engine_check:
+            for _, plan in plans:
+                problems = check_plan_engine_args(plan)
+                if problems:
+                    fail(f"{path}: {problems[0]}")
+        pts = f" ({len(plans)} sweep points)" if len(plans) > 1 else ""
+        console.print(f"ok {path}{pts}")
+
+
+@app.command()
+@guarded
+def render(recipe: Path, out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the run dir here."),
+           set_: Optional[List[str]] = SetOpt, cluster: Optional[str] = ClusterOpt,
+           as_json: bool = typer.Option(False, "--json", help="Print plan.json instead of the script.")):
+    """Dry run: print the batch script and a node table, or write the run directory with -o."""
+    from hpcserve.api import load_plans, write_plans
+    from hpcserve.render import render_sbatch
+    plans = load_plans(recipe, set_ or [], cluster)
+    if out is not None:
+        for d in write_plans(plans, out):
+            console.print(f"wrote {d}")
+        return
+    for loaded, plan in plans:
+        if as_json:
+            sys.stdout.write(plan.to_json().decode())
+            continue
+        if loaded.point:
+            console.print(f"# sweep point {loaded.point}", markup=False)
+        sys.stdout.write(render_sbatch(plan))
+        show_plan_table(plan)
+
+
+@app.command(context_settings=PASSTHROUGH)
+def node(ctx: typer.Context):
+    """Node agent (runs on every node of a job): `hpcserve node --plan plan.json --run-dir DIR`."""
+    from hpcserve.agent.main import main
+    raise typer.Exit(main(list(ctx.args)))
+
+
+@app.command("mock-engine", context_settings=PASSTHROUGH)
+def mock_engine(ctx: typer.Context):
+    """The SGLang-compatible mock engine (same flags as sglang.launch_server, plus --mock-*)."""
+    from hpcserve.mock import main
+    raise typer.Exit(main(list(ctx.args)))
+
+
+@app.command(context_settings=PASSTHROUGH)
+def router(ctx: typer.Context):
+    """The head-node router (see docs in README)."""
+    from hpcserve.router import main
+    raise typer.Exit(main(list(ctx.args)))
+
+
+def _register_more() -> None:
+    """Verbs that live in their own modules (serve, slurm, batch, bench) add themselves here."""
+    import importlib
+    for mod in ("hpcserve.cli.serve", "hpcserve.cli.slurm", "hpcserve.cli.batch", "hpcserve.cli.bench"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        m.register(app)
+
+
+_register_more()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,116 @@
+"""Engine protocol and registry: how one worker process of a given engine kind is launched.
+
+An engine turns a ``WorkerLaunch`` (everything the planner decided for one process) into an argv.
+sglang and the mock share SGLang's flag set, so the mock proves the same command lines.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """One engine process as planned. Host placeholders are filled by the node agent at run time."""
+
+    model_path: str
+    served_name: str
+    mode: str                      # null | prefill | decode
+    host: str                      # bind address placeholder, e.g. "{addr}"
+    port: int
+    tp: int
+    dp: int
+    ep: int
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None   # "{host:N}:PORT" for multi-node replicas
+    bootstrap_port: int | None = None
+    transfer_backend: str | None = None
+    ib_device: str | None = None
+    user_args: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)   # engine-specific (e.g. mock timing)
+    python: str = "python3"
+
+
+class Engine(Protocol):
+    name: str
+
+    def argv(self, w: WorkerLaunch) -> list[str]: ...
+
+
+ENGINES: dict[str, Engine] = {}
+
+
+def register(engine: Engine) -> Engine:
+    ENGINES[engine.name] = engine
+    return engine
+
+
+def get_engine(name: str) -> Engine:
+    _load_builtin()
+    return ENGINES[name]
+
+
+def args_to_flags(args: dict[str, Any]) -> list[str]:
+    """Engine args dict -> flags the way SGLang expects, keys kept in order.
+
+    true -> bare flag, false/None -> omitted, list -> flag followed by every value, dict -> JSON.
+    """
+    out: list[str] = []
+    for key, value in args.items():
+        flag = "--" + str(key).lstrip("-").replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list):
+            out.append(flag)
+            out.extend(_scalar(v) for v in value)
+        elif isinstance(value, dict):
+            out += [flag, json.dumps(value, separators=(",", ":"), sort_keys=False)]
+        else:
+            out += [flag, _scalar(value)]
+    return out
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+def sglang_server_flags(w: WorkerLaunch) -> list[str]:
+    """The flags both sglang and the mock take (DESIGN section 4)."""
+    out = ["--model-path", w.model_path, "--served-model-name", w.served_name,
+           "--host", w.host, "--port", str(w.port), "--tp-size", str(w.tp)]
+    if w.dp > 1:
+        out += ["--dp-size", str(w.dp)]
+    if w.ep > 1:
+        out += ["--ep-size", str(w.ep)]
+    if w.nnodes > 1:
+        out += ["--nnodes", str(w.nnodes), "--node-rank", str(w.node_rank),
+                "--dist-init-addr", str(w.dist_init_addr)]
+    if w.mode != "null":
+        out += ["--disaggregation-mode", w.mode, "--disaggregation-transfer-backend", str(w.transfer_backend)]
+        if w.mode == "prefill":
+            out += ["--disaggregation-bootstrap-port", str(w.bootstrap_port)]
+        if w.ib_device:
+            out += ["--disaggregation-ib-device", w.ib_device]
+    return out + args_to_flags(w.user_args)
+
+
+_LOADED = False
+
+
+def _load_builtin() -> None:
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        from hpcserve.engines import mock, sglang  # noqa: F401  (registers)
+
+
+_load_builtin()

@@ -1,0 +1,38 @@
+"""Check a plan's engine command lines with SGLang's own parser (when sglang is importable here)."""
+
+from __future__ import annotations
+
+import re
+
+from hpcserve.errors import HpcserveError
+from hpcserve.plan.model import Plan
+
+_PLACEHOLDER = re.compile(r"\{(addr|host:(\d+))\}")
+
+
+def sglang_argv(argv: list[str]) -> list[str]:
+    """The flags after `-m module`, placeholders filled with sample addresses, --mock-* options dropped."""
+    args = argv[argv.index("-m") + 2:]
+    out: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a.startswith("--mock-"):
+            skip = True
+            continue
+        out.append(_PLACEHOLDER.sub(lambda m: "127.0.0.1" if m.group(1) == "addr" else f"10.0.0.{m.group(2)}", a))
+    return out
+
+
+def check_plan_engine_args(plan: Plan) -> list[str]:
+    from hpcserve.engines import sglang_check
+    if not sglang_check.sglang_available():
+        raise HpcserveError("--engine-check needs sglang importable here: pip install 'hpcserve[sglang]' "
+                            "(or pip install --no-deps sglang==0.5.23 plus CPU torch)")
+    problems = []
+    for p in plan.processes:
+        if p.kind == "engine":
+            problems += [f"{p.name}: {e}" for e in sglang_check.check_argv(sglang_argv(p.argv))]
+    return problems

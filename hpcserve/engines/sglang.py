@@ -1,0 +1,16 @@
+"""SGLang: `python -m sglang.launch_server` with the flags of DESIGN section 4 (pinned to 0.5.x names)."""
+
+from __future__ import annotations
+
+from hpcserve.engines.base import WorkerLaunch, register, sglang_server_flags
+
+
+class SGLangEngine:
+    name = "sglang"
+    uses_hpcserve_python = False
+
+    def argv(self, w: WorkerLaunch) -> list[str]:
+        return [w.python, "-m", "sglang.launch_server", *sglang_server_flags(w)]
+
+
+register(SGLangEngine())

@@ -1,0 +1,106 @@
+"""The Plan: everything that will run, where, on which GPUs and ports. Pure data, serialised to plan.json.
+
+Host names are not known when planning; argv strings carry placeholders the node agent fills at run time:
+``{addr}`` this node's address, ``{host:N}`` the address of node N, ``{run_dir}``, ``{run_id}``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict
+
+ProcessKind = Literal["engine", "redis", "router", "batch", "bench"]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProcessSpec(Frozen):
+    name: str
+    kind: ProcessKind
+    node: int
+    argv: list[str]
+    env: dict[str, str] = {}
+    gpus: list[int] = []
+    ports: dict[str, int] = {}
+    log: str
+    worker_id: str | None = None     # set on the process that serves a worker's HTTP (rank 0)
+    group: str | None = None
+    role: str | None = None          # prefill | decode | both
+    node_rank: int = 0
+    restart: int = 0                 # restarts allowed before the process is given up
+    critical: bool = False           # losing it ends the job
+
+
+class WorkerSpec(Frozen):
+    id: str
+    group: str
+    role: str
+    replica: int
+    nodes: list[int]
+    port: int
+    bootstrap_port: int | None = None
+    dist_init_port: int | None = None
+    gpus: int
+
+
+class NodeSpec(Frozen):
+    index: int
+    roles: list[str]
+    gpus_used: list[int]
+
+
+class SlurmSpec(Frozen):
+    job_name: str
+    nodes: int
+    time: str
+    gpus_per_node: int | None
+    account: str | None
+    partition: str | None
+    qos: str | None
+    signal: str
+    directives: list[str]
+    setup: list[str]
+    container_runtime: str
+    container: str | None
+    container_mounts: list[str]
+
+
+class Plan(Frozen):
+    version: int = 1
+    name: str
+    mode: Literal["pd", "aggregated"]
+    engine: str
+    backend: str
+    point: dict = {}
+    num_nodes: int
+    head_node: int = 0
+    address: str
+    python: str
+    nodes: list[NodeSpec]
+    workers: list[WorkerSpec]
+    processes: list[ProcessSpec]
+    router_port: int
+    redis_port: int | None
+    redis_url: str | None = None     # external Redis (no password in it; see recipe docs)
+    env: dict[str, str]
+    startup_timeout: int
+    drain_timeout: int
+    slurm: SlurmSpec
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "Plan":
+        return cls.model_validate(orjson.loads(raw))
+
+    def on_node(self, node: int) -> list[ProcessSpec]:
+        return [p for p in self.processes if p.node == node]
+
+    @property
+    def endpoint_port(self) -> int:
+        return self.router_port

@@ -1,0 +1,57 @@
+"""Head-node process specs: Redis and the router (ours or sglang-router), one registry entry per router kind.
+
+Secrets never enter argv: the node agent passes the Redis URL (with its generated password) to the router
+through the HPCSERVE_REDIS_URL environment variable and writes redis.conf itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from hpcserve.plan.model import ProcessSpec, WorkerSpec
+from hpcserve.recipe.schema import Recipe
+
+
+def redis_spec(head: int, port: int) -> ProcessSpec:
+    return ProcessSpec(name="redis", kind="redis", node=head, argv=["{redis_server}", "{run_dir}/redis.conf"],
+                       ports={"redis": port}, log="logs/redis.log", critical=True, restart=0)
+
+
+def _hpcserve_router(recipe: Recipe, mode: str, workers: list[WorkerSpec], python: str) -> list[str]:
+    r = recipe.router
+    argv = [python, "-m", "hpcserve.router", "--host", "{addr}", "--port", str(r.port), "--mode", mode,
+            "--run-id", "{run_id}", "--served-model-name", recipe.model.served_name or recipe.model.path]
+    if mode == "pd":
+        argv += ["--prefill-policy", r.prefill_policy, "--decode-policy", r.decode_policy]
+    else:
+        argv += ["--policy", r.policy]
+    if r.api_key_env:
+        argv += ["--api-key-env", r.api_key_env]
+    return argv + list(r.args)
+
+
+def _sglang_router(recipe: Recipe, mode: str, workers: list[WorkerSpec], python: str) -> list[str]:
+    """sglang-router gets static worker URLs; node addresses are filled in at run time."""
+    r = recipe.router
+    argv = [python, "-m", "sglang_router.launch_router", "--host", "{addr}", "--port", str(r.port)]
+    if mode == "pd":
+        argv += ["--pd-disaggregation", "--prefill-policy", r.prefill_policy, "--decode-policy", r.decode_policy]
+        for w in workers:
+            url = f"http://{{host:{w.nodes[0]}}}:{w.port}"
+            argv += ["--prefill", url, str(w.bootstrap_port)] if w.role == "prefill" else ["--decode", url]
+    else:
+        argv += ["--policy", r.policy, "--worker-urls"]
+        argv += [f"http://{{host:{w.nodes[0]}}}:{w.port}" for w in workers]
+    return argv + list(r.args)
+
+
+ROUTERS: dict[str, Callable[[Recipe, str, list[WorkerSpec], str], list[str]]] = {
+    "hpcserve": _hpcserve_router,
+    "sglang": _sglang_router,
+}
+
+
+def router_spec(recipe: Recipe, head: int, mode: str, workers: list[WorkerSpec], python: str) -> ProcessSpec:
+    argv = ROUTERS[recipe.router.kind](recipe, mode, workers, python)
+    return ProcessSpec(name="router", kind="router", node=head, argv=argv, ports={"router": recipe.router.port},
+                       log="logs/router.log", critical=True, restart=3)

@@ -1,0 +1,1 @@
+"""Recipe schema and loading."""

