@@ -29,3 +29,31 @@ def write_plans(plans: list[tuple[LoadedRecipe, Plan]], out: Path) -> list[Path]
     index = [{"dir": d.name, "point": lr.point} for d, (lr, _) in zip(dirs, plans)]
     atomic_write(out / "sweep.json", orjson.dumps(index, option=orjson.OPT_INDENT_2) + b"\n")
     return dirs
+
+
+def prepare_run(recipe: str | Path, overrides: list[str] = (), cluster: str | None = None,
+                run_dir: str | Path | None = None) -> list[tuple[Path, Plan]]:
+    """Validate, plan and write the run dir(s) BEFORE anything is started or submitted."""
+    from hpcserve.backends.base import new_run_dir
+    plans = load_plans(recipe, overrides, cluster)
+    out = Path(run_dir).resolve() if run_dir else new_run_dir(plans[0][1].name)
+    return list(zip(write_plans(plans, out), (p for _, p in plans)))
+
+
+def up(recipe: str | Path, overrides: list[str] = (), run_dir: str | Path | None = None, timeout: float | None = None):
+    """Start a deployment on this machine; returns (Run, LocalBackend) once ready (raises on failure)."""
+    from hpcserve.backends.local import LocalBackend
+    from hpcserve.errors import HpcserveError
+    [(lr, _)] = load_plans(recipe, overrides)[:1] or [(None, None)]
+    extra = ["cluster.backend=local"]
+    if lr.recipe.cluster.address == "auto":
+        extra.append("cluster.address=127.0.0.1")
+    [(d, plan)] = prepare_run(recipe, list(overrides) + extra, run_dir=run_dir)[:1]
+    backend = LocalBackend()
+    run = backend.submit(d, plan)
+    try:
+        run.wait_ready(timeout or plan.startup_timeout + 10, alive=backend.gone)
+    except (HpcserveError, KeyboardInterrupt):
+        backend.stop()
+        raise
+    return run, backend

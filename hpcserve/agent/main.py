@@ -1,0 +1,178 @@
+"""`hpcserve node --plan plan.json --run-dir DIR [--node-rank N]`: the node agent.
+
+Order on the head node: Redis, redis.json, router, engines; other nodes wait for redis.json. Every wait is
+bounded. SIGTERM/SIGINT/SIGUSR2 drain and stop everything, exit 0. A fatal problem is written to
+failure.json in the run dir (so `status` can say why) and the agent exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from hpcserve import registry
+from hpcserve.agent import hosts, redis_server
+from hpcserve.agent.head import HeadWatch
+from hpcserve.agent.procs import child_env
+from hpcserve.agent.supervisor import Managed, Supervisor
+from hpcserve.errors import HpcserveError
+from hpcserve.plan.model import Plan
+from hpcserve.render import atomic_write
+
+log = logging.getLogger("hpcserve.agent")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hpcserve node")
+    p.add_argument("--plan", required=True, type=Path)
+    p.add_argument("--run-dir", type=Path, default=None, help="default: the plan's folder")
+    p.add_argument("--node-rank", type=int, default=None, help="default: SLURM_NODEID")
+    p.add_argument("--run-id", default=None, help="default: the run dir's name")
+    return p.parse_args(argv)
+
+
+def _rank(arg: int | None, plan: Plan) -> int:
+    rank = arg
+    if rank is None:
+        env = os.environ.get("SLURM_NODEID")
+        if env is None:
+            raise HpcserveError("no node rank: pass --node-rank N or run under srun (SLURM_NODEID)")
+        rank = int(env)
+    if not 0 <= rank < plan.num_nodes:
+        raise HpcserveError(f"node rank {rank} is outside the plan's {plan.num_nodes} nodes (0-{plan.num_nodes - 1});"
+                            f" the job has more nodes than the plan: re-render")
+    return rank
+
+
+def _setup_logging(run_dir: Path, rank: int) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s node{rank} %(levelname)s %(message)s")
+    root = logging.getLogger("hpcserve")
+    root.setLevel(logging.INFO)
+    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "logs" / f"agent-node{rank}.log")):
+        h.setFormatter(fmt)
+        root.addHandler(h)
+
+
+def record_failure(run_dir: Path, rank: int, message: str) -> None:
+    path = run_dir / "failure.json"
+    if not path.exists():   # the first failure is the cause; later ones are consequences
+        atomic_write(path, json.dumps({"node": rank, "message": message, "ts": time.time()}) + "\n")
+
+
+async def _start_redis(plan: Plan, run_dir: Path, addr: str, managed: list[Managed]) -> str:
+    if plan.redis_url:
+        return plan.redis_url
+    spec = next(p for p in plan.processes if p.kind == "redis")
+    port = spec.ports["redis"]
+    hosts.check_port_free(addr, port, "redis")
+    password = redis_server.new_password()
+    binary = redis_server.find_redis_server(os.environ.get("HPCSERVE_REDIS_SERVER"))
+    conf = redis_server.write_conf(run_dir, addr, port, password)
+    m = Managed(spec, [binary, str(conf)], child_env(), run_dir, addr, plan.head_node)
+    await m.start()
+    managed.append(m)
+    url = redis_server.url_of(addr, port, password)
+    redis_server.publish(run_dir, addr, port, password, url)
+    return url
+
+
+async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: asyncio.Event) -> int:
+    is_head = rank == plan.head_node
+    addr = hosts.resolve_address(plan.address)
+    hosts.publish_address(run_dir, rank, addr)
+    managed: list[Managed] = []
+    startup = float(plan.startup_timeout)
+    if is_head:
+        url = await _start_redis(plan, run_dir, addr, managed)
+    else:
+        url = await redis_server.read_published(run_dir, startup)
+    client = await redis_server.connect(url, timeout=30)
+    mine = [p for p in plan.on_node(rank) if p.kind != "redis"]
+    addrs = await hosts.wait_addresses(run_dir, hosts.needed_hosts([p.argv for p in mine]) | {rank}, startup)
+    for p in mine:
+        for what, port in p.ports.items():
+            hosts.check_port_free(addr, port, f"{p.name} {what}")
+    extra = {"run_dir": str(run_dir), "run_id": run_id}
+    for p in mine:
+        env = child_env(plan.env, p.env, {"HPCSERVE_REDIS_URL": url, "HPCSERVE_RUN_ID": run_id}
+                        if p.kind in ("router", "batch", "bench") else {})
+        managed.append(Managed(p, hosts.fill(p.argv, addr, addrs, extra), env, run_dir, addr, rank))
+    if is_head:
+        await registry.set_status(client, run_id, phase="starting", started_at=f"{time.time():.3f}")
+    async with Supervisor(run_id, client, managed) as sup:
+        for m in managed:
+            if m.child is None:
+                await m.start()
+        sup.run()
+        waits = [asyncio.ensure_future(stop.wait()), sup.fatal]
+        head = HeadWatch(plan, run_dir, run_id, client, addr) if is_head else None
+        if head:
+            waits.append(asyncio.ensure_future(head.run()))
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        reason = None
+        if sup.fatal in done:
+            reason = sup.fatal.result()
+        elif head and waits[-1] in done:
+            reason = waits[-1].result()   # None when the head watch ended normally
+        for w in waits:
+            if not w.done():
+                w.cancel()
+        if reason:
+            log.error("%s", reason)
+            record_failure(run_dir, rank, reason)
+        if is_head:
+            try:
+                await registry.set_status(client, run_id, phase="failed" if reason else "draining",
+                                          reason=reason or "")
+            except Exception:   # noqa: BLE001 - Redis may be the thing that failed
+                pass
+        log.info("stopping (%s)", "failure" if reason else "signal")
+        await sup.drain_and_stop(grace=min(10.0, plan.drain_timeout or 10.0))
+    await client.aclose()
+    return EXIT_FAILED if reason else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(list(sys.argv[1:] if argv is None else argv))
+    try:
+        plan = Plan.from_json(args.plan.read_bytes())
+    except OSError as e:
+        print(f"error: cannot read plan {args.plan}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    run_dir = (args.run_dir or args.plan.parent).resolve()
+    try:
+        rank = _rank(args.node_rank, plan)
+    except HpcserveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        record_failure(run_dir, -1, str(e))
+        return EXIT_USAGE
+    _setup_logging(run_dir, rank)
+    run_id = args.run_id or run_dir.name
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(_amain(plan, run_dir, rank, run_id))
+
+
+async def _amain(plan: Plan, run_dir: Path, rank: int, run_id: str) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+        loop.add_signal_handler(sig, lambda s=sig: (log.info("got %s", signal.Signals(s).name), stop.set()))
+    try:
+        return await run_agent(plan, run_dir, rank, run_id, stop)
+    except HpcserveError as e:
+        log.error("%s", e)
+        record_failure(run_dir, rank, str(e))
+        return EXIT_FAILED

@@ -1,0 +1,90 @@
+"""The one place a process spec becomes a running process (and the one place processes are stopped).
+
+Each child gets its own process group (so stopping it stops everything it spawned) and dies with the
+agent (PR_SET_PDEATHSIG), so neither a graceful stop nor a SIGKILLed agent leaves orphans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcserve.errors import BackendError
+
+_PR_SET_PDEATHSIG = 1
+# Variables of the agent's own srun step that would mislead frameworks inside the engine.
+_STEP_VARS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_STEPID", "SLURM_STEP_ID",
+              "SLURM_STEP_NUM_TASKS", "SLURM_STEP_TASKS_PER_NODE", "SLURM_CPU_BIND", "SLURM_CPU_BIND_LIST",
+              "SLURM_CPU_BIND_TYPE", "SLURM_CPU_BIND_VERBOSE", "SLURM_DISTRIBUTION", "SLURM_TASKS_PER_NODE")
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def child_env(*layers: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _STEP_VARS}
+    for layer in layers:
+        env.update(layer)
+    return env
+
+
+@dataclass
+class Child:
+    name: str
+    proc: asyncio.subprocess.Process
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc.returncode is None
+
+
+async def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> Child:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab", buffering=0) as log:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
+                env=env, cwd=str(cwd), start_new_session=True, preexec_fn=_die_with_parent)
+        except FileNotFoundError:
+            raise BackendError(f"{name}: cannot start {argv[0]!r}: not found on this node; "
+                               f"fix engine.python / cluster.python or install it") from None
+        except PermissionError:
+            raise BackendError(f"{name}: cannot execute {argv[0]!r}: permission denied") from None
+    return Child(name, proc)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def stop(child: Child, grace: float = 10.0) -> int | None:
+    """SIGTERM the child's process group, SIGKILL it after ``grace`` seconds; returns the exit code."""
+    if child.running:
+        _signal_group(child.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(child.proc.wait(), grace)
+        except asyncio.TimeoutError:
+            pass
+    _signal_group(child.pid, signal.SIGKILL)   # stragglers the child left in its group
+    if child.running:
+        try:
+            await asyncio.wait_for(child.proc.wait(), 5)
+        except asyncio.TimeoutError:
+            pass
+    return child.proc.returncode

@@ -1,0 +1,46 @@
+"""`hpcserve up`: run a recipe on this machine in the foreground."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from hpcserve.cli.common import console, err_console, guarded
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @guarded
+    def up(recipe: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a.b=value."),
+           run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/NAME-TIME)."),
+           timeout: Optional[float] = typer.Option(None, help="Seconds to wait for readiness.")):
+        """Run the recipe here (local backend): prints the endpoint when ready; Ctrl-C stops everything."""
+        from hpcserve.api import up as api_up
+        t0 = time.monotonic()
+        run, backend = api_up(recipe, set_ or [], run_dir, timeout)
+        ep = run.endpoint
+        console.print(f"run dir   {run.run_dir}", markup=False)
+        console.print(f"endpoint  {ep['url']}   (ready in {time.monotonic() - t0:.1f}s; Ctrl-C stops)", markup=False)
+        console.print(f"try       curl -s {ep['url']}/v1/models", markup=False)
+        stop = {"sig": False}
+
+        def on_signal(signum, frame):
+            stop["sig"] = True
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        try:
+            while not stop["sig"]:
+                gone = backend.gone()
+                if gone:
+                    err_console.print(f"error: {gone}", markup=False)
+                    break
+                time.sleep(0.2)
+        finally:
+            codes = backend.stop()
+            console.print(f"stopped (agent exit codes {codes})", markup=False)
+        if not stop["sig"]:
+            raise typer.Exit(1)
