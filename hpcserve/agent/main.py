@@ -85,10 +85,21 @@ async def _start_redis(plan: Plan, run_dir: Path, addr: str, managed: list[Manag
     return url
 
 
+def check_model_paths(procs: list, rank: int) -> None:
+    """An absolute model path must exist on the node: fail in seconds, not after a GPU-hour of queueing."""
+    for p in procs:
+        if p.kind == "engine" and "--model-path" in p.argv:
+            mp = p.argv[p.argv.index("--model-path") + 1]
+            if mp.startswith("/") and not os.path.exists(mp):
+                raise HpcserveError(f"model path {mp} does not exist on node {rank} ({os.uname().nodename}); "
+                                    f"fix model.path or the container mounts")
+
+
 async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: asyncio.Event) -> int:
     is_head = rank == plan.head_node
     addr = hosts.resolve_address(plan.address)
     hosts.publish_address(run_dir, rank, addr)
+    check_model_paths(plan.on_node(rank), rank)
     managed: list[Managed] = []
     startup = float(plan.startup_timeout)
     if is_head:
@@ -135,10 +146,24 @@ async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: asy
                                           reason=reason or "")
             except Exception:   # noqa: BLE001 - Redis may be the thing that failed
                 pass
-        log.info("stopping (%s)", "failure" if reason else "signal")
+        log.info("stopping (%s)", "failure" if reason else stop.signal_name)
+        if is_head and not reason:
+            atomic_write(run_dir / "stopped.json", json.dumps({"signal": stop.signal_name, "ts": time.time()}) + "\n")
         await sup.drain_and_stop(grace=min(10.0, plan.drain_timeout or 10.0))
     await client.aclose()
     return EXIT_FAILED if reason else EXIT_OK
+
+
+class StopEvent(asyncio.Event):
+    """Set by SIGTERM/SIGINT/SIGUSR2; remembers which (USR2 = time limit or preemption is coming)."""
+
+    signal_name = "none"
+
+    def on_signal(self, sig: int) -> None:
+        if not self.is_set():
+            self.signal_name = signal.Signals(sig).name
+            log.info("got %s: draining", self.signal_name)
+        self.set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _amain(plan: Plan, run_dir: Path, rank: int, run_id: str) -> int:
-    stop = asyncio.Event()
+    stop = StopEvent()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-        loop.add_signal_handler(sig, lambda s=sig: (log.info("got %s", signal.Signals(s).name), stop.set()))
+        loop.add_signal_handler(sig, stop.on_signal, sig)
     try:
         return await run_agent(plan, run_dir, rank, run_id, stop)
     except HpcserveError as e:

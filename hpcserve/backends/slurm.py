@@ -1,0 +1,103 @@
+"""Slurm backend: sbatch the rendered script from inside the run dir; squeue/sacct for state; scancel.
+
+All Slurm commands go through ``slurm_cmd`` (timeouts, one-line errors). Status asks ONE squeue call for
+every job of interest; sacct is used only for jobs squeue no longer knows, and only if accounting exists.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcserve.backends.base import Run, register
+from hpcserve.errors import BackendError
+
+CMD_TIMEOUT = 30
+SQUEUE_FMT = "%i|%T|%r|%N|%M|%l|%Z"
+
+
+def slurm_cmd(*argv: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    if shutil.which(argv[0]) is None:
+        raise BackendError(f"{argv[0]} not found: run on a Slurm login node (or start slurm/start-local-slurm.sh)")
+    try:
+        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=CMD_TIMEOUT, cwd=cwd)
+    except subprocess.TimeoutExpired:
+        raise BackendError(f"{argv[0]} did not answer within {CMD_TIMEOUT}s; is slurmctld up?") from None
+    if check and res.returncode != 0:
+        msg = " ".join(line.removeprefix("sbatch: error: ").strip() for line in res.stderr.strip().splitlines()[:2])
+        raise BackendError(f"{argv[0]} failed: {msg or 'exit ' + str(res.returncode)}")
+    return res
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    state: str            # Slurm state, e.g. PENDING RUNNING COMPLETED TIMEOUT CANCELLED FAILED, or UNKNOWN
+    reason: str = ""
+    nodes: str = ""
+    elapsed: str = ""
+    limit: str = ""
+    workdir: str = ""
+
+
+def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
+    """One squeue call for all jobs; sacct (if accounting exists) only for the ones squeue forgot."""
+    if not job_ids:
+        return {}
+    res = slurm_cmd("squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", SQUEUE_FMT, check=False)
+    if res.returncode != 0 and "Invalid job id" not in res.stderr:
+        raise BackendError(f"squeue failed: {res.stderr.strip()[:200]}")
+    out: dict[str, JobInfo] = {}
+    for line in res.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 7 and parts[0].split("_")[0] in job_ids:
+            out[parts[0]] = JobInfo(parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], parts[6])
+    missing = [j for j in job_ids if j not in out]
+    if missing and shutil.which("sacct"):
+        res = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ",".join(missing), "-o", "JobID,State,NodeList"],
+                             capture_output=True, text=True, timeout=CMD_TIMEOUT)
+        if res.returncode == 0:   # accounting disabled -> non-zero: just leave them UNKNOWN
+            for line in res.stdout.splitlines():
+                jid, state, nodes = (line.split("|") + ["", "", ""])[:3]
+                if jid in missing:
+                    out[jid] = JobInfo(jid, state.split()[0] if state else "UNKNOWN", nodes=nodes)
+    for j in job_ids:
+        out.setdefault(j, JobInfo(j, "UNKNOWN"))
+    return out
+
+
+class SlurmBackend:
+    name = "slurm"
+
+    def submit(self, run_dir: Path, plan, extra_args: list[str] = (), **kw) -> Run:
+        res = slurm_cmd("sbatch", "--parsable", *extra_args, "job.sbatch", cwd=run_dir, check=False)
+        if res.returncode != 0:
+            msg = " ".join(line.removeprefix("sbatch: error: ").strip() for line in res.stderr.strip().splitlines())
+            raise BackendError(f"Slurm refused the job: {msg}; fix the cluster profile (partition, account, "
+                               f"time) and resubmit (run dir kept: {run_dir})")
+        job_id = res.stdout.strip().split(";")[0]
+        run = Run(run_dir, self.name, job_id=job_id)
+        run.save()
+        return run
+
+    @staticmethod
+    def test_only(run_dir: Path) -> str:
+        """`sbatch --test-only`: Slurm's verdict on the script without submitting (stderr text)."""
+        res = slurm_cmd("sbatch", "--test-only", "job.sbatch", cwd=run_dir, check=False)
+        if res.returncode != 0:
+            raise BackendError(f"sbatch --test-only rejected {run_dir}/job.sbatch: {res.stderr.strip()}")
+        return res.stderr.strip()
+
+    @staticmethod
+    def signal(job_id: str, sig: str = "TERM") -> None:
+        """Graceful stop: the batch shell and every step get the signal; the agents drain and exit."""
+        slurm_cmd("scancel", "--full", f"--signal={sig}", job_id)
+
+    @staticmethod
+    def kill(job_id: str) -> None:
+        slurm_cmd("scancel", job_id)
+
+
+register("slurm")(SlurmBackend)
