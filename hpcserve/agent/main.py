@@ -106,7 +106,7 @@ async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: asy
         url = await _start_redis(plan, run_dir, addr, managed)
     else:
         url = await redis_server.read_published(run_dir, startup)
-    client = await redis_server.connect(url, timeout=30)
+    client = await redis_server.connect(url, timeout=min(30.0, startup))
     mine = [p for p in plan.on_node(rank) if p.kind != "redis"]
     addrs = await hosts.wait_addresses(run_dir, hosts.needed_hosts([p.argv for p in mine]) | {rank}, startup)
     for p in mine:

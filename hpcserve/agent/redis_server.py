@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
+from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
 
@@ -99,6 +100,6 @@ async def connect(url: str, timeout: float) -> aioredis.Redis:
             last = e
             await asyncio.sleep(0.2)
     await client.aclose()
-    host = url.rsplit("@", 1)[-1]
-    raise BackendError(f"Redis at {host} unreachable after {timeout:.0f}s ({type(last).__name__}); "
+    u = urlparse(url)   # never print the password
+    raise BackendError(f"Redis at {u.hostname}:{u.port} unreachable after {timeout:.0f}s ({type(last).__name__}); "
                        f"check redis.url or the head node's logs/redis.log")
