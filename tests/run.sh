@@ -136,6 +136,7 @@ if [ "${HPCSERVE_SLURM:-1}" != 0 ]; then
     fi
   fi
   eval "$out"
+  export HPCSERVE_REQUIRE_SLURM=1   # from here on an unreachable cluster fails Slurm tests
   say "SLURM_CONF=$SLURM_CONF"
   phase_done slurm-start "$t"
 else

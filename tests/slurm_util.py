@@ -61,8 +61,8 @@ requires_slurm = _requires_slurm_mark()
 
 def sbatch(*args: str, script: str | None = None) -> str:
     """Submit with `sbatch --parsable ARGS` (script text on stdin if given); return the job id."""
-    proc = run_slurm("sbatch", "--parsable", *args, check=False) if script is None else subprocess.run(
-        ["sbatch", "--parsable", *args], input=script, capture_output=True, text=True, timeout=CMD_TIMEOUT)
+    proc = subprocess.run(["sbatch", "--parsable", *args], input=script, capture_output=True,
+                          text=True, timeout=CMD_TIMEOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"sbatch {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout.strip().split(";")[0]
@@ -91,12 +91,12 @@ def job_state(job_id: str) -> str | None:
     return squeue_state(job_id) or sacct_state(job_id)
 
 
-def wait_job_state(job_id: str, states: Iterable[str], timeout: float = 60.0, poll: float = 0.3) -> str:
+def wait_job_state(job_id: str, states: str | Iterable[str], timeout: float = 60.0, poll: float = 0.3) -> str:
     """Poll until the job is in one of `states`; return that state.
 
     Raises RuntimeError when the job reaches another final state (it can never get there),
     TimeoutError after `timeout` seconds naming the last state seen."""
-    wanted = {s.upper() for s in states}
+    wanted = {states.upper()} if isinstance(states, str) else {s.upper() for s in states}
     deadline = time.monotonic() + timeout
     state = None
     while True:

@@ -63,3 +63,22 @@ def test_failed_job_final_state_and_exit_code_in_squeue(tmp_path):
 def test_unknown_job_has_no_state():
     assert squeue_state("999999") is None
     assert job_state("999999") is None
+
+
+def test_time_limit_sends_signal_then_ends_job_as_timeout(tmp_path):
+    # Slow by nature (60-90 s): slurmctld checks time limits every 30 s.
+    marker = tmp_path / "usr2"
+    script = f"""#!/bin/bash
+#SBATCH --time=1
+#SBATCH --signal=B:USR2@30
+trap 'touch {marker}' USR2
+while true; do sleep 1 & wait $!; done
+"""
+    job = sbatch("-D", str(tmp_path), "-o", "/dev/null", script=script)
+    try:
+        assert wait_job_state(job, {"TIMEOUT"}, timeout=150) == "TIMEOUT"
+    finally:
+        scancel(job)
+    proc = run_slurm("squeue", "-h", "-t", "all", "-j", job, "-o", "%T|%r|%l")
+    assert proc.stdout.strip() == "TIMEOUT|TimeLimit|1:00"
+    assert marker.exists(), "the batch shell never got the --signal=B:USR2 warning"
