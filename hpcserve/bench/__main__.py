@@ -1,0 +1,5 @@
+import sys
+
+from hpcserve.bench import main
+
+sys.exit(main())
