@@ -22,6 +22,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 export PATH=$PATH:/usr/sbin:/sbin
 export SLURM_LOCAL_ACCOUNTING=${SLURM_LOCAL_ACCOUNTING:-1}
+# the largest example recipe (deepseek-2p4d) needs 9 nodes for sbatch --test-only
+export SLURM_LOCAL_NODES=${SLURM_LOCAL_NODES:-10}
 if [ "${CI:-}" = true ] || [ "${CI:-}" = 1 ]; then
   export SLURM_LOCAL_DIR=${SLURM_LOCAL_DIR:-/tmp/hpcserve-slurm-ci}
   export SLURM_LOCAL_PORT_BASE=${SLURM_LOCAL_PORT_BASE:-17910}
