@@ -1,0 +1,5 @@
+import sys
+
+from hpcserve.batch.cli import main
+
+sys.exit(main())
