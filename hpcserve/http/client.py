@@ -41,7 +41,7 @@ class UpstreamConn(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.reusable = False
+        self.reusable = True
         self.idle_since = 0.0
         self._state = _IDLE
         self._buf = b""
@@ -207,7 +207,7 @@ class UpstreamConn(asyncio.Protocol):
     def abort(self, reason: str = "request cancelled") -> None:
         """Drop an in-flight request (the worker sees the disconnect and cancels its work)."""
         if self._state not in (_DONE, _IDLE):
-            self._fail(UpstreamError(f"{self.pool.name}: {reason}"))
+            self._fail(UpstreamError(reason))
         else:
             self.close()
 
@@ -272,6 +272,12 @@ class UpstreamPool:
         return self.take_idle() or await self.connect()
 
     def release(self, conn: UpstreamConn) -> None:
+        """Return a connection whose response is complete (or that was never used); else close it."""
+        if conn._state == _IDLE:
+            conn.reusable = True
+        elif conn._state != _DONE:
+            conn.abort()
+            return
         if conn.reusable and not conn.closed and not self.closed and len(self.idle) < self.max_idle:
             conn._state = _IDLE
             conn.sink = None

@@ -1,0 +1,5 @@
+import sys
+
+from hpcserve.router import main
+
+sys.exit(main())

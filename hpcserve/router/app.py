@@ -1,0 +1,175 @@
+"""The router's HTTP surface: one route table, auth, limits, JSON errors, request ids and metrics around
+the dispatcher. Every answer to a client mistake is a 4xx with a JSON ``error`` object, never a 500."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+
+import orjson
+
+from hpcserve.http import HttpConnection, Request, UpstreamError
+from hpcserve.router.dispatch import Dispatcher, RouteError, error_body
+from hpcserve.router.follower import RegistryFollower, redact_url
+from hpcserve.router.limiter import Limiter, Overloaded
+from hpcserve.router.metrics import RouterMetrics
+from hpcserve.router.policies import Policy, routing_key
+from hpcserve.router.workers import WorkerSet
+
+GENERATE_PATHS = (b"/generate", b"/v1/completions", b"/v1/chat/completions")
+PROXY_GET_PATHS = (b"/model_info", b"/get_model_info", b"/server_info", b"/get_server_info")
+OPEN_PATHS = (b"/health", b"/ready", b"/metrics")  # probes and scrapers need no key
+PROM_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+def _rid_ok(rid: bytes) -> bool:
+    return 0 < len(rid) <= 128 and rid.isascii() and rid.isprintable()
+
+
+class RouterApp:
+    def __init__(self, *, mode: str, workers: WorkerSet, dispatcher: Dispatcher, metrics: RouterMetrics,
+                 limiter: Limiter, policies: dict[str, Policy], api_key: str | None = None,
+                 served_model_name: str | None = None, follower: RegistryFollower | None = None) -> None:
+        self.mode = mode
+        self.workers = workers
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.limiter = limiter
+        self.policies = policies
+        self.api_key = api_key.encode() if api_key else None
+        self.served_model_name = served_model_name
+        self.follower = follower
+        self.needs_key = any(p.needs_key for p in policies.values())
+        self.started = time.time()
+        self._rid_prefix = os.urandom(4).hex().encode()
+        self._rid_n = 0
+        self.routes = {p: (b"POST", self._generate) for p in GENERATE_PATHS}
+        self.routes.update({p: (b"GET", self._proxy_get) for p in PROXY_GET_PATHS})
+        self.routes.update({
+            b"/health": (b"GET", self._health), b"/ready": (b"GET", self._ready),
+            b"/workers": (b"GET", self._workers), b"/metrics": (b"GET", self._metrics),
+            b"/v1/models": (b"GET", self._models),
+        })
+        self.labels = {p: p.decode() for p in self.routes}
+
+    # ---- entry point for every request
+    async def handle(self, req: Request, conn: HttpConnection) -> None:
+        t0 = time.perf_counter()
+        rid = req.headers.get(b"x-request-id")
+        if rid is None or not _rid_ok(rid):
+            self._rid_n += 1
+            rid = b"%b-%d" % (self._rid_prefix, self._rid_n)
+        extra = b"x-request-id: %b\r\n" % rid
+        route = self.routes.get(req.path)
+        status = 499  # the client left before an answer
+        try:
+            if route is None:
+                status = self._error(conn, 404, f"no route {req.path.decode(errors='replace')}; see /v1/models, "
+                                     "/v1/chat/completions, /v1/completions, /generate", extra, "not_found")
+            elif req.method != route[0]:
+                status = self._error(conn, 405, f"use {route[0].decode()} for {req.path.decode()}", extra,
+                                     "method_not_allowed", b"allow: %b\r\n" % route[0])
+            elif self.api_key is not None and req.path not in OPEN_PATHS and not self._authorized(req):
+                status = self._error(conn, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                     extra, "authentication_error", b'www-authenticate: Bearer\r\n')
+            else:
+                status = await route[1](req, conn, extra)
+        finally:
+            self.metrics.observe(self.labels.get(req.path, "other"), status, time.perf_counter() - t0)
+
+    def _authorized(self, req: Request) -> bool:
+        given = req.headers.get(b"authorization", b"")
+        if given[:7].lower() != b"bearer ":
+            return False
+        return hmac.compare_digest(given[7:].strip(), self.api_key)
+
+    def _error(self, conn: HttpConnection, status: int, message: str, extra: bytes, kind: str,
+               more: bytes = b"") -> int:
+        conn.respond(status, error_body(status, message, kind), extra=extra + more)
+        return status
+
+    def _json(self, conn: HttpConnection, status: int, doc: object, extra: bytes) -> int:
+        conn.respond(status, orjson.dumps(doc), extra=extra)
+        return status
+
+    # ---- generation
+    async def _generate(self, req: Request, conn: HttpConnection, extra: bytes) -> int:
+        try:
+            body = orjson.loads(req.body)
+        except orjson.JSONDecodeError as err:
+            return self._error(conn, 400, f"request body is not valid JSON: {err}", extra, "invalid_request_error")
+        if not isinstance(body, dict):
+            return self._error(conn, 400, "request body must be a JSON object", extra, "invalid_request_error")
+        stream = body.get("stream") is True
+        key = routing_key(body) if self.needs_key else None
+        limiter = self.limiter
+        if not limiter.try_enter():
+            self.metrics.queued += 1
+            try:
+                await limiter.enter()
+            except Overloaded as err:
+                self.metrics.reject("queue_full" if err.status == 429 else "queue_timeout")
+                return self._error(conn, err.status, str(err), extra, "overloaded")
+            finally:
+                self.metrics.queued -= 1
+        self.metrics.inflight += 1
+        try:
+            if self.mode == "pd":
+                return await self.dispatcher.pd(req.path, body, key, stream, extra, conn)
+            return await self.dispatcher.aggregated(req.path, req.body, key, stream, extra, conn)
+        except RouteError as err:
+            return self._error(conn, err.status, str(err), extra, err.kind)
+        finally:
+            self.metrics.inflight -= 1
+            limiter.leave()
+
+    # ---- admin and information
+    async def _health(self, req: Request, conn: HttpConnection, extra: bytes) -> int:
+        return self._json(conn, 200, {"status": "ok"}, extra)
+
+    async def _ready(self, req: Request, conn: HttpConnection, extra: bytes) -> int:
+        healthy = {role: len(ws) for role, ws in self.workers.healthy.items()}
+        missing = self.workers.missing_roles()
+        if missing:
+            msg = "no healthy " + " and no healthy ".join(f"{r} worker" for r in missing)
+            return self._json(conn, 503, {"ready": False, "mode": self.mode, "healthy": healthy, "missing": missing,
+                                          "message": msg}, extra)
+        return self._json(conn, 200, {"ready": True, "mode": self.mode, "healthy": healthy}, extra)
+
+    async def _workers(self, req: Request, conn: HttpConnection, extra: bytes) -> int:
+        doc: dict = {"mode": self.mode, "workers": [w.view() for w in self.workers.all()],
+                     "policies": {role: p.describe() for role, p in self.policies.items()},
+                     "inflight": self.metrics.inflight, "queued": self.limiter.waiting}
+        if self.follower is not None:
+            f = self.follower
+            doc["registry"] = {"url": redact_url(f.url), "run_id": f.run_id, "connected": f.connected,
+                               "last_error": f.last_error}
+        return self._json(conn, 200, doc, extra)
+
+    async def _metrics(self, req: Request, conn: HttpConnection, extra: bytes) -> int:
+        conn.respond(200, self.metrics.render(), PROM_TYPE, extra)
+        return 200
+
+    def _info_worker(self):
+        role = "decode" if self.mode == "pd" else "both"
+        ws = self.workers.healthy.get(role) or self.workers.healthy.get("prefill") or []
+        return ws[0] if ws else None
+
+    async def _models(self, req: Request, conn: HttpConnection, extra: bytes) -> int:
+        if self.served_model_name:
+            return self._json(conn, 200, {"object": "list", "data": [
+                {"id": self.served_model_name, "object": "model", "created": int(self.started),
+                 "owned_by": "hpcserve", "root": self.served_model_name}]}, extra)
+        return await self._proxy_get(req, conn, extra)
+
+    async def _proxy_get(self, req: Request, conn: HttpConnection, extra: bytes) -> int:
+        w = self._info_worker()
+        if w is None:
+            return self._error(conn, 503, "no healthy worker to ask", extra, "no_workers")
+        try:
+            status, headers, body = await w.pool.fetch(b"GET", req.path, timeout=30.0, extra=extra)
+        except UpstreamError as err:
+            return self._error(conn, 502, str(err), extra, "upstream_error")
+        conn.respond(status, body, headers.get(b"content-type", b"application/json"), extra)
+        return status
