@@ -125,8 +125,12 @@ class RouterClient:
                 continue
             if status == 200:
                 try:
-                    text, p_tok, c_tok, finish = parse_response(req.path, orjson.loads(raw))
-                except ValueError as e:  # orjson.JSONDecodeError is a ValueError
+                    payload = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    return Answer(error_row(req.id, f"{req.path}: answer is not JSON: {_short(raw, 80)}"), False)
+                try:
+                    text, p_tok, c_tok, finish = parse_response(req.path, payload)
+                except ValueError as e:
                     return Answer(error_row(req.id, f"{req.path}: {e}"), False)
                 return Answer(ok_row(req.id, text, p_tok, c_tok, finish, time.monotonic() - start), True)
             reason = f"HTTP {status}: {_short(raw)}"
