@@ -36,6 +36,7 @@ OPENAI_TO_SAMPLING = {
     "ignore_eos": "ignore_eos",
     "skip_special_tokens": "skip_special_tokens",
     "seed": "sampling_seed",
+    "logit_bias": "logit_bias",
     "n": "n",
 }
 # The reverse, for sampling_params given on a chat row.

@@ -1,0 +1,158 @@
+"""Batch driver benchmark against the mock engine. Prints, from one run each:
+
+1. achieved rows/s as a fraction of the mock engine's configured capacity (goal >= 95%). The mock runs
+   with real time (time scale 1), no prefill cost, a decode step of C ms and at most K running sequences;
+   every row asks for T tokens, so a sequence holds a slot for T iterations (the first token comes with
+   the admitting iteration) and capacity = K * 1000 / (C * T) rows/s;
+2. toolkit overhead per row: the driver process's CPU time per row (user + sys), measured as the difference
+   between a large and a small run against an instant mock, so start-up costs cancel (goal <= 0.2 ms);
+3. peak RSS of the driver on a 1,000,000-row input (goal < 500 MB), generated in a temp dir.
+
+    python bench/batch.py [--rss-rows 1000000] [--skip-rss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import orjson
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mock(*extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([PY, "-m", "hpcserve.mock", "--model-path", "m", "--host", "127.0.0.1",
+                             "--port", str(port), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.05)
+    stop(proc)
+    sys.exit("mock engine did not start (python -m hpcserve.mock)")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def write_input(path: str, rows: int, tokens: int) -> None:
+    with open(path, "wb") as f:
+        chunk = []
+        for i in range(rows):
+            chunk.append(b'{"id":"row-%d","prompt":"benchmark prompt %d","max_tokens":%d,"ignore_eos":true}\n'
+                         % (i, i, tokens))
+            if len(chunk) == 10000:
+                f.write(b"".join(chunk))
+                chunk = []
+        f.write(b"".join(chunk))
+
+
+def drive(url: str, inp: str, out: str, concurrency: int) -> tuple[dict, float, int, float]:
+    """Run the driver as a child; (summary, cpu seconds, peak RSS bytes, wall seconds)."""
+    cmd = [PY, "-m", "hpcserve.batch", "--router", url, "--input", inp, "--output", out,
+           "--concurrency", str(concurrency), "--request-timeout", "600"]
+    t0 = time.monotonic()
+    with open(out + ".stdout", "wb") as so, open(out + ".stderr", "wb") as se:
+        proc = subprocess.Popen(cmd, stdout=so, stderr=se)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"driver exited {proc.returncode}: {open(out + '.stderr').read()[-2000:]}")
+    summary = orjson.loads(open(out + ".stdout", "rb").read().splitlines()[-1])
+    return summary, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, wall
+
+
+def bench_capacity(tmp: str, rows: int, step_ms: float, max_running: int, tokens: int) -> None:
+    capacity = max_running * 1000.0 / (step_ms * tokens)
+    proc, url = start_mock("--mock-time-scale", "1", "--mock-decode-step-ms", str(step_ms),
+                           "--mock-max-running", str(max_running))
+    try:
+        inp, out = os.path.join(tmp, "cap.jsonl"), os.path.join(tmp, "cap.out.jsonl")
+        write_input(inp, rows, tokens)
+        summary, cpu, _, wall = drive(url, inp, out, concurrency=2 * max_running)
+    finally:
+        stop(proc)
+    achieved = summary["rows_per_s"]
+    print(f"capacity: mock decode step {step_ms:g} ms, max running {max_running}, {tokens} tokens/row "
+          f"-> {capacity:.1f} rows/s")
+    print(f"  achieved {achieved:.1f} rows/s over {summary['ok']} rows ({summary['elapsed_s']:.2f} s in the "
+          f"driver, {wall:.2f} s with start-up) = {achieved / capacity:.1%} of capacity (goal >= 95%)")
+
+
+def bench_overhead(tmp: str, small: int, large: int, concurrency: int) -> None:
+    proc, url = start_mock("--mock-time-scale", "0")
+    try:
+        runs = []
+        for n in (small, large):
+            inp, out = os.path.join(tmp, f"ovh{n}.jsonl"), os.path.join(tmp, f"ovh{n}.out.jsonl")
+            write_input(inp, n, 4)
+            summary, cpu, rss, wall = drive(url, inp, out, concurrency)
+            runs.append((n, cpu, summary["rows_per_s"]))
+    finally:
+        stop(proc)
+    (n1, c1, _), (n2, c2, rate) = runs
+    per_row_ms = (c2 - c1) / (n2 - n1) * 1000
+    print(f"overhead: driver CPU {c1:.2f} s for {n1} rows, {c2:.2f} s for {n2} rows -> "
+          f"{per_row_ms:.3f} ms per row (goal <= 0.2 ms); {rate:.0f} rows/s against an instant mock")
+
+
+def bench_rss(tmp: str, rows: int, concurrency: int) -> None:
+    proc, url = start_mock("--mock-time-scale", "0")
+    try:
+        inp, out = os.path.join(tmp, "rss.jsonl"), os.path.join(tmp, "rss.out.jsonl")
+        write_input(inp, rows, 1)
+        size = os.path.getsize(inp)
+        summary, cpu, rss, wall = drive(url, inp, out, concurrency)
+    finally:
+        stop(proc)
+    print(f"memory: {rows} rows ({size / 1e6:.0f} MB input) in {wall:.0f} s ({summary['rows_per_s']:.0f} rows/s): "
+          f"driver peak RSS {rss / 1e6:.0f} MB (goal < 500 MB), CPU {cpu / rows * 1000:.3f} ms/row")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cap-rows", type=int, default=4000)
+    p.add_argument("--step-ms", type=float, default=20.0)
+    p.add_argument("--max-running", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--small", type=int, default=2000)
+    p.add_argument("--large", type=int, default=20000)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--rss-rows", type=int, default=1_000_000)
+    p.add_argument("--skip-rss", action="store_true")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="hpcserve-bench-batch-") as tmp:
+        bench_capacity(tmp, a.cap_rows, a.step_ms, a.max_running, a.tokens)
+        bench_overhead(tmp, a.small, a.large, a.concurrency)
+        if not a.skip_rss:
+            bench_rss(tmp, a.rss_rows, a.concurrency)
+
+
+if __name__ == "__main__":
+    main()
