@@ -1,0 +1,5 @@
+import sys
+
+from hpcserve.mock import main
+
+sys.exit(main())

@@ -1,0 +1,282 @@
+"""HTTP API of the mock engine: SGLang's native endpoints, info/health/metrics, and the route table.
+
+The OpenAI endpoints live in openai_api.py. Request handling is kept lean (one dict lookup per route, orjson,
+no per-request task fan-out for single requests) so that an instant mock answers thousands of req/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+from typing import Any
+
+import orjson
+
+from hpcserve.http import HttpConnection, Request
+from hpcserve.mock.engine import Boot, Engine, EngineError, Job
+from hpcserve.mock.model import SamplingParams, input_logprobs, output_logprobs
+from hpcserve.mock.stats import Stats
+from hpcserve.mock.tokenizer import Prompt, VOCAB_SIZE
+
+VERSION = "0.5.0-mock"
+SSE = b"text/event-stream"
+SSE_HEADERS = b"cache-control: no-cache\r\n"
+DONE = b"data: [DONE]\n\n"
+_OPEN_PATHS = {b"/health", b"/health_generate", b"/metrics", b"/mock/stats"}
+
+
+def error_body(status: int, message: str, kind: str = "BadRequestError") -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
+
+
+async def run_all(engine: Engine, jobs: list[Job], make_cb=None, on_done=None) -> None:
+    """Execute the jobs of one request; one failure cancels the rest (no orphan writes after it)."""
+    async def one(i: int, job: Job) -> None:
+        await engine.execute(job, make_cb(i, job) if make_cb else None)
+        if on_done is not None:
+            on_done(i, job)
+
+    if len(jobs) == 1:
+        await one(0, jobs[0])
+        return
+    tasks = [asyncio.ensure_future(one(i, j)) for i, j in enumerate(jobs)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _pick(value: Any, i: int, n: int, name: str) -> Any:
+    """Item i of a batch field: lists are per item, scalars apply to all."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for a batch of {n}")
+        return value[i]
+    return value
+
+
+class MockServer:
+    def __init__(self, cfg, ranks) -> None:
+        from hpcserve.mock.openai_api import OpenAIApi
+        self.cfg = cfg
+        self.ranks = ranks                      # multinode.Ranks: who joined
+        self.stats = Stats(cfg.disaggregation_mode, cfg.served_model_name)
+        self.engine = Engine(cfg, self.stats)
+        self.ready_at = time.monotonic() + cfg.startup_delay
+        self.created = int(time.time())
+        self.api_key = cfg.api_key.encode() if cfg.api_key else None
+        oa = OpenAIApi(self)
+        self.routes = {
+            b"/generate": self.generate, b"/v1/completions": oa.completions,
+            b"/v1/chat/completions": oa.chat, b"/v1/models": self.models,
+            b"/health": self.health, b"/health_generate": self.health,
+            b"/model_info": self.model_info, b"/get_model_info": self.model_info,
+            b"/server_info": self.server_info, b"/get_server_info": self.server_info,
+            b"/flush_cache": self.flush_cache, b"/metrics": self.metrics, b"/mock/stats": self.mock_stats,
+            b"/get_load": self.get_load, b"/abort_request": self.abort_request, b"/ping": self.health,
+        }
+
+    # ---- dispatch
+    async def handle(self, req: Request, conn: HttpConnection) -> None:
+        route = self.routes.get(req.path)
+        if route is None:
+            path = req.path.decode("latin-1")
+            self.stats.count(path if len(self.stats.requests) < 100 else "other")
+            conn.respond(404, error_body(404, f"no route {path} on this mock engine", "NotFound"))
+            return
+        if self.api_key is not None and req.path not in _OPEN_PATHS:
+            auth = req.headers.get(b"authorization", b"")
+            if not hmac.compare_digest(auth, b"Bearer " + self.api_key):
+                conn.respond(401, error_body(401, "Unauthorized: send Authorization: Bearer <api key>", "Unauthorized"))
+                return
+        await route(req, conn)
+
+    def ready(self) -> str | None:
+        """None when ready, else why not."""
+        if time.monotonic() < self.ready_at:
+            return "starting up"
+        return self.ranks.missing_reason()
+
+    # ---- SGLang native /generate
+    def native_jobs(self, body: dict) -> tuple[list[Job], bool]:
+        text, ids = body.get("text"), body.get("input_ids")
+        if text is not None:
+            batch = isinstance(text, list)
+            items = text if batch else [text]
+            if not all(isinstance(t, str) for t in items):
+                raise ValueError("text must be a string or a list of strings")
+            prompts = [Prompt.from_text(t) for t in items]
+        elif ids is not None:
+            if not isinstance(ids, list) or not ids:
+                raise ValueError("input_ids must be a non-empty list")
+            batch = isinstance(ids[0], list)
+            prompts = [Prompt.from_ids(x) for x in (ids if batch else [ids])]
+        else:
+            raise ValueError("the request needs text or input_ids")
+        n = len(prompts)
+        if n == 0:
+            raise ValueError("empty batch")
+        spd, rid = body.get("sampling_params"), body.get("rid")
+        host, port, room = body.get("bootstrap_host"), body.get("bootstrap_port"), body.get("bootstrap_room")
+        if batch and room is not None and not isinstance(room, list):
+            raise ValueError("bootstrap_room must be a list (one room per item) for a batch request")
+        dmt = self.cfg.default_max_tokens
+        jobs = []
+        for i, prompt in enumerate(prompts):
+            sp = SamplingParams.from_dict(_pick(spd, i, n, "sampling_params") if batch else spd, dmt)
+            boot = Boot(_pick(host, i, n, "bootstrap_host"), _pick(port, i, n, "bootstrap_port"),
+                        _pick(room, i, n, "bootstrap_room")) if (host, port, room) != (None, None, None) else None
+            jobs.append(self.engine.plan(prompt, sp, boot, _pick(rid, i, n, "rid") if batch else rid))
+        return jobs, batch
+
+    def native_result(self, job: Job, k: int | None, lp: bool, lp_text: bool, prev: int = 0) -> dict:
+        """The /generate object after k tokens (k None = final). ``prev`` > 0 makes text/ids incremental."""
+        final = k is None
+        if final:
+            k = job.n_out
+        text = job.text if k >= job.n_out else job.comp.text_upto(k)
+        ids = job.ids[prev:k]
+        if prev:
+            text = text[len(job.text if prev >= job.n_out else job.comp.text_upto(prev)):]
+        meta = {"id": job.rid, "finish_reason": job.finish_reason if final else None,
+                "prompt_tokens": job.prompt.n_tokens, "completion_tokens": k, "cached_tokens": 0,
+                "e2e_latency": round(job.e2e if final else time.perf_counter() - job.t0, 6)}
+        if final:
+            meta["mock_timing"] = job.timing
+        if lp:
+            meta["input_token_logprobs"] = ([] if self.engine.mode == "decode"
+                                            else input_logprobs(job.prompt, lp_text))
+            meta["output_token_logprobs"] = output_logprobs(job.ids[:k], prev, lp_text)
+        return {"text": text, "output_ids": ids, "meta_info": meta}
+
+    async def generate(self, req: Request, conn: HttpConnection) -> None:
+        stats = self.stats
+        stats.count("/generate")
+        try:
+            body = orjson.loads(req.body)
+            if not isinstance(body, dict):
+                raise ValueError("the request body must be a JSON object")
+            jobs, batch = self.native_jobs(body)
+        except (ValueError, orjson.JSONDecodeError) as err:
+            stats.errors += 1
+            conn.respond(400, error_body(400, str(err)))
+            return
+        except EngineError as err:
+            stats.errors += 1
+            conn.respond(err.status, error_body(err.status, err.message, err.kind))
+            return
+        lp = body.get("return_logprob")
+        lp = bool(lp[0] if isinstance(lp, list) and lp else lp)
+        lp_text = bool(body.get("return_text_in_logprobs"))
+        stats.inflight += 1
+        try:
+            if body.get("stream"):
+                await self._generate_stream(conn, jobs, batch, lp, lp_text)
+                return
+            try:
+                await run_all(self.engine, jobs)
+            except EngineError as err:
+                stats.errors += 1
+                conn.respond(err.status, error_body(err.status, err.message, err.kind))
+                return
+            out = [self.native_result(j, None, lp, lp_text) for j in jobs]
+            stats.responses_ok += 1
+            conn.respond(200, orjson.dumps(out if batch else out[0]))
+        finally:
+            stats.inflight -= 1
+
+    async def _generate_stream(self, conn: HttpConnection, jobs: list[Job], batch: bool, lp: bool,
+                               lp_text: bool) -> None:
+        conn.start_stream(200, SSE, SSE_HEADERS)
+        incremental = self.cfg.incremental_streaming_output
+
+        sent = [0] * len(jobs)
+
+        def make_cb(index: int, job: Job):
+            async def on_tokens(k: int) -> None:
+                if k < job.n_out:
+                    obj = self.native_result(job, k, lp, lp_text, sent[index] if incremental else 0)
+                    if batch:
+                        obj["index"] = index
+                    conn.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+                    sent[index] = k
+                    await conn.drain()
+            return on_tokens
+
+        def on_done(index: int, job: Job) -> None:
+            obj = self.native_result(job, None, lp, lp_text, sent[index] if incremental else 0)
+            if batch:
+                obj["index"] = index
+            conn.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+
+        try:
+            await run_all(self.engine, jobs, make_cb, on_done)
+            self.stats.responses_ok += 1
+        except EngineError as err:
+            self.stats.errors += 1
+            conn.write(b"data: " + error_body(err.status, err.message, err.kind) + b"\n\n")
+        conn.write(DONE)
+        conn.end()
+
+    # ---- info, health, admin
+    async def health(self, req: Request, conn: HttpConnection) -> None:
+        self.stats.count(req.path.decode())
+        why = self.ready()
+        if why is None:
+            conn.respond(200, b"", b"text/plain")
+        else:
+            conn.respond(503, error_body(503, f"mock engine not ready: {why}", "ServiceUnavailable"))
+
+    def model_info_dict(self) -> dict:
+        return {"model_path": self.cfg.model_path, "tokenizer_path": self.cfg.model_path, "is_generation": True,
+                "preferred_sampling_params": None, "weight_version": "default", "has_image_understanding": False,
+                "has_audio_understanding": False, "model_type": "mock", "architectures": ["MockForCausalLM"],
+                "served_model_name": self.cfg.served_model_name, "vocab_size": VOCAB_SIZE,
+                "context_length": self.cfg.context_length}
+
+    async def model_info(self, req: Request, conn: HttpConnection) -> None:
+        self.stats.count(req.path.decode())
+        conn.respond(200, orjson.dumps(self.model_info_dict()))
+
+    async def server_info(self, req: Request, conn: HttpConnection) -> None:
+        self.stats.count(req.path.decode())
+        cfg = self.cfg
+        info = {**cfg.server_args(), "version": VERSION, "mock": True, "mock_args": cfg.mock_args(),
+                "argv": cfg.argv, "extra_args": cfg.extra_args, "pid": os.getpid(),
+                "ranks": self.ranks.describe(), "ready": self.ready() is None,
+                "internal_states": [{"last_gen_throughput": 0.0, "avg_spec_accept_length": None}],
+                "max_total_num_tokens": cfg.context_length * cfg.max_running,
+                "bootstrap_port": cfg.disaggregation_bootstrap_port if cfg.disaggregation_mode == "prefill" else None}
+        conn.respond(200, orjson.dumps(info, default=str))
+
+    async def models(self, req: Request, conn: HttpConnection) -> None:
+        self.stats.count("/v1/models")
+        name = self.cfg.served_model_name
+        conn.respond(200, orjson.dumps({"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "sglang", "root": name,
+             "parent": None, "max_model_len": self.cfg.context_length}]}))
+
+    async def flush_cache(self, req: Request, conn: HttpConnection) -> None:
+        self.stats.count("/flush_cache")
+        conn.respond(200, b"Cache flushed.\n", b"text/plain")
+
+    async def abort_request(self, req: Request, conn: HttpConnection) -> None:
+        self.stats.count("/abort_request")
+        conn.respond(200, b"", b"text/plain")
+
+    async def get_load(self, req: Request, conn: HttpConnection) -> None:
+        self.stats.count("/get_load")
+        running, queued = self.engine.running, self.engine.queued
+        conn.respond(200, orjson.dumps([{"dp_rank": 0, "num_reqs": running + queued, "num_waiting_reqs": queued,
+                                          "num_tokens": 0}]))
+
+    async def metrics(self, req: Request, conn: HttpConnection) -> None:
+        self.stats.count("/metrics")
+        body = self.stats.prometheus(self.engine.running, self.engine.queued)
+        conn.respond(200, body, b"text/plain; version=0.0.4; charset=utf-8")
+
+    async def mock_stats(self, req: Request, conn: HttpConnection) -> None:
+        conn.respond(200, orjson.dumps(self.stats.snapshot(self.engine.running, self.engine.queued)))
