@@ -105,6 +105,9 @@ async def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLik
     _check_args(input_path, concurrency, max_retries, request_timeout, shard_index, num_shards)
     if abort_after_failures is None:
         abort_after_failures = max(32, 2 * concurrency)
+    client = RouterClient(router_url, concurrency=concurrency, max_retries=max_retries,
+                          request_timeout=request_timeout, api_key=api_key, model=model,
+                          backoff_base=backoff_base)  # checks the URL before any file is touched
     summary = BatchSummary(input_path, output_path, shard_index, num_shards)
     scan = await asyncio.to_thread(scan_output, output_path, True)
     summary.repaired_bytes = scan.torn_bytes
@@ -115,9 +118,6 @@ async def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLik
     except OSError as e:
         raise HpcserveError(f"cannot open the batch output {output_path}: {e.strerror}") from None
     run.writer = writer
-    client = RouterClient(router_url, concurrency=concurrency, max_retries=max_retries,
-                          request_timeout=request_timeout, api_key=api_key, model=model,
-                          backoff_base=backoff_base)
     reporter = asyncio.create_task(_report(run, progress, status, progress_every))
     counter = asyncio.create_task(asyncio.to_thread(count_rows, input_path, shard_index, num_shards))
     counter.add_done_callback(lambda t: setattr(summary, "total", None if t.exception() else t.result()))
