@@ -153,13 +153,15 @@ def _kill_at_rows(cmd: list[str], out, target: int) -> int | None:
 def test_sigkill_at_random_points_then_resume_gives_every_id_once(tmp_path, baseline, mock_url):
     inp, expected, _ = baseline
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
-    kills = 0
+    kills = mid_batch = 0
+    points: list[tuple[int, int]] = []  # output lines after the first and the second kill
     for attempt in range(10):
         out = tmp_path / f"out{attempt}.jsonl"
         cmd = batch_cmd(inp, out, mock_url, "--checkpoint-rows", str(rng.choice([1, 50, 1000])))
         # two kills per run: after a random number of rows, then at a random time after the restart
         if _kill_at_rows(cmd, out, rng.randint(1, ROWS - 1)) is None:
             kills += 1
+            mid_batch += 0 < _line_count(out) < ROWS
         before = _line_count(out)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.0, 1.0))
@@ -167,6 +169,7 @@ def test_sigkill_at_random_points_then_resume_gives_every_id_once(tmp_path, base
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait(timeout=60)
+        points.append((before, _line_count(out)))
         if attempt % 2:  # what a kill in the middle of a write leaves behind
             with open(out, "ab") as f:
                 f.write(b'{"id": "r1", "text": "half a ro')
@@ -177,7 +180,8 @@ def test_sigkill_at_random_points_then_resume_gives_every_id_once(tmp_path, base
         assert rows_by_id(out) == expected, f"attempt {attempt}: output differs from the uninterrupted run"
         if attempt % 2:
             assert summary["repaired_bytes"] == len(b'{"id": "r1", "text": "half a ro')
-    assert kills >= 10  # most kills did land mid-run
+    # most kills landed while rows were being answered, not before the first or after the last
+    assert kills >= 10 and mid_batch >= 8, points
 
 
 def test_three_shards_merged_equal_one_shard_merged(tmp_path, baseline, mock_url):
@@ -229,6 +233,7 @@ def test_sigusr2_stops_gracefully_and_the_output_resumes(tmp_path, baseline, moc
     assert proc.returncode == 3, stderr.decode()[-2000:]
     summary = orjson.loads(stdout.splitlines()[-1])
     assert summary["stopped"] and not summary["complete"] and summary["abandoned"] == 0  # grace sufficed
+    assert summary["unsent"] > 0 and summary["done"] + summary["unsent"] < ROWS
     partial = rows_by_id(out)
     assert 20 <= len(partial) < ROWS and len(partial) == summary["ok"] + summary["failed"]
     assert b"stopped, resumable" in stderr

@@ -159,5 +159,7 @@ def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
 def _describe(s: BatchSummary) -> str:
     head = ("complete" if s.complete else f"aborted: {s.aborted}" if s.aborted
             else "stopped, resumable (rerun the same command)")
+    left = "?" if s.total is None else s.total - s.done
     return (f"{head}: {s.ok} ok, {s.failed} failed, {s.already_done} already done, {s.duplicates} duplicate "
-            f"ids skipped, {s.abandoned} left for the next run; {s.rows_per_s:.1f} rows/s -> {s.output_path}")
+            f"ids skipped, {left} rows left for the next run ({s.abandoned} abandoned in flight); "
+            f"{s.rows_per_s:.1f} rows/s -> {s.output_path}")

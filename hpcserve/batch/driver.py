@@ -34,7 +34,8 @@ class BatchSummary:
     ok: int = 0  # rows answered by this run
     failed: int = 0  # error rows written by this run (malformed rows included)
     duplicates: int = 0  # rows skipped because an earlier input row had the same id
-    abandoned: int = 0  # rows started or queued but not written (redone on restart)
+    abandoned: int = 0  # rows sent but not written: stopped mid-flight (redone on restart)
+    unsent: int = 0  # rows read but not sent because the run stopped (redone on restart)
     in_flight: int = 0
     stopped: bool = False  # the stop event ended the run early
     aborted: str | None = None  # why the driver gave up early (router unreachable, output unwritable)
@@ -129,7 +130,8 @@ async def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLik
     if not counter.done():
         await counter
     # A stop or abort that came after the last row was written still leaves a complete output.
-    summary.complete = run.eof and summary.abandoned == 0 and not run.writer_failed
+    summary.complete = (run.eof and summary.abandoned == 0 and summary.unsent == 0
+                        and not run.writer_failed)
     await _call(progress, summary)
     await _call(status, summary, _state(summary))
     return summary
@@ -188,7 +190,7 @@ class _Run:
             await asyncio.gather(reader, return_exceptions=True)
             while not self.queue.empty():
                 if self.queue.get_nowait() is not None:
-                    self.summary.abandoned += 1
+                    self.summary.unsent += 1
             for _ in workers:
                 self.queue.put_nowait(None)
             await asyncio.wait(workers, timeout=max(0.0, grace))
@@ -238,7 +240,7 @@ class _Run:
             if req is None:
                 return
             if self.halt.is_set():
-                s.abandoned += 1
+                s.unsent += 1
                 continue
             s.in_flight += 1
             try:
