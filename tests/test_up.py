@@ -1,0 +1,177 @@
+"""`hpcserve up` against real processes: agents, redis-server, mock engines, router, over real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import redis
+from proc_util import REPO, demo_overrides, descendants, pids_alive
+
+from hpcserve import registry
+from hpcserve.api import up
+from hpcserve.mock.model import SamplingParams, complete
+from hpcserve.mock.tokenizer import Prompt
+
+DEMO = REPO / "recipes/local-demo.yaml"
+PROMPT = "The quick brown fox"
+SP = {"max_new_tokens": 12, "temperature": 0}
+
+
+def expected_text(prompt: str = PROMPT, sp: dict = SP) -> str:
+    return complete(Prompt.from_text(prompt), SamplingParams.from_dict(sp, 16)).text
+
+
+def _agg_recipe(tmp_path, replicas=1, restart=2):
+    p = tmp_path / "agg.yaml"
+    p.write_text(f"""\
+name: agg-demo
+model: {{path: demo/tiny, served_name: demo}}
+engine: {{kind: mock, mock: {{time-scale: 0}}}}
+cluster: {{backend: local, gpus_per_node: 0, address: 127.0.0.1}}
+workers: {{replicas: {replicas}, restart: {restart}}}
+""")
+    return p
+
+
+@pytest.fixture
+def deployment(request, tmp_path):
+    """(run, backend) of a local deployment; stopped (and checked for leftovers) at teardown."""
+    started = []
+
+    def start(recipe=DEMO, extra=()):
+        run, backend = up(recipe, demo_overrides(list(extra)), run_dir=tmp_path / f"run{len(started)}")
+        started.append(backend)
+        return run, backend
+    yield start
+    for b in started:
+        b.stop()
+
+
+def _sse_text(url: str, body: dict) -> tuple[str, list[str]]:
+    chunks = []
+    with httpx.stream("POST", url, json=body, timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                chunks.append(line[6:])
+    assert chunks[-1] == "[DONE]"
+    return chunks
+
+
+@pytest.mark.parametrize("mode", ["pd", "aggregated"])
+def test_up_serves_deterministic_text_stream_and_not(deployment, tmp_path, mode):
+    run, _ = deployment(DEMO if mode == "pd" else _agg_recipe(tmp_path))
+    url = run.endpoint["url"]
+    r = httpx.post(url + "/generate", json={"text": PROMPT, "sampling_params": SP}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] == expected_text()
+    chunks = _sse_text(url + "/generate", {"text": PROMPT, "sampling_params": SP, "stream": True})
+    assert json.loads(chunks[-2])["text"] == expected_text()      # cumulative text, like SGLang
+    c = httpx.post(url + "/v1/completions", json={"model": "demo", "prompt": PROMPT, "max_tokens": 12,
+                                                 "temperature": 0}, timeout=30)
+    assert c.status_code == 200 and c.json()["choices"][0]["text"] == expected_text()
+    chunks = _sse_text(url + "/v1/completions", {"model": "demo", "prompt": PROMPT, "max_tokens": 12,
+                                                 "temperature": 0, "stream": True})
+    assert "".join(json.loads(c)["choices"][0]["text"] for c in chunks[:-1]) == expected_text()
+
+
+def test_openai_client_through_up(deployment):
+    openai = pytest.importorskip("openai")
+    run, _ = deployment()
+    client = openai.OpenAI(base_url=run.endpoint["url"] + "/v1", api_key="unused", timeout=30)
+    out = client.completions.create(model="demo", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert out.choices[0].text == expected_text()
+    chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                          stream=True)
+    assert len("".join(ch.choices[0].delta.content or "" for ch in chat if ch.choices)) > 0
+
+
+def test_registry_lists_workers_with_role_node_state(deployment):
+    run, _ = deployment()
+    url = json.loads((run.run_dir / "redis.json").read_text())["url"]
+    assert oct((run.run_dir / "redis.json").stat().st_mode & 0o777) == "0o600"
+    r = redis.Redis.from_url(url)
+    recs = {k.decode(): registry.WorkerRecord.from_json(v) for k, v in r.hgetall(registry.workers_key(run.run_dir.name)).items()}
+    r.close()
+    assert {(w.id, w.role, w.node, w.state) for w in recs.values()} == {("prefill-0", "prefill", 0, "ready"),
+                                                                        ("decode-0", "decode", 1, "ready")}
+    assert recs["prefill-0"].bootstrap_port is not None and recs["decode-0"].bootstrap_port is None
+
+
+def _worker(run, wid):
+    url = json.loads((run.run_dir / "redis.json").read_text())["url"]
+    r = redis.Redis.from_url(url)
+    try:
+        raw = r.hget(registry.workers_key(run.run_dir.name), wid)
+        return registry.WorkerRecord.from_json(raw) if raw else None
+    finally:
+        r.close()
+
+
+def _engine_pid(run, port: int) -> int:
+    for pid in descendants(os.getpid()):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"hpcserve.mock" in cmd and str(port).encode() in cmd:
+            return pid
+    raise AssertionError(f"no engine on port {port}")
+
+
+def _wait(pred, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_killed_worker_restarts_then_exhausted_is_dead_and_router_avoids_it(deployment, tmp_path):
+    run, _ = deployment(_agg_recipe(tmp_path, replicas=2, restart=1))
+    plan = json.loads((run.run_dir / "plan.json").read_text())
+    port0 = next(w["port"] for w in plan["workers"] if w["id"] == "workers-0")
+    os.kill(_engine_pid(run, port0), signal.SIGKILL)
+    rec = _wait(lambda: (w := _worker(run, "workers-0")) and w.restarts == 1 and w.state == "ready" and w)
+    assert rec.restarts == 1
+    os.kill(_engine_pid(run, port0), signal.SIGKILL)     # budget of 1 restart is spent now
+    _wait(lambda: (w := _worker(run, "workers-0")) and w.state == "dead")
+    url = run.endpoint["url"]
+    _wait(lambda: not any(w["healthy"] and str(port0) in w["url"]
+                          for w in httpx.get(url + "/workers", timeout=5).json()["workers"]))
+    for _ in range(6):
+        r = httpx.post(url + "/generate", json={"text": PROMPT, "sampling_params": SP}, timeout=30)
+        assert r.status_code == 200 and r.json()["text"] == expected_text()
+    other = next(w["port"] for w in plan["workers"] if w["id"] == "workers-1")
+    stats = httpx.get(f"http://127.0.0.1:{other}/mock/stats", timeout=5).json()
+    assert json.dumps(stats).count("generate") >= 1
+
+
+def test_sigint_on_up_leaves_no_process(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "hpcserve", "up", str(DEMO), "--run-dir", str(tmp_path / "run"),
+                             *sum((["--set", o] for o in demo_overrides()), [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 90
+        while "endpoint" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+        assert "endpoint" in line
+        tree = descendants(proc.pid)
+        assert len(tree) >= 5      # 2 agents, redis, router, 2 engines
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _wait(lambda: pids_alive(tree) == [], 15)
