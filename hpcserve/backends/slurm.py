@@ -92,8 +92,9 @@ class SlurmBackend:
 
     @staticmethod
     def signal(job_id: str, sig: str = "TERM") -> None:
-        """Graceful stop: the batch shell and every step get the signal; the agents drain and exit."""
-        slurm_cmd("scancel", "--full", f"--signal={sig}", job_id)
+        """Graceful stop: the signal goes to the job's steps (the agents), not to the batch shell or srun,
+        which would cut the drain short; the agents drain, exit 0, and the job completes."""
+        slurm_cmd("scancel", f"--signal={sig}", job_id)
 
     @staticmethod
     def kill(job_id: str) -> None:
