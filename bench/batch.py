@@ -99,6 +99,10 @@ def bench_capacity(tmp: str, rows: int, step_ms: float, max_running: int, tokens
     finally:
         stop(proc)
     achieved = summary["rows_per_s"]
+    with open(out, "rb") as f:
+        tok = [orjson.loads(line)["usage"]["completion_tokens"] for line in f]
+    if sum(tok) != tokens * len(tok):  # the capacity formula assumes every row is exactly T tokens
+        print(f"  warning: rows averaged {sum(tok) / len(tok):.2f} tokens, not {tokens}")
     print(f"capacity: mock decode step {step_ms:g} ms, max running {max_running}, {tokens} tokens/row "
           f"-> {capacity:.1f} rows/s")
     print(f"  achieved {achieved:.1f} rows/s over {summary['ok']} rows ({summary['elapsed_s']:.2f} s in the "

@@ -284,3 +284,25 @@ def test_progress_goes_to_the_status_hash_in_a_real_redis(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_second_driver_on_the_same_output_is_refused(tmp_path):
+    from hpcserve.errors import HpcserveError
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, [{"id": i, "prompt": "slow"} for i in range(4)])
+
+    async def go(eng):
+        stop = asyncio.Event()
+        first = asyncio.create_task(run_batch(inp, out, eng.url, stop_event=stop, stop_grace=0, **FAST))
+        deadline = time.monotonic() + 10
+        while eng.attempts["slow"] < 4:  # the first driver holds the output and has rows in flight
+            assert time.monotonic() < deadline, "the first driver never sent its rows"
+            await asyncio.sleep(0.01)
+        with pytest.raises(HpcserveError, match="another batch driver is writing"):
+            await run_batch(inp, out, eng.url, **FAST)
+        stop.set()
+        return await asyncio.wait_for(first, 10)
+
+    s = asyncio.run(with_engine(go))
+    assert s.stopped and s.abandoned == 4 and out.read_bytes() == b""

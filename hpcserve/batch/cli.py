@@ -120,7 +120,10 @@ def _run_loop(coro):  # uvloop when available (one loop per process)
         import uvloop
     except ImportError:
         return asyncio.run(coro)
-    return uvloop.run(coro)
+    if hasattr(uvloop, "run"):
+        return uvloop.run(coro)
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # uvloop < 0.18
+    return asyncio.run(coro)
 
 
 async def _drive(a: argparse.Namespace) -> BatchSummary:

@@ -110,14 +110,18 @@ async def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLik
                           request_timeout=request_timeout, api_key=api_key, model=model,
                           backoff_base=backoff_base)  # checks the URL before any file is touched
     summary = BatchSummary(input_path, output_path, shard_index, num_shards)
-    scan = await asyncio.to_thread(scan_output, output_path, True)
-    summary.repaired_bytes = scan.torn_bytes
-    run = _Run(summary, scan.done, stop_event or asyncio.Event(), abort_after_failures, concurrency)
     writer = OutputWriter(output_path, checkpoint_rows, checkpoint_s)
     try:
-        await writer.start()
+        await writer.start()  # takes the output's lock before the scan
     except OSError as e:
         raise HpcserveError(f"cannot open the batch output {output_path}: {e.strerror}") from None
+    try:
+        scan = await asyncio.to_thread(scan_output, output_path, True)
+    except BaseException:
+        await writer.close()
+        raise
+    summary.repaired_bytes = scan.torn_bytes
+    run = _Run(summary, scan.done, stop_event or asyncio.Event(), abort_after_failures, concurrency)
     run.writer = writer
     reporter = asyncio.create_task(_report(run, progress, status, progress_every))
     counter = asyncio.create_task(asyncio.to_thread(count_rows, input_path, shard_index, num_shards))

@@ -8,6 +8,8 @@ always match what an editor shows.
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import logging
 import os
 import time
@@ -17,6 +19,7 @@ from typing import AsyncIterator, Iterator
 import orjson
 
 from hpcserve.batch.rows import BadRow, Request, id_key, parse_line
+from hpcserve.errors import HpcserveError
 
 log = logging.getLogger("hpcserve.batch")
 CHUNK = 1 << 20
@@ -172,10 +175,9 @@ class OutputWriter:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        parent = os.path.dirname(self.path) or "."
-        await asyncio.to_thread(os.makedirs, parent, exist_ok=True)
-        self._fd = await asyncio.to_thread(
-            os.open, self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        """Open (creating it durably), lock against a second driver on the same file, start the task.
+        Call before scanning the output, so nobody else appends between the scan and our writes."""
+        self._fd = await asyncio.to_thread(open_locked, self.path)
         self._task = asyncio.create_task(self._run(), name="batch-writer")
 
     def put(self, line: bytes) -> None:
@@ -210,6 +212,36 @@ class OutputWriter:
                     self._last_sync = time.monotonic()
         finally:
             os.close(self._fd)
+
+
+def open_locked(path: str) -> int:
+    """The output opened for appending, with an exclusive flock held for the life of the fd. A second
+    driver on the same output (a requeued job whose old step still runs, two array tasks given the same
+    shard) would write ids twice, so it is refused. Filesystems without flock support (some Lustre
+    mounts) get a warning and no lock."""
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    created = not os.path.exists(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise HpcserveError(f"another batch driver is writing {path}; stop it first (or wait for it "
+                            "to exit) so no id is written twice") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            os.close(fd)
+            raise
+        log.warning("%s: the filesystem does not support locks (%s); make sure only one driver writes it",
+                    path, e.strerror)
+    if created:  # make the new directory entry durable too
+        dfd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return fd
 
 
 def _write_all(fd: int, data: bytes) -> None:
