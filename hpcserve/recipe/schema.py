@@ -81,6 +81,12 @@ class ClusterSpec(Strict):
     address: str = Field("auto", description="Node address workers bind to: auto (hostname) or an IP.")
     python: str | None = Field(None, description="Python that runs hpcserve on nodes; default: the current one.")
 
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time_number(cls, v):
+        """YAML reads `time: 30` as a number: Slurm reads it as minutes, so do we."""
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
     @field_validator("time")
     @classmethod
     def _time(cls, v: str) -> str:
