@@ -1,4 +1,4 @@
-"""``python -m hpcserve.bench URL ...`` (run levels) and ``python -m hpcserve.bench report DIR... -o OUT``.
+"""``python -m hpcserve.bench URL|RUN_DIR ...`` (run levels) and ``python -m hpcserve.bench report DIR... -o OUT``.
 
 Exit codes: 0 all levels valid; 1 some level invalid (reasons printed); 2 a user mistake (one line).
 """
@@ -6,11 +6,13 @@ Exit codes: 0 all levels valid; 1 some level invalid (reasons printed); 2 a user
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from hpcserve.bench.runner import BenchConfig, LevelOutcome, run
+from hpcserve.bench.rundir import RunInfo, read_run, run_restart_counter
+from hpcserve.bench.runner import BenchConfig, LevelOutcome, run_async_main, run_benchmark
 from hpcserve.bench.validity import DEFAULT_MAX_ERROR_RATE
 from hpcserve.errors import HpcserveError
 
@@ -36,8 +38,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m hpcserve.bench",
                 description="Serving benchmark: streaming requests per concurrency level; TTFT/ITL/TPOT/e2e, "
                             "throughput per GPU and per user; invalid levels fail the run.")
-    p.add_argument("url", help="router or engine base URL (http://host:port), or its /generate or "
-                               "/v1/completions URL")
+    p.add_argument("target", metavar="URL|RUN_DIR",
+                   help="router or engine base URL (http://host:port), its /generate or /v1/completions URL, or a "
+                        "ready run directory (endpoint, GPU count and restart tracking come from its files)")
     p.add_argument("--isl", type=int, help="input tokens per request (random token ids, exact length)")
     p.add_argument("--osl", type=int, help="output tokens per request (forced with ignore_eos + min tokens)")
     p.add_argument("--dataset", help="JSONL with 'prompt' or 'input_ids' and optional 'output_len' per line")
@@ -45,7 +48,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-rate", type=float, help="Poisson arrivals at R req/s, capped by the concurrency")
     p.add_argument("--num-prompts", type=int, help="measured requests per level (default 4 x concurrency)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests before each level (default 2)")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs behind the URL, for tok/s per GPU (default 1)")
+    p.add_argument("--gpus", type=int, help="GPUs behind the URL, for tok/s per GPU (default: the run's plan, "
+                                           "else 1)")
     p.add_argument("--api", choices=["auto", "generate", "completions"], default="auto",
                    help="SGLang /generate (default) or OpenAI /v1/completions")
     p.add_argument("--model", help="model name for /v1/completions (default: first of /v1/models)")
@@ -56,8 +60,9 @@ def bench_parser() -> argparse.ArgumentParser:
                    help=f"a level with more failed requests is invalid (default {DEFAULT_MAX_ERROR_RATE})")
     p.add_argument("--allow-short-output", action="store_true",
                    help="do not force OSL (no ignore_eos/min tokens); short outputs then stay valid")
-    p.add_argument("--label", default="", help="run name in the rollup and plots (default: output dir name)")
-    p.add_argument("-o", "--output", default="bench-results", help="output directory (default bench-results)")
+    p.add_argument("--label", default="", help="run name in the rollup and plots (default: the run's name, "
+                                               "else the output dir name)")
+    p.add_argument("-o", "--output", help="output directory (default: RUN_DIR/bench, else bench-results)")
     return p
 
 
@@ -70,6 +75,8 @@ def report_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         if argv and argv[0] == "report":
             return _report(report_parser().parse_args(argv[1:]))
@@ -96,16 +103,25 @@ def _bench(args: argparse.Namespace) -> int:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise HpcserveError(f"environment variable {args.api_key_env} is empty; export the API key first")
-    out = Path(args.output)
-    cfg = BenchConfig(url=args.url, isl=args.isl, osl=args.osl, dataset=args.dataset,
+    info: RunInfo | None = None
+    url = args.target
+    if "://" not in url:
+        if not Path(url).is_dir():
+            raise HpcserveError(f"{url} is neither a URL (http://host:port) nor a run directory")
+        info = read_run(url)
+        url = info.url
+    out = Path(args.output) if args.output else (info.run_dir / "bench" if info else Path("bench-results"))
+    gpus = args.gpus if args.gpus is not None else (info.gpus if info else 1)
+    label = args.label or (info.name if info else out.resolve().name)
+    cfg = BenchConfig(url=url, isl=args.isl, osl=args.osl, dataset=args.dataset,
                       concurrency=args.concurrency, request_rate=args.request_rate, num_prompts=args.num_prompts,
-                      warmup=args.warmup, gpus=args.gpus, api=args.api, model=args.model, seed=args.seed,
+                      warmup=args.warmup, gpus=gpus, api=args.api, model=args.model, seed=args.seed,
                       timeout_s=args.timeout, max_error_rate=args.max_error_rate,
-                      force_output_len=not args.allow_short_output, run=args.label or out.resolve().name,
-                      api_key=api_key)
+                      force_output_len=not args.allow_short_output, run=label,
+                      point=info.point if info else None, api_key=api_key)
     progress = _RichProgress() if sys.stderr.isatty() else None
     try:
-        outcomes = run(cfg, out, progress=progress)
+        outcomes = run_async_main(_bench_async(cfg, out, info, progress))
     finally:
         if progress is not None:
             progress.close()
@@ -115,6 +131,13 @@ def _bench(args: argparse.Namespace) -> int:
     for o in bad:
         print(f"INVALID c={o.concurrency}: {'; '.join(o.reasons)}", file=sys.stderr)
     return EXIT_INVALID if bad else 0
+
+
+async def _bench_async(cfg: BenchConfig, out: Path, info: RunInfo | None, progress) -> list[LevelOutcome]:
+    if info is None:
+        return await run_benchmark(cfg, out, progress=progress)
+    async with run_restart_counter(info) as counter:
+        return await run_benchmark(cfg, out, restart_counter=counter, progress=progress)
 
 
 class _RichProgress:
