@@ -28,7 +28,10 @@ def make_report(paths: Iterable[Path | str], out_dir: Path | str) -> list[Path]:
                          "pass the -o directory of a bench run")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise BenchError("matplotlib is not installed; pip install 'hpcserve[bench]' (or matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
