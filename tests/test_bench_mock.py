@@ -141,6 +141,7 @@ def test_decode_only_engine_without_bootstrap_is_invalid(tmp_path, capsys):
 
 
 def test_sweep_of_levels_then_report_pngs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # the bench extra; CI must install it for this test to run
     proc, mock_url = start_mock(tmp_path, time_scale=0.5)  # half the model times: a shorter test
     try:
         _two_runs(mock_url, tmp_path, capsys)
