@@ -92,11 +92,24 @@ install_project() {
 #   plus the light dependencies the parser modules import.
 # Return non-zero on failure: the caller turns that into a warning, never a fatal error.
 install_sglang_check_deps() {
-  if (cd / && "$PY" -c 'import sglang' >/dev/null 2>&1); then
-    say "sglang already importable"; return 0
+  local pin=0.5.23
+  local probe="import importlib.metadata as m, sys; from sglang.srt.server_args import ServerArgs; sys.exit(m.version('sglang') != '$pin')"
+  if (cd / && "$PY" -c "$probe" >/dev/null 2>&1); then
+    say "sglang $pin parser already importable"; return 0
   fi
-  say "install_sglang_check_deps: not filled in yet; sglang-marked tests will skip"
-  return 0
+  # CPU torch: pip finds the CPU wheel through this machine's find-links (/opt/wheels). Only when no
+  # torch imports at all, so a large CUDA build is never pulled in by accident.
+  if ! (cd / && "$PY" -c 'import torch' >/dev/null 2>&1); then
+    say "pip install torch==2.13.0 (CPU wheel)"
+    "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore torch==2.13.0 || return 1
+  fi
+  # What sglang.srt.server_args imports, found by importing it in an empty venv. sglang's declared
+  # requirements (CUDA kernels, transformers, ...) are not needed to parse and are skipped (--no-deps).
+  say "pip install sglang==$pin --no-deps plus its parser-time imports (triton is ~1 GB)"
+  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore triton==3.9.0 msgspec pybase64 'pyzmq>=25.1.2' \
+      tqdm numpy orjson packaging pillow psutil requests aiohttp ipython pydantic starlette || return 1
+  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps "sglang==$pin" || return 1
+  (cd / && "$PY" -c "$probe") || { say "sglang $pin installed but its server_args does not import"; return 1; }
 }
 # <<< install_sglang_check_deps
 
