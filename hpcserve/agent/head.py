@@ -20,8 +20,10 @@ ENDPOINT_JSON = "endpoint.json"
 
 
 class HeadWatch:
-    def __init__(self, plan: Plan, run_dir: Path, run_id: str, redis, addr: str, interval: float = 0.25):
+    def __init__(self, plan: Plan, run_dir: Path, run_id: str, redis, addr: str, interval: float = 0.25,
+                 on_ready=None):
         self.plan, self.run_dir, self.run_id, self.redis, self.addr = plan, run_dir, run_id, redis, addr
+        self.on_ready = on_ready
         self.interval = interval
         self.router_url = f"http://{addr}:{plan.router_port}"
 
@@ -61,6 +63,8 @@ class HeadWatch:
         self._publish_endpoint(time.time() - t0)
         await registry.set_status(self.redis, self.run_id, phase="ready", ready_at=f"{time.time():.3f}",
                                   endpoint=self.router_url)
+        if self.on_ready is not None:
+            await self.on_ready()
         return await self._watch_critical(planned)
 
     def _publish_endpoint(self, startup_s: float) -> None:

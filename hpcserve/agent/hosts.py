@@ -17,6 +17,11 @@ from hpcserve.render import atomic_write
 _HOST = re.compile(r"\{host:(\d+)\}")
 
 
+def epoch() -> str:
+    """Which start of the job this is: files from before a requeue must not be trusted."""
+    return f"{os.environ.get('SLURM_JOB_ID', 'local')}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
 def resolve_address(setting: str) -> str:
     if setting != "auto":
         return setting
@@ -30,7 +35,7 @@ def resolve_address(setting: str) -> str:
 def publish_address(run_dir: Path, rank: int, addr: str) -> None:
     d = run_dir / "hosts"
     d.mkdir(exist_ok=True)
-    info = {"rank": rank, "addr": addr, "hostname": socket.gethostname(),
+    info = {"rank": rank, "addr": addr, "epoch": epoch(), "hostname": socket.gethostname(),
             "slurm_node": os.environ.get("SLURMD_NODENAME"), "pid": os.getpid()}
     atomic_write(d / f"node-{rank}.json", json.dumps(info, indent=1) + "\n")
 
@@ -44,7 +49,9 @@ async def wait_addresses(run_dir: Path, ranks: set[int], timeout: float) -> dict
         for r in ranks - out.keys():
             f = run_dir / "hosts" / f"node-{r}.json"
             try:
-                out[r] = json.loads(f.read_text())["addr"]
+                info = json.loads(f.read_text())
+                if info.get("epoch") == epoch():
+                    out[r] = info["addr"]
             except (OSError, ValueError, KeyError):
                 pass
         if len(out) == len(ranks):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from hpcserve import registry
-from hpcserve.agent import hosts, redis_server
+from hpcserve.agent import hosts, redis_server, stages
 from hpcserve.agent.head import HeadWatch
 from hpcserve.agent.procs import child_env
 from hpcserve.agent.supervisor import Managed, Supervisor
@@ -95,17 +95,24 @@ def check_model_paths(procs: list, rank: int) -> None:
                                     f"fix model.path or the container mounts")
 
 
-async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: asyncio.Event) -> int:
+async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: "StopEvent") -> int:
     is_head = rank == plan.head_node
     addr = hosts.resolve_address(plan.address)
     hosts.publish_address(run_dir, rank, addr)
+    if is_head and stages.stage_specs(plan, rank) and stages.batch_already_complete(plan):
+        stages.write_done(run_dir, "batch output already complete; nothing started")
+        log.info("batch output already complete: starting nothing")
+        return EXIT_OK
     check_model_paths(plan.on_node(rank), rank)
     managed: list[Managed] = []
     startup = float(plan.startup_timeout)
     if is_head:
         url = await _start_redis(plan, run_dir, addr, managed)
     else:
-        url = await redis_server.read_published(run_dir, startup)
+        url = await redis_server.read_published(run_dir, startup, give_up=lambda: stages.done_now(run_dir))
+        if url is None:
+            log.info("the head node found nothing to run; exiting")
+            return EXIT_OK
     client = await redis_server.connect(url, timeout=min(30.0, startup))
     mine = [p for p in plan.on_node(rank) if p.kind != "redis"]
     addrs = await hosts.wait_addresses(run_dir, hosts.needed_hosts([p.argv for p in mine]) | {rank}, startup)
@@ -120,38 +127,78 @@ async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: asy
     if is_head:
         await registry.set_status(client, run_id, phase="starting", started_at=f"{time.time():.3f}")
     async with Supervisor(run_id, client, managed) as sup:
-        for m in managed:
-            if m.child is None:
+        for m in managed:   # stages (batch) wait for readiness
+            if m.child is None and m.spec.kind not in stages.STAGE_KINDS:
                 await m.start()
         sup.run()
-        waits = [asyncio.ensure_future(stop.wait()), sup.fatal]
-        head = HeadWatch(plan, run_dir, run_id, client, addr) if is_head else None
-        if head:
-            waits.append(asyncio.ensure_future(head.run()))
-        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        reason = None
-        if sup.fatal in done:
-            reason = sup.fatal.result()
-        elif head and waits[-1] in done:
-            reason = waits[-1].result()   # None when the head watch ended normally
-        for w in waits:
-            if not w.done():
-                w.cancel()
+        outcome = await _wait_outcome(plan, run_dir, run_id, client, addr, is_head, stop, sup)
+        reason = outcome.get("failure")
         if reason:
             log.error("%s", reason)
             record_failure(run_dir, rank, reason)
         if is_head:
             try:
-                await registry.set_status(client, run_id, phase="failed" if reason else "draining",
+                await registry.set_status(client, run_id, phase="failed" if reason else outcome["phase"],
                                           reason=reason or "")
             except Exception:   # noqa: BLE001 - Redis may be the thing that failed
                 pass
-        log.info("stopping (%s)", "failure" if reason else stop.signal_name)
+        log.info("stopping (%s)", reason and "failure" or outcome.get("why", stop.signal_name))
+        await sup.drain_and_stop(grace=min(10.0, plan.drain_timeout or 10.0), stage_grace=30.0)
         if is_head and not reason:
-            atomic_write(run_dir / "stopped.json", json.dumps({"signal": stop.signal_name, "ts": time.time()}) + "\n")
-        await sup.drain_and_stop(grace=min(10.0, plan.drain_timeout or 10.0))
+            batch = next((m for m in managed if m.spec.kind == "batch"), None)
+            requeued = stages.requeue_if_allowed(plan, batch.exit_code if batch else None, stop.signal_name)
+            atomic_write(run_dir / "stopped.json", json.dumps(
+                {"signal": stop.signal_name, "why": outcome.get("why"), "requeued": requeued,
+                 "batch_exit": batch.exit_code if batch else None, "ts": time.time()}) + "\n")
     await client.aclose()
     return EXIT_FAILED if reason else EXIT_OK
+
+
+async def _wait_outcome(plan, run_dir, run_id, client, addr, is_head, stop, sup) -> dict:
+    """Wait for whichever ends this agent first: a stop signal, a critical failure, the head's startup or
+    critical-group verdict, the batch stage finishing, or (other nodes) the head declaring the job over."""
+    waits: dict[asyncio.Future, str] = {asyncio.ensure_future(stop.wait()): "signal", sup.fatal: "fatal",
+                                        sup.stage_exit: "stage"}
+    if is_head:
+        async def start_stages():
+            for m in sup.managed:
+                if m.spec.kind in stages.STAGE_KINDS and m.child is None and not m.stopping:
+                    await m.start()
+                    sup.add(m)
+        head = HeadWatch(plan, run_dir, run_id, client, addr, on_ready=start_stages)
+        waits[asyncio.ensure_future(head.run())] = "head"
+    else:
+        waits[asyncio.ensure_future(_job_over(client, run_id))] = "over"
+    done, _ = await asyncio.wait(list(waits), return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        if not w.done():
+            w.cancel()
+    fut = next(iter(done))
+    kind = waits[fut]
+    if kind == "fatal":
+        return {"failure": fut.result()}
+    if kind == "head":
+        return {"failure": fut.result()}
+    if kind == "stage":
+        code = fut.result()
+        if code == 0:
+            return {"phase": "done", "why": "batch complete"}
+        return {"failure": stages.BATCH_EXIT.get(code, f"batch driver exited with code {code}; see logs/batch.log")}
+    if kind == "over":
+        return {"phase": "done", "why": f"head node says {fut.result()}"}
+    return {"phase": "draining", "why": stop.signal_name}
+
+
+async def _job_over(client, run_id: str, interval: float = 1.0) -> str:
+    """Other nodes follow the head: when it marks the job done or failed, they stop too."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            phase = await client.hget(registry.status_key(run_id), "phase")
+        except Exception:   # noqa: BLE001 - Redis blip; keep serving
+            continue
+        if phase in (b"done", b"failed"):
+            return phase.decode()
 
 
 class StopEvent(asyncio.Event):

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
 
+from hpcserve.agent.hosts import epoch
 from hpcserve.errors import BackendError
 from hpcserve.render import atomic_write
 
@@ -59,20 +60,25 @@ def url_of(host: str, port: int, password: str | None) -> str:
 
 
 def publish(run_dir: Path, host: str, port: int, password: str | None, url: str) -> None:
-    info = {"host": host, "port": port, "password": password, "url": url}
+    info = {"host": host, "port": port, "password": password, "url": url, "epoch": epoch()}
     atomic_write(run_dir / REDIS_JSON, json.dumps(info) + "\n", mode=0o600)
 
 
-async def read_published(run_dir: Path, timeout: float) -> str:
-    """The Redis URL the head node published, waiting for it (non-head nodes, CLI)."""
+async def read_published(run_dir: Path, timeout: float, give_up=lambda: False) -> str | None:
+    """The Redis URL the head node published in this start of the job, waiting for it (non-head nodes).
+    Returns None when ``give_up()`` turns true first (the head decided there is nothing to run)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     path = run_dir / REDIS_JSON
     while True:
         try:
-            return json.loads(path.read_text())["url"]
+            info = json.loads(path.read_text())
+            if info.get("epoch") == epoch():
+                return info["url"]
         except (OSError, ValueError, KeyError):
             pass
+        if give_up():
+            return None
         if loop.time() > deadline:
             raise BackendError(f"{path} did not appear within {timeout:.0f}s: the head node's agent did not "
                                f"start Redis (see logs/agent-node0.log)")

@@ -61,7 +61,7 @@ class Managed:
 
     async def stop(self, grace: float = 10.0) -> None:
         self.stopping = True
-        if self.child is not None:
+        if self.child is not None and self.exit_code is None:
             self.exit_code = await procs.stop(self.child, grace)
 
 
@@ -72,6 +72,7 @@ class Supervisor:
         self.run_id, self.redis, self.managed = run_id, redis, managed
         self.hb_interval, self.hb_ttl = hb_interval, hb_ttl
         self.fatal: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.stage_exit: asyncio.Future = asyncio.get_running_loop().create_future()   # batch driver's exit code
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -101,8 +102,13 @@ class Supervisor:
 
     def run(self) -> None:
         for m in self.managed:
-            self._tasks.append(asyncio.create_task(self._watch(m), name=f"watch-{m.spec.name}"))
+            if m.child is not None:
+                self.add(m)
         self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+
+    def add(self, m: Managed) -> None:
+        """Watch a started process (stages are started later than the rest)."""
+        self._tasks.append(asyncio.create_task(self._watch(m), name=f"watch-{m.spec.name}"))
 
     async def _probe(self, url: str) -> bool:
         try:
@@ -129,6 +135,11 @@ class Supervisor:
                 m.state = "ready"
             code = await exited
             if m.stopping:
+                return
+            if m.spec.kind in ("batch", "bench"):   # a stage ends the job when it ends; never restarted
+                m.exit_code = code
+                if not self.stage_exit.done():
+                    self.stage_exit.set_result(code)
                 return
             log.warning("%s exited with code %s (see %s)", m.spec.name, code, m.spec.log)
             await self.event("exit", process=m.spec.name, code=code)
@@ -172,7 +183,7 @@ class Supervisor:
                 log.debug("heartbeat failed: %s", e)
             await asyncio.sleep(self.hb_interval)
 
-    async def drain_and_stop(self, grace: float) -> None:
+    async def drain_and_stop(self, grace: float, stage_grace: float = 30.0) -> None:
         """Mark workers draining, stop engines, then the router, then Redis; deregister workers."""
         for m in self.managed:
             m.stopping = True
@@ -189,4 +200,4 @@ class Supervisor:
                             await registry.remove_worker(self.redis, self.run_id, m.spec.worker_id)
                         except Exception:   # noqa: BLE001 - Redis may already be gone
                             pass
-            await asyncio.gather(*(m.stop(grace) for m in group))
+            await asyncio.gather(*(m.stop(stage_grace if rank == 0 else grace) for m in group))

@@ -17,7 +17,7 @@ import sys
 from hpcserve.engines.base import WorkerLaunch, get_engine
 from hpcserve.errors import PlanError
 from hpcserve.plan.model import NodeSpec, Plan, ProcessSpec, SlurmSpec, WorkerSpec
-from hpcserve.plan.router_cmd import redis_spec, router_spec
+from hpcserve.plan.router_cmd import batch_spec, redis_spec, router_spec
 from hpcserve.recipe.schema import GroupSpec, Recipe, replica_gpus
 
 PORT_STRIDE = 20
@@ -64,7 +64,8 @@ class _Nodes:
         return n, got
 
 
-def plan(recipe: Recipe, point: dict | None = None, python: str | None = None) -> Plan:
+def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
+         shard: tuple[int, int] = (0, 1)) -> Plan:
     c = recipe.cluster
     engine = get_engine(recipe.engine.kind)
     hp_python = python or c.python or sys.executable
@@ -101,6 +102,8 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None) -
     if recipe.redis.url is None:
         head_procs.append(redis_spec(head, base))
     head_procs.append(router_spec(recipe, head, mode, workers, hp_python))
+    if recipe.batch is not None:
+        head_procs.append(batch_spec(recipe, head, hp_python, shard))
     procs = head_procs + procs
     node_specs = [NodeSpec(index=i, roles=nodes.roles[i],
                            gpus_used=sorted(g for p in procs if p.node == i for g in p.gpus))
@@ -112,6 +115,7 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None) -
         redis_port=None if recipe.redis.url else base, redis_url=recipe.redis.url, env=dict(recipe.env),
         startup_timeout=recipe.timeouts.startup, drain_timeout=recipe.timeouts.drain,
         slurm=_slurm(recipe, len(node_specs)),
+        batch_max_restarts=recipe.batch.max_restarts if recipe.batch else None,
     )
 
 
@@ -152,5 +156,5 @@ def _slurm(recipe: Recipe, num_nodes: int) -> SlurmSpec:
         job_name=recipe.name, nodes=num_nodes, time=c.time,
         gpus_per_node=c.gpus_per_node if (c.request_gpus and c.gpus_per_node) else None,
         account=c.account, partition=c.partition, qos=c.qos, signal=f"USR2@{c.signal_seconds}",
-        directives=list(c.sbatch), setup=list(c.setup), container_runtime=c.container_runtime,
+        directives=list(c.sbatch) + (["--requeue"] if recipe.batch else []), setup=list(c.setup), container_runtime=c.container_runtime,
         container=recipe.engine.container, container_mounts=list(c.container_mounts))

@@ -90,6 +90,7 @@ class Plan(Frozen):
     startup_timeout: int
     drain_timeout: int
     slurm: SlurmSpec
+    batch_max_restarts: int | None = None     # set when the plan runs an offline batch stage
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"

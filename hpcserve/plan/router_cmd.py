@@ -51,6 +51,16 @@ ROUTERS: dict[str, Callable[[Recipe, str, list[WorkerSpec], str], list[str]]] = 
 }
 
 
+def batch_spec(recipe: Recipe, head: int, python: str, shard: tuple[int, int]) -> ProcessSpec:
+    """The offline batch driver: sends every input row through the router on the head node."""
+    b = recipe.batch
+    index, count = shard
+    argv = [python, "-m", "hpcserve.batch", "--router", f"http://{{addr}}:{recipe.router.port}",
+            "--input", b.input, "--output", b.output, "--concurrency", str(b.concurrency),
+            "--run-id", "{run_id}", "--shard-index", str(index), "--num-shards", str(count)]
+    return ProcessSpec(name="batch", kind="batch", node=head, argv=argv, log="logs/batch.log", restart=0)
+
+
 def router_spec(recipe: Recipe, head: int, mode: str, workers: list[WorkerSpec], python: str) -> ProcessSpec:
     argv = ROUTERS[recipe.router.kind](recipe, mode, workers, python)
     return ProcessSpec(name="router", kind="router", node=head, argv=argv, ports={"router": recipe.router.port},

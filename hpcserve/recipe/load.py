@@ -200,6 +200,11 @@ def load_recipe(path: str | Path, overrides: list[str] = (), cluster: str | None
                 if tuple(str(p) for p in err["loc"])[: len(key)] == key:
                     msg = format_error(err, Recipe, Source("--set", {})).split(": ", 1)[1]
                     raise RecipeError(f"--set {item}: {msg}") from None
+    batch = data.get("batch")
+    if isinstance(batch, dict):   # batch files are relative to the recipe, like cluster profiles
+        for k in ("input", "output"):
+            if isinstance(batch.get(k), str) and not Path(batch[k]).is_absolute():
+                batch[k] = str((path.parent / batch[k]).resolve())
     sweep = data.get("sweep") or {}
     if not isinstance(sweep, dict):
         raise RecipeError(f"{src.where(('sweep',))} sweep: expected a mapping of dotted keys to lists")

@@ -1,0 +1,73 @@
+"""Stages that run after the deployment is ready (the offline batch driver): skipping finished work,
+what the driver's exit code means, and requeueing the job after preemption or the time-limit signal."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from hpcserve.agent.hosts import epoch
+from hpcserve.plan.model import Plan, ProcessSpec
+from hpcserve.render import atomic_write
+
+log = logging.getLogger("hpcserve.agent")
+DONE_JSON = "done.json"
+STAGE_KINDS = ("batch", "bench")
+# hpcserve.batch exit codes (docs/batch.md): 0 complete, 3 stopped with rows left, 4 gave up early.
+BATCH_EXIT = {3: "batch stopped with rows left (resumable: resubmit or requeue)",
+              4: "batch gave up: the router was unreachable or failing, or the output not writable (resumable)"}
+
+
+def _flag(argv: list[str], name: str, default: str | None = None) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
+def batch_already_complete(plan: Plan) -> bool:
+    """True when every input row of this shard already has an output row: start no engine at all."""
+    from hpcserve.batch import detect_complete
+    for p in plan.processes:
+        if p.kind == "batch":
+            a = p.argv
+            try:
+                return detect_complete(_flag(a, "--input"), _flag(a, "--output"),
+                                       int(_flag(a, "--shard-index", "0")), int(_flag(a, "--num-shards", "1")))
+            except (OSError, ValueError) as e:
+                log.warning("cannot check batch completeness: %s", e)
+                return False
+    return False
+
+
+def write_done(run_dir: Path, message: str) -> None:
+    atomic_write(run_dir / DONE_JSON, json.dumps({"epoch": epoch(), "message": message, "ts": time.time()}) + "\n")
+
+
+def done_now(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / DONE_JSON).read_text()).get("epoch") == epoch()
+    except (OSError, ValueError):
+        return False
+
+
+def stage_specs(plan: Plan, node: int) -> list[ProcessSpec]:
+    return [p for p in plan.on_node(node) if p.kind in STAGE_KINDS]
+
+
+def requeue_if_allowed(plan: Plan, batch_code: int | None, signal_name: str) -> bool:
+    """After USR2 (time limit / preemption) with rows left, requeue the job, up to batch.max_restarts."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if plan.batch_max_restarts is None or batch_code != 3 or signal_name != "SIGUSR2" or not job:
+        return False
+    count = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if count >= plan.batch_max_restarts:
+        log.warning("not requeueing: restart %d of batch.max_restarts=%d reached", count, plan.batch_max_restarts)
+        return False
+    res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        log.error("scontrol requeue %s failed: %s", job, res.stderr.strip())
+        return False
+    log.info("requeued job %s (restart %d of %d)", job, count + 1, plan.batch_max_restarts)
+    return True
