@@ -6,7 +6,7 @@ import asyncio
 import signal
 import sys
 
-from hpcserve.http import HttpServer
+from hpcserve.http import HttpServer, Request
 from hpcserve.mock.bootstrap import BootstrapServer
 from hpcserve.mock.cli import MockConfig, UsageError, parse_args, usage
 from hpcserve.mock.multinode import Ranks, StartupError, run_follower
@@ -44,7 +44,9 @@ async def serve(cfg: MockConfig) -> int:
     mock = MockServer(cfg, ranks)
     servers: list[HttpServer] = []
     try:
-        http = HttpServer(mock.handle, max_body_bytes=256 * 1024 * 1024)
+        # newer HTTP layers take handlers that may answer synchronously (no task per request)
+        handler = mock.handle if hasattr(Request, "header") else mock.handle_async
+        http = HttpServer(handler, max_body_bytes=256 * 1024 * 1024)
         await _listen(http, cfg.host, cfg.port, "HTTP", "--port")
         servers.append(http)
         if cfg.disaggregation_mode == "prefill":

@@ -76,6 +76,17 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _count(text: str) -> int:
+    """An integer, also written as a float ("8.0"): recipes keep mock options as numbers."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}")
+    return int(value)
+
+
 def _parser() -> _Parser:
     p = _Parser(prog="python -m hpcserve.mock", add_help=False, allow_abbrev=False)
     a = p.add_argument
@@ -102,11 +113,11 @@ def _parser() -> _Parser:
     a("--mock-prefill-per-token-ms", type=float, default=0.0)
     a("--mock-decode-step-ms", type=float, default=0.0)
     a("--mock-decode-step-per-seq-ms", type=float, default=0.0)
-    a("--mock-max-running", type=int, default=256)
+    a("--mock-max-running", type=_count, default=256)
     a("--mock-time-scale", type=float, default=0.0)
     a("--mock-startup-delay", type=float, default=0.0)
     a("--mock-bootstrap-timeout", type=float, default=30.0)
-    a("--mock-default-max-tokens", type=int, default=16)
+    a("--mock-default-max-tokens", type=_count, default=16)
     a("--mock-join-timeout", type=float, default=300.0)
     p.add_argument("-h", "--help", action="store_true")
     return p

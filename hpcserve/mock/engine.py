@@ -118,8 +118,21 @@ class Engine:
             job.ids, job.text, job.finish_reason = comp.ids, comp.text, comp.finish_reason
         return job
 
+    def is_instant(self, jobs: list[Job]) -> bool:
+        """True when the jobs need no waiting at all (time scale 0, no PD rendezvous): answer synchronously."""
+        if self.scheduler is not None:
+            return False
+        if self.mode == "null":
+            return True
+        return self.mode == "prefill" and all(j.boot is None or j.boot.room is None for j in jobs)
+
+    def execute_now(self, job: Job) -> Job:
+        """``execute`` for an instant job (see ``is_instant``), without a coroutine."""
+        job.timing = self._model_timing(job)
+        return self._finish(job)
+
     async def execute(self, job: Job, on_tokens: OnTokens | None = None) -> Job:
-        cfg, mode, stats = self.cfg, self.mode, self.stats
+        cfg, mode = self.cfg, self.mode
         n_out = job.n_out
         if mode == "decode":
             await self._fetch_kv(job)
@@ -139,18 +152,26 @@ class Engine:
                     sched.cancel(seq)
             job.timing = seq.timing(cfg.time_scale)
         else:
-            decode_steps = max(n_out - 1, 0)
-            job.timing = {"queue_ms": 0.0,
-                          "prefill_ms": prefill_ms(cfg, job.prompt.n_tokens) if needs_prefill else 0.0,
-                          "decode_ms": decode_steps * decode_step_ms(cfg, 1), "decode_steps": decode_steps,
-                          "time_scale": cfg.time_scale}
+            job.timing = self._model_timing(job)
             if on_tokens is not None:
                 for k in range(1, n_out + 1):
                     await on_tokens(k)
         if mode == "prefill" and job.boot is not None and job.boot.room is not None:
             await self._hand_over_kv(job)
-        stats.prompt_tokens += job.prompt.n_tokens
-        stats.generation_tokens += n_out
+        return self._finish(job)
+
+    def _model_timing(self, job: Job) -> dict:
+        """Model times of one sequence running alone (what the scheduler reports at concurrency 1)."""
+        cfg = self.cfg
+        needs_prefill = self.mode != "decode"
+        decode_steps = max(job.n_out - 1, 0)
+        return {"queue_ms": 0.0, "prefill_ms": prefill_ms(cfg, job.prompt.n_tokens) if needs_prefill else 0.0,
+                "decode_ms": decode_steps * decode_step_ms(cfg, 1), "decode_steps": decode_steps,
+                "time_scale": cfg.time_scale}
+
+    def _finish(self, job: Job) -> Job:
+        self.stats.prompt_tokens += job.prompt.n_tokens
+        self.stats.generation_tokens += job.n_out
         job.e2e = time.perf_counter() - job.t0
         return job
 

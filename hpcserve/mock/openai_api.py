@@ -64,7 +64,8 @@ class OpenAIApi:
             jobs.append(self.engine.plan(prompt, sp, boot, None))
         return jobs
 
-    async def _serve(self, req: Request, conn: HttpConnection, endpoint: str, chat: bool) -> None:
+    def _serve(self, req: Request, conn: HttpConnection, endpoint: str, chat: bool):
+        """Answer at once (None) or return the coroutine that answers, as MockServer.handle does."""
         stats = self.stats
         stats.count(endpoint)
         try:
@@ -76,39 +77,51 @@ class OpenAIApi:
         except (ValueError, orjson.JSONDecodeError) as err:
             stats.errors += 1
             conn.respond(400, oai_error(400, str(err)))
-            return
+            return None
+        except EngineError as err:
+            stats.errors += 1
+            conn.respond(err.status, oai_error(err.status, err.message, err.kind))
+            return None
+        rid = ("chatcmpl-" if chat else "cmpl-") + new_rid()
+        model = body.get("model") or self.cfg.served_model_name
+        created = int(time.time())
+        if body.get("stream"):
+            return self._stream(conn, body, jobs, chat, rid, model, created)
+        if self.engine.is_instant(jobs):
+            for job in jobs:
+                self.engine.execute_now(job)
+            self._respond(conn, body, jobs, chat, rid, model, created)
+            return None
+        return self._wait(conn, body, jobs, chat, rid, model, created)
+
+    async def _wait(self, conn: HttpConnection, body: dict, jobs: list[Job], chat: bool, rid: str, model: str,
+                    created: int) -> None:
+        stats = self.stats
+        stats.inflight += 1
+        try:
+            await run_all(self.engine, jobs)
         except EngineError as err:
             stats.errors += 1
             conn.respond(err.status, oai_error(err.status, err.message, err.kind))
             return
-        rid = ("chatcmpl-" if chat else "cmpl-") + new_rid()
-        model = body.get("model") or self.cfg.served_model_name
-        created = int(time.time())
-        stats.inflight += 1
-        try:
-            if body.get("stream"):
-                await self._stream(conn, body, jobs, chat, rid, model, created)
-                return
-            try:
-                await run_all(self.engine, jobs)
-            except EngineError as err:
-                stats.errors += 1
-                conn.respond(err.status, oai_error(err.status, err.message, err.kind))
-                return
-            lp = body.get("logprobs")
-            choices = [self._choice(job, i, chat, lp, body.get("echo")) for i, job in enumerate(jobs)]
-            out = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                   "model": model, "choices": choices, "usage": _usage(jobs)}
-            stats.responses_ok += 1
-            conn.respond(200, orjson.dumps(out))
         finally:
             stats.inflight -= 1
+        self._respond(conn, body, jobs, chat, rid, model, created)
 
-    async def completions(self, req: Request, conn: HttpConnection) -> None:
-        await self._serve(req, conn, "/v1/completions", chat=False)
+    def _respond(self, conn: HttpConnection, body: dict, jobs: list[Job], chat: bool, rid: str, model: str,
+                 created: int) -> None:
+        lp = body.get("logprobs")
+        choices = [self._choice(job, i, chat, lp, body.get("echo")) for i, job in enumerate(jobs)]
+        out = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+               "model": model, "choices": choices, "usage": _usage(jobs)}
+        self.stats.responses_ok += 1
+        conn.respond(200, orjson.dumps(out))
 
-    async def chat(self, req: Request, conn: HttpConnection) -> None:
-        await self._serve(req, conn, "/v1/chat/completions", chat=True)
+    def completions(self, req: Request, conn: HttpConnection):
+        return self._serve(req, conn, "/v1/completions", chat=False)
+
+    def chat(self, req: Request, conn: HttpConnection):
+        return self._serve(req, conn, "/v1/chat/completions", chat=True)
 
     # ---- request -> prompts
     @staticmethod
@@ -145,6 +158,7 @@ class OpenAIApi:
     async def _stream(self, conn: HttpConnection, body: dict, jobs: list[Job], chat: bool, rid: str, model: str,
                       created: int) -> None:
         conn.start_stream(200, SSE, SSE_HEADERS)
+        self.stats.inflight += 1
         obj_name = "chat.completion.chunk" if chat else "text_completion"
         opts = body.get("stream_options") or {}
         include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
@@ -194,6 +208,8 @@ class OpenAIApi:
             self.stats.errors += 1
             conn.write(b"data: " + orjson.dumps({"error": {"message": err.message, "type": err.kind,
                                                            "code": err.status}}) + b"\n\n")
+        finally:
+            self.stats.inflight -= 1
         conn.write(DONE)
         conn.end()
 

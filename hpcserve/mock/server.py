@@ -49,6 +49,12 @@ async def run_all(engine: Engine, jobs: list[Job], make_cb=None, on_done=None) -
             t.cancel()
 
 
+def header(req: Request, name: bytes) -> bytes | None:
+    """A request header by lower-case name, whichever way the HTTP layer stores them."""
+    headers = getattr(req, "headers", None)
+    return headers.get(name) if headers is not None else req.header(name)
+
+
 def _pick(value: Any, i: int, n: int, name: str) -> Any:
     """Item i of a batch field: lists are per item, scalars apply to all."""
     if isinstance(value, list):
@@ -80,19 +86,26 @@ class MockServer:
         }
 
     # ---- dispatch
-    async def handle(self, req: Request, conn: HttpConnection) -> None:
+    def handle(self, req: Request, conn: HttpConnection):
+        """Answer at once (returns None) or return the coroutine that will answer (waits, streams, PD)."""
         route = self.routes.get(req.path)
         if route is None:
             path = req.path.decode("latin-1")
             self.stats.count(path if len(self.stats.requests) < 100 else "other")
             conn.respond(404, error_body(404, f"no route {path} on this mock engine", "NotFound"))
-            return
+            return None
         if self.api_key is not None and req.path not in _OPEN_PATHS:
-            auth = req.headers.get(b"authorization", b"")
+            auth = header(req, b"authorization") or b""
             if not hmac.compare_digest(auth, b"Bearer " + self.api_key):
                 conn.respond(401, error_body(401, "Unauthorized: send Authorization: Bearer <api key>", "Unauthorized"))
-                return
-        await route(req, conn)
+                return None
+        return route(req, conn)
+
+    async def handle_async(self, req: Request, conn: HttpConnection) -> None:
+        """``handle`` for HTTP layers whose handlers must be coroutines."""
+        pending = self.handle(req, conn)
+        if pending is not None:
+            await pending
 
     def ready(self) -> str | None:
         """None when ready, else why not."""
@@ -152,7 +165,7 @@ class MockServer:
             meta["output_token_logprobs"] = output_logprobs(job.ids[:k], prev, lp_text)
         return {"text": text, "output_ids": ids, "meta_info": meta}
 
-    async def generate(self, req: Request, conn: HttpConnection) -> None:
+    def generate(self, req: Request, conn: HttpConnection):
         stats = self.stats
         stats.count("/generate")
         try:
@@ -163,35 +176,47 @@ class MockServer:
         except (ValueError, orjson.JSONDecodeError) as err:
             stats.errors += 1
             conn.respond(400, error_body(400, str(err)))
-            return
+            return None
+        except EngineError as err:
+            stats.errors += 1
+            conn.respond(err.status, error_body(err.status, err.message, err.kind))
+            return None
+        lp = body.get("return_logprob")
+        lp = bool(lp[0] if isinstance(lp, list) and lp else lp)
+        lp_text = bool(body.get("return_text_in_logprobs"))
+        if body.get("stream"):
+            return self._generate_stream(conn, jobs, batch, lp, lp_text)
+        if self.engine.is_instant(jobs):  # the hot path of load tests: no task, no await
+            for job in jobs:
+                self.engine.execute_now(job)
+            self._respond_native(conn, jobs, batch, lp, lp_text)
+            return None
+        return self._generate_wait(conn, jobs, batch, lp, lp_text)
+
+    def _respond_native(self, conn: HttpConnection, jobs: list[Job], batch: bool, lp: bool, lp_text: bool) -> None:
+        out = [self.native_result(j, None, lp, lp_text) for j in jobs]
+        self.stats.responses_ok += 1
+        conn.respond(200, orjson.dumps(out if batch else out[0]))
+
+    async def _generate_wait(self, conn: HttpConnection, jobs: list[Job], batch: bool, lp: bool,
+                             lp_text: bool) -> None:
+        stats = self.stats
+        stats.inflight += 1
+        try:
+            await run_all(self.engine, jobs)
         except EngineError as err:
             stats.errors += 1
             conn.respond(err.status, error_body(err.status, err.message, err.kind))
             return
-        lp = body.get("return_logprob")
-        lp = bool(lp[0] if isinstance(lp, list) and lp else lp)
-        lp_text = bool(body.get("return_text_in_logprobs"))
-        stats.inflight += 1
-        try:
-            if body.get("stream"):
-                await self._generate_stream(conn, jobs, batch, lp, lp_text)
-                return
-            try:
-                await run_all(self.engine, jobs)
-            except EngineError as err:
-                stats.errors += 1
-                conn.respond(err.status, error_body(err.status, err.message, err.kind))
-                return
-            out = [self.native_result(j, None, lp, lp_text) for j in jobs]
-            stats.responses_ok += 1
-            conn.respond(200, orjson.dumps(out if batch else out[0]))
         finally:
             stats.inflight -= 1
+        self._respond_native(conn, jobs, batch, lp, lp_text)
 
     async def _generate_stream(self, conn: HttpConnection, jobs: list[Job], batch: bool, lp: bool,
                                lp_text: bool) -> None:
         conn.start_stream(200, SSE, SSE_HEADERS)
         incremental = self.cfg.incremental_streaming_output
+        self.stats.inflight += 1
 
         sent = [0] * len(jobs)
 
@@ -218,11 +243,13 @@ class MockServer:
         except EngineError as err:
             self.stats.errors += 1
             conn.write(b"data: " + error_body(err.status, err.message, err.kind) + b"\n\n")
+        finally:
+            self.stats.inflight -= 1
         conn.write(DONE)
         conn.end()
 
     # ---- info, health, admin
-    async def health(self, req: Request, conn: HttpConnection) -> None:
+    def health(self, req: Request, conn: HttpConnection) -> None:
         self.stats.count(req.path.decode())
         why = self.ready()
         if why is None:
@@ -237,11 +264,11 @@ class MockServer:
                 "served_model_name": self.cfg.served_model_name, "vocab_size": VOCAB_SIZE,
                 "context_length": self.cfg.context_length}
 
-    async def model_info(self, req: Request, conn: HttpConnection) -> None:
+    def model_info(self, req: Request, conn: HttpConnection) -> None:
         self.stats.count(req.path.decode())
         conn.respond(200, orjson.dumps(self.model_info_dict()))
 
-    async def server_info(self, req: Request, conn: HttpConnection) -> None:
+    def server_info(self, req: Request, conn: HttpConnection) -> None:
         self.stats.count(req.path.decode())
         cfg = self.cfg
         info = {**cfg.server_args(), "version": VERSION, "mock": True, "mock_args": cfg.mock_args(),
@@ -252,31 +279,31 @@ class MockServer:
                 "bootstrap_port": cfg.disaggregation_bootstrap_port if cfg.disaggregation_mode == "prefill" else None}
         conn.respond(200, orjson.dumps(info, default=str))
 
-    async def models(self, req: Request, conn: HttpConnection) -> None:
+    def models(self, req: Request, conn: HttpConnection) -> None:
         self.stats.count("/v1/models")
         name = self.cfg.served_model_name
         conn.respond(200, orjson.dumps({"object": "list", "data": [
             {"id": name, "object": "model", "created": self.created, "owned_by": "sglang", "root": name,
              "parent": None, "max_model_len": self.cfg.context_length}]}))
 
-    async def flush_cache(self, req: Request, conn: HttpConnection) -> None:
+    def flush_cache(self, req: Request, conn: HttpConnection) -> None:
         self.stats.count("/flush_cache")
         conn.respond(200, b"Cache flushed.\n", b"text/plain")
 
-    async def abort_request(self, req: Request, conn: HttpConnection) -> None:
+    def abort_request(self, req: Request, conn: HttpConnection) -> None:
         self.stats.count("/abort_request")
         conn.respond(200, b"", b"text/plain")
 
-    async def get_load(self, req: Request, conn: HttpConnection) -> None:
+    def get_load(self, req: Request, conn: HttpConnection) -> None:
         self.stats.count("/get_load")
         running, queued = self.engine.running, self.engine.queued
         conn.respond(200, orjson.dumps([{"dp_rank": 0, "num_reqs": running + queued, "num_waiting_reqs": queued,
                                           "num_tokens": 0}]))
 
-    async def metrics(self, req: Request, conn: HttpConnection) -> None:
+    def metrics(self, req: Request, conn: HttpConnection) -> None:
         self.stats.count("/metrics")
         body = self.stats.prometheus(self.engine.running, self.engine.queued)
         conn.respond(200, body, b"text/plain; version=0.0.4; charset=utf-8")
 
-    async def mock_stats(self, req: Request, conn: HttpConnection) -> None:
+    def mock_stats(self, req: Request, conn: HttpConnection) -> None:
         conn.respond(200, orjson.dumps(self.stats.snapshot(self.engine.running, self.engine.queued)))
