@@ -8,7 +8,7 @@
    between a large and a small run against an instant mock, so start-up costs cancel (goal <= 0.2 ms);
 3. peak RSS of the driver on a 1,000,000-row input (goal < 500 MB), generated in a temp dir.
 
-    python bench/batch.py [--rss-rows 1000000] [--skip-rss]
+    python bench/batch.py [--cap-rows 8000] [--rss-rows 1000000] [--skip-rss] [--skip-overhead]
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def bench_rss(tmp: str, rows: int, concurrency: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cap-rows", type=int, default=4000)
+    p.add_argument("--cap-rows", type=int, default=8000)
     p.add_argument("--step-ms", type=float, default=20.0)
     p.add_argument("--max-running", type=int, default=64)
     p.add_argument("--tokens", type=int, default=8)
@@ -150,10 +150,12 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--rss-rows", type=int, default=1_000_000)
     p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--skip-overhead", action="store_true")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="hpcserve-bench-batch-") as tmp:
         bench_capacity(tmp, a.cap_rows, a.step_ms, a.max_running, a.tokens)
-        bench_overhead(tmp, a.small, a.large, a.concurrency)
+        if not a.skip_overhead:
+            bench_overhead(tmp, a.small, a.large, a.concurrency)
         if not a.skip_rss:
             bench_rss(tmp, a.rss_rows, a.concurrency)
 

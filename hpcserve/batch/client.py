@@ -1,6 +1,5 @@
-"""Sending one row to the router: the project's pooled keep-alive HTTP/1.1 client (hpcserve.http.client),
-per-attempt timeouts, bounded retries. (aiohttp costs about 0.25 ms of CPU per request here, five times
-the lean client, which would make the driver itself the bottleneck of a fast deployment.)
+"""Sending one row to the router: a pooled keep-alive HTTP/1.1 client (batch/http.py), per-attempt
+timeouts, bounded retries.
 
 Outcomes of a row:
 - ``Answer``: the output line to write (a result, or an error row for a definitive failure: a 4xx other
@@ -25,7 +24,7 @@ import orjson
 
 from hpcserve.batch.rows import CHAT, Request, error_row, ok_row, parse_response
 from hpcserve.errors import HpcserveError
-from hpcserve.http.client import UpstreamError, UpstreamPool
+from hpcserve.batch.http import HttpError, HttpPool
 
 log = logging.getLogger("hpcserve.batch")
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
@@ -72,13 +71,13 @@ class RouterClient:
         self.backoff_max = backoff_max
         self.model = model
         self.extra = f"authorization: Bearer {api_key}\r\n".encode() if api_key else b""
-        self.pool: UpstreamPool | None = None
+        self.pool: HttpPool | None = None
         self._model_lock = asyncio.Lock()
         self.stopping = False  # set by the driver: no new attempts, no more backoff sleeps
 
     async def __aenter__(self) -> "RouterClient":
-        self.pool = UpstreamPool(self.host, self.port, name=f"router {self.host}:{self.port}",
-                                 connect_timeout=self.connect_timeout, max_idle=self.concurrency + 8)
+        self.pool = HttpPool(self.host, self.port, connect_timeout=self.connect_timeout,
+                             max_idle=self.concurrency + 8)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -93,12 +92,12 @@ class RouterClient:
             if self.model is None:
                 name = "default"
                 try:
-                    status, _, raw = await self.pool.fetch(b"GET", self.prefix + b"/v1/models", timeout=10,
-                                                           extra=self.extra)
+                    status, _, raw = await self.pool.request(b"GET", self.prefix + b"/v1/models",
+                                                             timeout=10, headers=self.extra)
                     if status == 200:
                         data = orjson.loads(raw).get("data") or []
                         name = data[0]["id"] if data else name
-                except (UpstreamError, ValueError, KeyError, TypeError, AttributeError) as e:
+                except (HttpError, ValueError, KeyError, TypeError, AttributeError) as e:
                     log.warning("could not read the model name from /v1/models (%s); using %r", e, name)
                     return name  # not cached: ask again for the next row
                 self.model = name
@@ -120,9 +119,9 @@ class RouterClient:
                 if self.stopping:
                     return ABANDONED
             try:
-                status, headers, raw = await self.pool.fetch(b"POST", path, data, timeout=self.request_timeout,
-                                                             extra=self.extra)
-            except UpstreamError as e:  # could not connect, timed out, or the connection broke off
+                status, headers, raw = await self.pool.request(b"POST", path, data, timeout=self.request_timeout,
+                                                               headers=self.extra)
+            except HttpError as e:  # could not connect, timed out, or the connection broke off
                 reason, hint = f"{type(e).__name__}: {e}", None
                 continue
             hint = _seconds(headers.get(b"retry-after"))

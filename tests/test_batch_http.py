@@ -1,0 +1,111 @@
+"""The batch driver's small HTTP client against a raw socket server that answers in every HTTP shape."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hpcserve.batch.http import ConnectFailed, HttpError, HttpPool
+
+ANSWERS = {
+    b"/length": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2;x=1\r\nlo\r\n0\r\n\r\n",
+    b"/eof": b"HTTP/1.0 503 Busy\r\nRetry-After: 2\r\n\r\nbye",
+    b"/continue": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+    b"/garbage": b"SSH-2.0-OpenSSH\r\n\r\n",
+}
+
+
+class RawServer:
+    """Answers by path; '/eof' and '/garbage' close after answering; '/drop' closes the idle socket
+    after answering (a keep-alive timeout); '/race' closes a socket that served before without answering;
+    '/hang' never answers."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ")[1]
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                served += 1
+                if path == b"/race" and served > 1:  # closes a reused socket as the request arrives
+                    writer.close()
+                    return
+                if path == b"/race":
+                    path = b"/length"
+                if path == b"/hang":
+                    await asyncio.sleep(30)
+                if path == b"/drop":
+                    writer.write(ANSWERS[b"/length"])
+                    await writer.drain()
+                    writer.close()
+                    return
+                writer.write(ANSWERS[path])
+                await writer.drain()
+                if path in (b"/eof", b"/garbage"):
+                    writer.close()
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def stop(self) -> None:
+        for w in self.writers:
+            w.close()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def test_every_answer_shape_and_keep_alive_reuse():
+    async def go():
+        srv = RawServer()
+        port = await srv.start()
+        pool = HttpPool("127.0.0.1", port)
+        try:
+            got = [await pool.request(b"POST", p, b"{}", timeout=5) for p in (b"/length", b"/chunked", b"/continue")]
+            assert [(s, b) for s, _, b in got] == [(200, b"hello"), (200, b"hello"), (201, b"ok")]
+            assert srv.connections == 1  # one socket reused for all three
+            status, headers, body = await pool.request(b"POST", b"/eof", b"{}", timeout=5)
+            assert (status, headers[b"retry-after"], body) == (503, b"2", b"bye")
+            with pytest.raises(HttpError, match="not an HTTP answer"):
+                await pool.request(b"POST", b"/garbage", b"{}", timeout=5)
+            with pytest.raises(HttpError, match="no complete answer within 0.2 s"):
+                await pool.request(b"POST", b"/hang", b"{}", timeout=0.2)
+            # the server drops the idle socket: the next request goes out again on a fresh one
+            await pool.request(b"POST", b"/drop", b"{}", timeout=5)
+            await asyncio.sleep(0.05)
+            before = srv.connections
+            assert (await pool.request(b"POST", b"/length", b"{}", timeout=5))[2] == b"hello"
+            assert srv.connections == before + 1
+            # a keep-alive race: the reused socket closes without answering; sent again on a new one
+            assert (await pool.request(b"POST", b"/race", b"{}", timeout=5))[2] == b"hello"
+            assert (await pool.request(b"POST", b"/race", b"{}", timeout=5))[2] == b"hello"
+            assert srv.connections == before + 3  # each /race met a reused socket and went again
+        finally:
+            pool.close()
+            await srv.stop()
+
+    asyncio.run(go())
+
+
+def test_connect_failure_is_a_connect_error():
+    async def go():
+        srv = RawServer()
+        port = await srv.start()
+        await srv.stop()
+        with pytest.raises(ConnectFailed, match="cannot connect to 127.0.0.1"):
+            await HttpPool("127.0.0.1", port).request(b"POST", b"/x", b"", timeout=5)
+
+    asyncio.run(go())
