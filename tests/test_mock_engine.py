@@ -82,6 +82,8 @@ def test_cli_takes_sglang_flags_and_records_the_rest():
     assert cfg.disaggregation_bootstrap_port == 8998
     assert cfg.extra_args == {"mem_fraction_static": "0.85", "trust_remote_code": True,
                               "chunked_prefill_size": "8192", "cuda_graph_bs": ["1", "2", "4"]}
+    # recipes keep mock options as numbers, so integers may arrive as "8.0"
+    assert parse_args(["--model-path", "m", "--mock-max-running", "8.0"]).max_running == 8
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -361,24 +363,56 @@ def test_info_endpoints(trio):
     assert httpx.get(agg.url + "/nope", timeout=TIMEOUT).status_code == 404
 
 
+def test_api_key_incremental_streaming_and_sigterm_mid_request(procs):
+    mp = procs("--api-key", "sekret", "--incremental-streaming-output", "--mock-time-scale", "1",
+               "--mock-decode-step-ms", "50")
+    assert post(mp.url + "/generate", HELLO).status_code == 401
+    assert http_status(mp.url + "/health") == 200
+    auth = {"Authorization": "Bearer sekret"}
+    body = {"text": "Hello world", "sampling_params": {"max_new_tokens": 4}, "stream": True}
+    events = sse_events(post(mp.url + "/generate", body, headers=auth).text)
+    assert [e["text"] for e in events] == ["v", "i", "v", "i"]          # deltas, not cumulative
+    assert "".join(e["text"] for e in events) == HELLO_TEXT[:4]
+    # SIGTERM while a long request runs: exit 0 promptly
+    with ThreadPoolExecutor(1) as ex:
+        ex.submit(lambda: httpx.post(mp.url + "/generate", json={"text": "x", "sampling_params": {
+            "max_new_tokens": 2000}}, headers=auth, timeout=TIMEOUT))
+        time.sleep(0.5)
+        t = time.monotonic()
+        assert mp.stop() == 0
+        assert time.monotonic() - t < 8
+
+
 # ---- multi-node
 
-def test_two_node_replica_joins_and_follower_exits_when_leader_goes(procs):
+def test_multi_node_replica_joins_and_ranks_follow_the_leader(procs):
     dist = f"127.0.0.1:{free_port()}"
-    common = ["--nnodes", "2", "--dist-init-addr", dist, "--tp", "16"]
+    common = ["--nnodes", "3", "--dist-init-addr", dist, "--tp", "16"]
     leader = procs(*common, "--node-rank", "0", wait="listen")
     assert http_status(leader.url + "/health") == 503
-    follower = procs(*common, "--node-rank", "1", "--port", str(free_port()), wait=None)
+    rank1 = procs(*common, "--node-rank", "1", "--port", str(free_port()), wait=None)
+    rank2 = procs(*common, "--node-rank", "2", "--port", str(free_port()), wait=None)
     leader.wait("ready", timeout=20)
     ranks = httpx.get(leader.url + "/server_info", timeout=TIMEOUT).json()["ranks"]
-    assert [r["node_rank"] for r in ranks] == [0, 1]
-    for r, rank in zip(ranks, (0, 1)):
+    assert [r["node_rank"] for r in ranks] == [0, 1, 2]
+    for r, rank in zip(ranks, (0, 1, 2)):
         argv = r["argv"]
         assert argv[argv.index("--node-rank") + 1] == str(rank)
         assert argv[argv.index("--dist-init-addr") + 1] == dist
-    assert follower.proc.poll() is None
+    # a second rank 1 is refused; the running one is unaffected
+    dup = subprocess.run([sys.executable, "-m", "hpcserve.mock", "--model-path", "mock-model", *common,
+                          "--node-rank", "1"], capture_output=True, text=True, timeout=30)
+    assert dup.returncode == 1 and "already joined" in dup.stderr
+    # a rank stopped on purpose exits 0, and the leader turns unhealthy
+    assert rank2.stop() == 0
+    deadline = time.monotonic() + 10
+    while http_status(leader.url + "/health") != 503 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert http_status(leader.url + "/health") == 503
+    # when the leader goes, the remaining rank exits non-zero
+    assert rank1.proc.poll() is None
     assert leader.stop() == 0
-    assert follower.proc.wait(15) != 0
+    assert rank1.proc.wait(15) != 0
 
 
 # ---- timing model

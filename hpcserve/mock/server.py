@@ -50,9 +50,17 @@ async def run_all(engine: Engine, jobs: list[Job], make_cb=None, on_done=None) -
 
 
 def header(req: Request, name: bytes) -> bytes | None:
-    """A request header by lower-case name, whichever way the HTTP layer stores them."""
+    """A request header by lower-case name, whichever way the HTTP layer keeps them (dict or raw head)."""
     headers = getattr(req, "headers", None)
-    return headers.get(name) if headers is not None else req.header(name)
+    if headers is not None:
+        return headers.get(name)
+    lower = req.lower
+    i = lower.find(b"\r\n" + name + b":")
+    if i < 0:
+        return None
+    start = i + len(name) + 3
+    end = lower.find(b"\r\n", start)
+    return req.head[start:end if end >= 0 else len(lower)].strip()
 
 
 def _pick(value: Any, i: int, n: int, name: str) -> Any:
