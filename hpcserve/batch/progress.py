@@ -63,11 +63,12 @@ class ProgressBar:
         self._bar = None
         self._task = None
         if sys.stderr.isatty():
+            from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeRemainingColumn)
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]} rows/s  failed {task.fields[failed]}"),
-                                 TimeRemainingColumn(), transient=False)
+                                 TimeRemainingColumn(), console=Console(stderr=True), transient=False)
 
     def __enter__(self) -> "ProgressBar":
         if self._bar is not None:
