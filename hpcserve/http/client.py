@@ -1,17 +1,24 @@
-"""Upstream HTTP/1.1 client: one keep-alive connection pool per worker, protocol-level response parsing,
-timeouts for connect, first byte, idle gaps and the whole request, and a byte sink for zero-copy relays.
+"""Upstream HTTP/1.1 client: keep-alive connection pools, one per worker.
+
+Callback-driven like the server: ``send(data, owner)`` writes a request and the response is reported to
+the owner's ``on_head(conn)`` and ``on_done(conn, error)``; body pieces collect in ``parts`` or go to
+``sink`` as they arrive (a byte relay). Timeouts (first byte, idle gap, whole request) are enforced by one
+watchdog per event loop instead of a timer per request. ``fetch`` wraps it all for coroutine callers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
-from hpcserve.http.parse import (
-    MAX_HEAD_BYTES, ChunkedDecoder, HttpParseError, content_length, is_chunked, parse_status_head,
+from hpcserve.http.parse import MAX_HEAD_BYTES, ChunkedDecoder, HttpParseError
+from hpcserve.http.server import (
+    H_CONNECTION, H_CONTENT_LENGTH, H_CONTENT_TYPE, H_TRANSFER_ENCODING, find_header, set_nodelay,
 )
-from hpcserve.http.server import set_nodelay
+
+log = logging.getLogger("hpcserve.http")
 
 
 class UpstreamError(Exception):
@@ -30,13 +37,41 @@ class UpstreamTimeout(UpstreamError):
     pass
 
 
+class Owner(Protocol):
+    def on_head(self, conn: "UpstreamConn") -> None: ...
+    def on_done(self, conn: "UpstreamConn", err: UpstreamError | None) -> None: ...
+
+
 _HEAD, _BODY_CL, _BODY_CHUNKED, _BODY_EOF, _DONE, _IDLE = range(6)
 
 
-class UpstreamConn(asyncio.Protocol):
-    """One pooled connection. Call ``send`` then await ``head`` and/or ``done``; read ``status``,
-    ``headers`` and ``body()``, or set ``sink`` to receive body pieces as they arrive."""
+class Watchdog:
+    """Checks the deadlines of all in-flight upstream requests of one loop every ``tick`` seconds."""
 
+    _by_loop: dict[int, "Watchdog"] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = 0.1) -> None:
+        self.active: set[UpstreamConn] = set()
+        self.tick = tick
+        self.task = loop.create_task(self._run())
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "Watchdog":
+        dog = cls._by_loop.get(id(loop))
+        if dog is None or dog.task.done() or dog.task.get_loop() is not loop:
+            dog = cls._by_loop[id(loop)] = cls(loop)
+        return dog
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            if self.active:
+                now = time.monotonic()
+                for conn in [c for c in self.active if c.deadline_passed(now)]:
+                    conn.timed_out(now)
+
+
+class UpstreamConn(asyncio.Protocol):
     def __init__(self, pool: "UpstreamPool") -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
@@ -47,14 +82,13 @@ class UpstreamConn(asyncio.Protocol):
         self._buf = b""
         self._left = 0
         self._dec: ChunkedDecoder | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._last = 0.0
+        self.owner: Owner | None = None
         self.status = 0
-        self.headers: dict[bytes, bytes] = {}
+        self.ctype = b"application/json"
         self.parts: list[bytes] = []
         self.sink: Callable[[bytes], None] | None = None
-        self.head: asyncio.Future | None = None
-        self.done: asyncio.Future | None = None
+        self.sent_at = self.last = 0.0
+        self.limits = (0.0, 0.0, 0.0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -67,96 +101,69 @@ class UpstreamConn(asyncio.Protocol):
         elif self._state != _IDLE and self._state != _DONE:
             self._fail(UpstreamError(f"{self.pool.name} closed the connection mid-response"))
 
-    def send(self, data: bytes, first_byte_timeout: float, idle_timeout: float, total_timeout: float) -> None:
-        loop = self.pool.loop
-        self.head = loop.create_future()
-        self.done = loop.create_future()
+    @property
+    def complete(self) -> bool:
+        return self._state == _DONE
+
+    def send(self, data: bytes, owner: Owner, first_byte_timeout: float, idle_timeout: float,
+             total_timeout: float) -> None:
+        self.owner = owner
         self.status = 0
-        self.headers = {}
         self.parts = []
         self.sink = None
-        self.reusable = False
         self._buf = b""
         self._state = _HEAD
-        now = time.monotonic()
-        self._last = now
-        self._first_deadline = now + first_byte_timeout
-        self._total_deadline = now + total_timeout
-        self._idle = idle_timeout
-        self._timer = loop.call_at(loop.time() + min(first_byte_timeout, total_timeout), self._on_timer)
+        self.sent_at = self.last = time.monotonic()
+        self.limits = (first_byte_timeout, idle_timeout, total_timeout)
+        self.pool.watchdog.active.add(self)
         self.transport.write(data)
 
     def body(self) -> bytes:
         return b"".join(self.parts)
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._state in (_DONE, _IDLE):
-            return
-        now = time.monotonic()
-        if now >= self._total_deadline:
-            err = "did not finish within the request timeout"
-        elif self._state == _HEAD and now >= self._first_deadline:
-            err = "sent no response within the first-byte timeout"
-        elif self._state != _HEAD and now - self._last >= self._idle:
-            err = f"sent nothing for {self._idle:g} s (idle timeout)"
+    def deadline_passed(self, now: float) -> bool:
+        first, idle, total = self.limits
+        return (now - self.sent_at >= total or (self._state == _HEAD and now - self.sent_at >= first)
+                or (self._state != _HEAD and now - self.last >= idle))
+
+    def timed_out(self, now: float) -> None:
+        first, idle, total = self.limits
+        if now - self.sent_at >= total:
+            why = f"did not finish within the request timeout ({total:g} s)"
+        elif self._state == _HEAD:
+            why = f"sent no response within the first-byte timeout ({first:g} s)"
         else:
-            nxt = self._total_deadline if self._state == _HEAD else min(self._total_deadline, self._last + self._idle)
-            if self._state == _HEAD:
-                nxt = min(nxt, self._first_deadline)
-            self._timer = self.pool.loop.call_later(max(0.0, nxt - now), self._on_timer)
-            return
-        self._fail(UpstreamTimeout(f"{self.pool.name} {err}"))
+            why = f"sent nothing for {idle:g} s (idle timeout)"
+        self._fail(UpstreamTimeout(f"{self.pool.name} {why}"))
 
     def data_received(self, data: bytes) -> None:
         st = self._state
         if st == _IDLE or st == _DONE:  # bytes nobody asked for: the connection is unusable
             self.close()
             return
-        self._last = time.monotonic()
+        self.last = time.monotonic()
         try:
             if st == _HEAD:
                 buf = self._buf + data if self._buf else data
-                while True:
-                    end = buf.find(b"\r\n\r\n")
-                    if end < 0:
-                        if len(buf) > MAX_HEAD_BYTES:
-                            raise HttpParseError("response head too large")
-                        self._buf = buf
-                        return
-                    status, version, headers = parse_status_head(buf[:end])
+                end = buf.find(b"\r\n\r\n")
+                while end >= 0 and buf[9:10] == b"1":  # skip 1xx interim responses
                     buf = buf[end + 4:]
-                    if status >= 200:
-                        break
+                    end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEAD_BYTES:
+                        raise HttpParseError("response head too large")
+                    self._buf = buf
+                    return
                 self._buf = b""
-                self.status, self.headers = status, headers
-                conn = headers.get(b"connection", b"").lower()
-                self.reusable = (b"close" not in conn) if version == b"HTTP/1.1" else (b"keep-alive" in conn)
-                if status in (204, 304):
-                    self._state = _BODY_CL
-                    self._left = 0
-                elif is_chunked(headers):
-                    self._dec = ChunkedDecoder()
-                    self._state = _BODY_CHUNKED
-                else:
-                    n = content_length(headers)
-                    if n is None:
-                        self._state = _BODY_EOF
-                        self.reusable = False
-                    else:
-                        self._state = _BODY_CL
-                        self._left = n
-                self.head.set_result(status)
+                self._head(buf[:end])
+                if self.owner is not None:
+                    self.owner.on_head(self)
                 if self._state == _BODY_CL and self._left == 0:
                     self._finish()
                     return
-                if self._timer is not None and self._state != _DONE:
-                    self._timer.cancel()
-                    self._timer = self.pool.loop.call_later(min(self._idle, self._total_deadline - self._last),
-                                                            self._on_timer)
-                if not buf:
+                data = buf[end + 4:]
+                if not data or self._state == _DONE:
                     return
-                data = buf
                 st = self._state
             if st == _BODY_CL:
                 if len(data) >= self._left:
@@ -177,6 +184,40 @@ class UpstreamConn(asyncio.Protocol):
                 self._emit(data)
         except HttpParseError as err:
             self._fail(UpstreamError(f"{self.pool.name} sent malformed HTTP: {err}"))
+        except Exception:  # a bug in an owner callback must not leave the client hanging
+            log.exception("upstream response handling failed")
+            owner, self.owner = self.owner, None
+            self._fail(UpstreamError("router error"))
+            crashed = getattr(owner, "crashed", None)
+            if crashed is not None:
+                crashed()
+
+    def _head(self, head: bytes) -> None:
+        code = head[9:12]
+        if head[:7] != b"HTTP/1." or not code.isdigit():
+            raise HttpParseError("malformed status line")
+        self.status = status = int(code)
+        lower = head.lower()
+        if H_CONNECTION in lower:
+            conn = find_header(lower, lower, H_CONNECTION)
+            self.reusable = (b"close" not in conn) if head[7:8] == b"1" else (b"keep-alive" in conn)
+        else:
+            self.reusable = head[7:8] == b"1"
+        self.ctype = find_header(head, lower, H_CONTENT_TYPE) or b"application/json"
+        if status == 204 or status == 304:
+            self._state, self._left = _BODY_CL, 0
+        elif H_TRANSFER_ENCODING in lower and find_header(lower, lower, H_TRANSFER_ENCODING).endswith(b"chunked"):
+            self._dec = ChunkedDecoder()
+            self._state = _BODY_CHUNKED
+        else:
+            cl = find_header(lower, lower, H_CONTENT_LENGTH)
+            if cl is None:
+                self._state = _BODY_EOF
+                self.reusable = False
+            elif cl.isdigit():
+                self._state, self._left = _BODY_CL, int(cl)
+            else:
+                raise HttpParseError("invalid Content-Length")
 
     def _emit(self, piece: bytes) -> None:
         if self.sink is not None:
@@ -185,27 +226,26 @@ class UpstreamConn(asyncio.Protocol):
             self.parts.append(piece)
 
     def _finish(self) -> None:
+        if self._state == _DONE:
+            return
         self._state = _DONE
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self.done.done():
-            self.done.set_result(self.status)
+        self.pool.watchdog.active.discard(self)
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.on_done(self, None)
 
     def _fail(self, err: UpstreamError) -> None:
         self._state = _DONE
         self.reusable = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for fut in (self.head, self.done):
-            if fut is not None and not fut.done():
-                fut.set_exception(err)
-                fut.exception()  # mark retrieved: a caller may await only one of the two
+        self.pool.watchdog.active.discard(self)
         self.close()
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.on_done(self, err)
 
     def abort(self, reason: str = "request cancelled") -> None:
-        """Drop an in-flight request (the worker sees the disconnect and cancels its work)."""
+        """Drop an in-flight request (the worker sees the disconnect and cancels its work); the owner is
+        told unless it detached itself first (``owner = None``)."""
         if self._state not in (_DONE, _IDLE):
             self._fail(UpstreamError(reason))
         else:
@@ -227,6 +267,23 @@ class UpstreamConn(asyncio.Protocol):
                 self.transport.close()
 
 
+class _FutureOwner:
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: asyncio.Future) -> None:
+        self.fut = fut
+
+    def on_head(self, conn: UpstreamConn) -> None:
+        pass
+
+    def on_done(self, conn: UpstreamConn, err: UpstreamError | None) -> None:
+        if not self.fut.done():
+            if err is None:
+                self.fut.set_result(conn.status)
+            else:
+                self.fut.set_exception(err)
+
+
 class UpstreamPool:
     """Keep-alive connections to one worker (host, port)."""
 
@@ -244,6 +301,7 @@ class UpstreamPool:
         self.idle: list[UpstreamConn] = []
         self.closed = False
         self.loop = asyncio.get_running_loop()
+        self.watchdog = Watchdog.of(self.loop)
 
     def take_idle(self) -> UpstreamConn | None:
         idle = self.idle
@@ -273,14 +331,15 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConn) -> None:
         """Return a connection whose response is complete (or that was never used); else close it."""
-        if conn._state == _IDLE:
-            conn.reusable = True
-        elif conn._state != _DONE:
+        st = conn._state
+        if st != _DONE and st != _IDLE:
+            conn.owner = None
             conn.abort()
             return
         if conn.reusable and not conn.closed and not self.closed and len(self.idle) < self.max_idle:
             conn._state = _IDLE
             conn.sink = None
+            conn.owner = None
             conn.idle_since = time.monotonic()
             self.idle.append(conn)
         else:
@@ -300,14 +359,16 @@ class UpstreamPool:
             method, path, self.host_header, content_type, len(body), extra, body)
 
     async def fetch(self, method: bytes, path: bytes, body: bytes = b"", *, timeout: float = 10.0,
-                    extra: bytes = b"") -> tuple[int, dict[bytes, bytes], bytes]:
-        """One whole request/response (probes, admin calls). Raises UpstreamError."""
+                    extra: bytes = b"") -> tuple[int, bytes, bytes]:
+        """One whole request/response for coroutine callers: (status, content type, body)."""
         conn = await self.acquire()
+        fut = self.loop.create_future()
+        conn.send(self.request_bytes(method, path, body, extra), _FutureOwner(fut), timeout, timeout, timeout)
         try:
-            conn.send(self.request_bytes(method, path, body, extra), timeout, timeout, timeout)
-            await conn.done
+            await fut
         except BaseException:
+            conn.owner = None
             conn.abort()
             raise
         self.release(conn)
-        return conn.status, conn.headers, conn.body()
+        return conn.status, conn.ctype, conn.body()

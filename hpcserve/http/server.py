@@ -1,6 +1,11 @@
-"""A lean HTTP/1.1 server on asyncio.Protocol: keep-alive, Content-Length and chunked request bodies,
-whole or chunked (streamed) responses, write backpressure, and cancellation of the handler when the client
-goes away. Requests on one connection are served one at a time (bytes of a pipelined request wait).
+"""A lean HTTP/1.1 server on asyncio.Protocol.
+
+The hot path has no tasks and no futures: ``data_received`` parses the request and calls the handler
+synchronously; the handler answers at once or starts callback-driven upstream work that answers later.
+Only a handler that returns a coroutine (rare paths: connecting, queueing, admin calls) gets a Task.
+Headers are found with C-level ``find`` on the lower-cased head instead of being split into a dict.
+Supports keep-alive, Content-Length and chunked bodies both ways, write backpressure, and tells the
+current request (``on_close``) when the client goes away. Requests on one connection are served in turn.
 """
 
 from __future__ import annotations
@@ -9,34 +14,13 @@ import asyncio
 import logging
 import socket
 import time
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
-from hpcserve.http.parse import (
-    LAST_CHUNK, MAX_HEAD_BYTES, REASONS, ChunkedDecoder, HttpParseError, content_length, encode_chunk,
-    is_chunked, parse_request_head,
-)
+import orjson
+
+from hpcserve.http.parse import LAST_CHUNK, MAX_HEAD_BYTES, REASONS, ChunkedDecoder, HttpParseError, encode_chunk
 
 log = logging.getLogger("hpcserve.http")
-
-_HEAD, _BODY_CL, _BODY_CHUNKED = range(3)
-
-
-class Request:
-    __slots__ = ("method", "path", "query", "headers", "body", "version", "keep_alive")
-
-    def __init__(self, method: bytes, target: bytes, version: bytes, headers: dict[bytes, bytes], body: bytes):
-        self.method = method
-        path, _, query = target.partition(b"?")
-        self.path = path
-        self.query = query
-        self.headers = headers
-        self.body = body
-        self.version = version
-        conn = headers.get(b"connection", b"").lower()
-        self.keep_alive = (b"close" not in conn) if version == b"HTTP/1.1" else (b"keep-alive" in conn)
-
-
-Handler = Callable[[Request, "HttpConnection"], Awaitable[None]]
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -48,18 +32,63 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
             pass
 
 
-class HttpConnection(asyncio.Protocol):
-    """One client connection. The handler answers through ``respond`` or ``start_stream``/``write``/``end``."""
+def needle(name: bytes) -> bytes:
+    """The search key for ``find_header``: CRLF + lower-case name + colon."""
+    return b"\r\n" + name.lower() + b":"
 
+
+def find_header(head: bytes, lower: bytes, key: bytes) -> bytes | None:
+    """Value of the header whose ``needle`` is ``key``, in a head that starts with the request/status line
+    (so every header line follows a CRLF); ``lower`` is ``head.lower()``. The first occurrence wins."""
+    i = lower.find(key)
+    if i < 0:
+        return None
+    start = i + len(key)
+    end = lower.find(b"\r\n", start)
+    return head[start:end].strip() if end >= 0 else head[start:].strip()
+
+
+H_CONNECTION = needle(b"connection")
+H_CONTENT_LENGTH = needle(b"content-length")
+H_TRANSFER_ENCODING = needle(b"transfer-encoding")
+H_CONTENT_TYPE = needle(b"content-type")
+H_EXPECT = needle(b"expect")
+
+
+class Request:
+    __slots__ = ("method", "path", "query", "version", "head", "lower", "body", "keep_alive")
+
+    def __init__(self, method: bytes, target: bytes, version: bytes, head: bytes, lower: bytes, body: bytes):
+        self.method = method
+        path, _, self.query = target.partition(b"?")
+        self.path = path
+        self.version = version
+        self.head = head
+        self.lower = lower
+        self.body = body
+        conn = find_header(lower, lower, H_CONNECTION) if H_CONNECTION in lower else None
+        if version == b"HTTP/1.1":
+            self.keep_alive = conn is None or b"close" not in conn
+        else:
+            self.keep_alive = conn is not None and b"keep-alive" in conn
+
+    def header(self, key: bytes) -> bytes | None:
+        """Value of a header by its ``needle(name)`` (precompute it), or None."""
+        return find_header(self.head, self.lower, key)
+
+
+Handler = Callable[[Request, "HttpConnection"], "Awaitable[Any] | None"]
+
+
+class HttpConnection(asyncio.Protocol):
     def __init__(self, server: "HttpServer") -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.busy = False  # a request is being answered
         self.last_active = time.monotonic()
         self._buf = b""
-        self._state = _HEAD
-        self._head: tuple | None = None
-        self._need = 0
+        self._pending: tuple | None = None  # parsed head waiting for its body
         self._chunks: ChunkedDecoder | None = None
         self._parts: list[bytes] = []
         self._task: asyncio.Task | None = None
@@ -69,8 +98,8 @@ class HttpConnection(asyncio.Protocol):
         self.finished = False  # response complete
         self._paused = False
         self._drain: asyncio.Future | None = None
-        # A relay reading from an upstream socket registers these to follow our write backpressure.
-        self.on_pause: Callable[[], None] | None = None
+        self.on_close: Callable[[], None] | None = None  # the request in progress learns of a disconnect
+        self.on_pause: Callable[[], None] | None = None  # a relay follows our write backpressure
         self.on_resume: Callable[[], None] | None = None
 
     # ---- asyncio callbacks
@@ -82,8 +111,11 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        if self.busy and not self.finished and self.on_close is not None:
+            cb, self.on_close = self.on_close, None
+            cb()
         if self._task is not None and not self._task.done():
-            self._task.cancel()  # the client went away: cancel the upstream work
+            self._task.cancel()
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("client disconnected"))
 
@@ -103,98 +135,128 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         self._buf = self._buf + data if self._buf else data
-        if self._task is not None:  # a request is being served; hold the bytes until it is done
+        if self.busy:  # hold the bytes of a next request until this one is answered
             if len(self._buf) > MAX_HEAD_BYTES + self.server.max_body_bytes:
                 self.transport.pause_reading()
             return
-        try:
-            self._process()
-        except HttpParseError as err:
-            self._fail(err.status, str(err))
+        self._process()
 
     # ---- request parsing
     def _process(self) -> None:
-        while not self.closed and self._task is None:
-            buf = self._buf
-            if self._state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD_BYTES:
-                        raise HttpParseError("request head too large", 431)
-                    return
-                if end == 0:  # stray CRLF between requests
-                    self._buf = buf[4:]
-                    continue
-                method, target, version, headers = parse_request_head(buf[:end])
-                self._head = (method, target, version, headers)
-                self._buf = buf[end + 4:]
-                limit = self.server.max_body_bytes
-                if is_chunked(headers):
-                    self._chunks = ChunkedDecoder(limit)
-                    self._parts = []
-                    self._state = _BODY_CHUNKED
-                else:
-                    n = content_length(headers) or 0
-                    if n > limit:
-                        raise HttpParseError(f"request body of {n} bytes exceeds the limit of {limit}", 413)
-                    self._need = n
-                    self._state = _BODY_CL
-                if headers.get(b"expect", b"").lower() == b"100-continue":
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            elif self._state == _BODY_CL:
-                if len(buf) < self._need:
-                    return
-                body, self._buf = buf[:self._need], buf[self._need:]
-                self._dispatch(body)
-            else:
-                dec = self._chunks
-                self._parts.extend(dec.feed(buf))
-                if not dec.done:
-                    self._buf = b""
-                    return
-                self._buf = dec.tail
-                self._dispatch(b"".join(self._parts))
-
-    def _dispatch(self, body: bytes) -> None:
-        method, target, version, headers = self._head
-        self._state = _HEAD
-        self._chunks = None
-        self._parts = []
-        req = Request(method, target, version, headers, body)
-        self._keep_alive = req.keep_alive
-        self._chunked_out = version == b"HTTP/1.1"
-        self.started = self.finished = False
-        self.on_pause = self.on_resume = None
-        self._task = asyncio.get_running_loop().create_task(self._run(req))
-
-    async def _run(self, req: Request) -> None:
         try:
-            await self.server.handler(req, self)
+            while not self.busy and not self.closed and self._buf:
+                if not self._step():
+                    return
+        except HttpParseError as err:
+            self._keep_alive = False
+            self.busy = True
+            self.started = self.finished = False
+            self.respond(err.status, orjson.dumps({"error": {"message": str(err), "type": "invalid_request_error",
+                                                             "code": err.status}}))
+
+    def _step(self) -> bool:
+        """Consume one request (or part of it) from the buffer; False when more bytes are needed."""
+        buf = self._buf
+        if self._pending is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD_BYTES:
+                    raise HttpParseError("request head too large", 431)
+                return False
+            if end == 0:  # stray CRLF between requests
+                self._buf = buf[4:]
+                return True
+            head = buf[:end]
+            self._buf = buf = buf[end + 4:]
+            eol = head.find(b"\r\n")
+            parts = (head if eol < 0 else head[:eol]).split(b" ")
+            if len(parts) != 3:
+                raise HttpParseError("malformed request line")
+            if parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+                raise HttpParseError("unsupported HTTP version", 505)
+            lower = head.lower()
+            limit = self.server.max_body_bytes
+            te = find_header(head, lower, H_TRANSFER_ENCODING) if H_TRANSFER_ENCODING in lower else None
+            if te is not None:
+                if te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
+                    raise HttpParseError("unsupported Transfer-Encoding", 501)
+                need = -1
+                self._chunks = ChunkedDecoder(limit)
+                self._parts = []
+            else:
+                cl = find_header(head, lower, H_CONTENT_LENGTH)
+                if cl is None:
+                    need = 0
+                elif not cl.isdigit() or lower.count(H_CONTENT_LENGTH) > 1:
+                    raise HttpParseError("invalid Content-Length")
+                else:
+                    need = int(cl)
+                if need > limit:
+                    raise HttpParseError(f"request body of {need} bytes exceeds the limit of {limit}", 413)
+            self._pending = (parts, head, lower, need)
+            if need and b"100-continue" in lower and find_header(lower, lower, H_EXPECT) == b"100-continue":
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        parts, head, lower, need = self._pending
+        if need >= 0:
+            if len(buf) < need:
+                return False
+            body, self._buf = buf[:need], buf[need:]
+        else:
+            dec = self._chunks
+            self._parts.extend(dec.feed(buf))
+            if not dec.done:
+                self._buf = b""
+                return False
+            self._buf = dec.tail
+            body = b"".join(self._parts)
+            self._chunks, self._parts = None, []
+        self._pending = None
+        self._dispatch(Request(parts[0], parts[1], parts[2], head, lower, body))
+        return True
+
+    def _dispatch(self, req: Request) -> None:
+        self.busy = True
+        self.started = self.finished = False
+        self.on_close = self.on_pause = self.on_resume = None
+        self._keep_alive = req.keep_alive
+        self._chunked_out = req.version == b"HTTP/1.1"
+        try:
+            pending = self.server.handler(req, self)
+        except Exception:
+            log.exception("handler failed for %s %s", req.method.decode(), req.path.decode(errors="replace"))
+            self._internal_error()
+            return
+        if pending is not None:
+            self._task = asyncio.get_running_loop().create_task(self._run(pending, req))
+
+    async def _run(self, pending: Awaitable[Any], req: Request) -> None:
+        try:
+            await pending
         except asyncio.CancelledError:
             self._keep_alive = False
         except Exception:
             log.exception("handler failed for %s %s", req.method.decode(), req.path.decode(errors="replace"))
-            if not self.started:
-                self.respond(500, b'{"error":{"message":"internal router error","type":"internal_error","code":500}}')
-            self._keep_alive = False
+            self._internal_error()
         finally:
             self._task = None
-            if not self.finished or not self._keep_alive:
-                self.close()
-            elif self._buf and not self.closed:
-                self.transport.resume_reading()
-                try:
-                    self._process()
-                except HttpParseError as err:
-                    self._fail(err.status, str(err))
 
-    def _fail(self, status: int, message: str) -> None:
-        from orjson import dumps
+    def _internal_error(self) -> None:
         self._keep_alive = False
-        if not self.closed:
-            self.started = self.finished = False
-            self.respond(status, dumps({"error": {"message": message, "type": "invalid_request", "code": status}}))
+        if not self.started:
+            self.respond(500, b'{"error":{"message":"internal router error","type":"internal_error","code":500}}')
+        else:
             self.close()
+
+    def _complete(self) -> None:
+        """The response is fully written: close, or go on with the next request."""
+        self.finished = True
+        self.busy = False
+        self.on_close = self.on_pause = self.on_resume = None
+        if not self._keep_alive:
+            self.close()
+        elif self._buf and not self.closed:
+            self.transport.resume_reading()
+            asyncio.get_running_loop().call_soon(self._process)
 
     # ---- response side
     def _head_bytes(self, status: int, content_type: bytes, extra: bytes, framing: bytes) -> bytes:
@@ -204,15 +266,20 @@ class HttpConnection(asyncio.Protocol):
 
     def respond(self, status: int, body: bytes, content_type: bytes = b"application/json", extra: bytes = b"") -> None:
         """Send a whole response. ``extra`` holds pre-encoded header lines, each ending in CRLF."""
-        if self.closed or self.started:
-            return
-        self.started = self.finished = True
-        self.transport.write(self._head_bytes(status, content_type, extra, b"content-length: %d\r\n" % len(body)) + body)
-
-    def start_stream(self, status: int, content_type: bytes, extra: bytes = b"") -> None:
-        if self.closed or self.started:
+        if self.started or not self.busy:
             return
         self.started = True
+        if not self.closed:
+            self.transport.write(self._head_bytes(status, content_type, extra, b"content-length: %d\r\n" % len(body))
+                                 + body)
+        self._complete()
+
+    def start_stream(self, status: int, content_type: bytes, extra: bytes = b"") -> None:
+        if self.started or not self.busy:
+            return
+        self.started = True
+        if self.closed:
+            return
         if self._chunked_out:
             self.transport.write(self._head_bytes(status, content_type, extra, b"transfer-encoding: chunked\r\n"))
         else:  # HTTP/1.0: the end of the body is the end of the connection
@@ -220,14 +287,15 @@ class HttpConnection(asyncio.Protocol):
             self.transport.write(self._head_bytes(status, content_type, extra, b""))
 
     def write(self, data: bytes) -> None:
-        if data and not self.closed:
+        if data and not self.closed and not self.finished:
             self.transport.write(encode_chunk(data) if self._chunked_out else data)
 
     def end(self) -> None:
-        if not self.closed and not self.finished:
-            self.finished = True
-            if self._chunked_out:
-                self.transport.write(LAST_CHUNK)
+        if self.finished or not self.busy:
+            return
+        if not self.closed and self._chunked_out:
+            self.transport.write(LAST_CHUNK)
+        self._complete()
 
     async def drain(self) -> None:
         if self._paused and not self.closed:
@@ -251,13 +319,10 @@ class HttpServer:
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task | None = None
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False, sock: socket.socket | None = None) -> int:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         loop = asyncio.get_running_loop()
-        if sock is not None:
-            self._server = await loop.create_server(lambda: HttpConnection(self), sock=sock, backlog=2048)
-        else:
-            self._server = await loop.create_server(lambda: HttpConnection(self), host, port, backlog=2048,
-                                                    reuse_address=True, reuse_port=reuse_port or None)
+        self._server = await loop.create_server(lambda: HttpConnection(self), host, port, backlog=2048,
+                                                reuse_address=True, reuse_port=reuse_port or None)
         self._sweeper = loop.create_task(self._sweep())
         return self._server.sockets[0].getsockname()[1]
 
@@ -266,7 +331,7 @@ class HttpServer:
         while True:
             await asyncio.sleep(min(5.0, self.keepalive_timeout))
             cutoff = time.monotonic() - self.keepalive_timeout
-            for c in [c for c in self.connections if c._task is None and c.last_active < cutoff]:
+            for c in [c for c in self.connections if not c.busy and c.last_active < cutoff]:
                 c.close()
 
     async def stop(self) -> None:

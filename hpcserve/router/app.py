@@ -10,7 +10,9 @@ import time
 import orjson
 
 from hpcserve.http import HttpConnection, Request, UpstreamError
-from hpcserve.router.dispatch import Dispatcher, RouteError, error_body
+from hpcserve.http.server import needle
+from hpcserve.router.dispatch import Dispatcher, Single, error_body
+from hpcserve.router.pd import Pair
 from hpcserve.router.follower import RegistryFollower, redact_url
 from hpcserve.router.limiter import Limiter, Overloaded
 from hpcserve.router.metrics import RouterMetrics
@@ -20,11 +22,13 @@ from hpcserve.router.workers import WorkerSet
 GENERATE_PATHS = (b"/generate", b"/v1/completions", b"/v1/chat/completions")
 PROXY_GET_PATHS = (b"/model_info", b"/get_model_info", b"/server_info", b"/get_server_info")
 OPEN_PATHS = (b"/health", b"/ready", b"/metrics")  # probes and scrapers need no key
+H_REQUEST_ID = needle(b"x-request-id")
+H_AUTHORIZATION = needle(b"authorization")
 PROM_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 def _rid_ok(rid: bytes) -> bool:
-    return 0 < len(rid) <= 128 and rid.isascii() and rid.isprintable()
+    return 0 < len(rid) <= 128 and rid.isascii() and rid.decode().isprintable()
 
 
 class RouterApp:
@@ -44,7 +48,7 @@ class RouterApp:
         self.started = time.time()
         self._rid_prefix = os.urandom(4).hex().encode()
         self._rid_n = 0
-        self.routes = {p: (b"POST", self._generate) for p in GENERATE_PATHS}
+        self.routes = {p: (b"POST", None) for p in GENERATE_PATHS}
         self.routes.update({p: (b"GET", self._proxy_get) for p in PROXY_GET_PATHS})
         self.routes.update({
             b"/health": (b"GET", self._health), b"/ready": (b"GET", self._ready),
@@ -53,33 +57,47 @@ class RouterApp:
         })
         self.labels = {p: p.decode() for p in self.routes}
 
-    # ---- entry point for every request
-    async def handle(self, req: Request, conn: HttpConnection) -> None:
+    # ---- entry point for every request (synchronous; returns a coroutine only for slow paths)
+    def handle(self, req: Request, conn: HttpConnection):
         t0 = time.perf_counter()
-        rid = req.headers.get(b"x-request-id")
+        rid = req.header(H_REQUEST_ID)
         if rid is None or not _rid_ok(rid):
             self._rid_n += 1
             rid = b"%b-%d" % (self._rid_prefix, self._rid_n)
         extra = b"x-request-id: %b\r\n" % rid
-        route = self.routes.get(req.path)
-        status = 499  # the client left before an answer
+        path = req.path
+        route = self.routes.get(path)
+        if route is None:
+            status = self._error(conn, 404, f"no route {path.decode(errors='replace')}; see /v1/models, "
+                                 "/v1/chat/completions, /v1/completions, /generate", extra, "not_found")
+        elif req.method != route[0]:
+            status = self._error(conn, 405, f"use {route[0].decode()} for {path.decode()}", extra,
+                                 "method_not_allowed", b"allow: %b\r\n" % route[0])
+        elif self.api_key is not None and path not in OPEN_PATHS and not self._authorized(req):
+            status = self._error(conn, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                 extra, "authentication_error", b"www-authenticate: Bearer\r\n")
+        elif route[1] is None:
+            return self._generate(req, conn, extra, t0)
+        else:
+            return self._admin(route[1], req, conn, extra, t0)
+        self.metrics.observe(self.labels.get(path, "other"), status, time.perf_counter() - t0)
+        return None
+
+    def finished(self, label: str, status: int, t0: float) -> None:
+        """Called once per generation request when its answer is complete (or the client left)."""
+        self.metrics.inflight -= 1
+        self.limiter.leave()
+        self.metrics.observe(label, status, time.perf_counter() - t0)
+
+    async def _admin(self, fn, req: Request, conn: HttpConnection, extra: bytes, t0: float) -> None:
+        status = 499
         try:
-            if route is None:
-                status = self._error(conn, 404, f"no route {req.path.decode(errors='replace')}; see /v1/models, "
-                                     "/v1/chat/completions, /v1/completions, /generate", extra, "not_found")
-            elif req.method != route[0]:
-                status = self._error(conn, 405, f"use {route[0].decode()} for {req.path.decode()}", extra,
-                                     "method_not_allowed", b"allow: %b\r\n" % route[0])
-            elif self.api_key is not None and req.path not in OPEN_PATHS and not self._authorized(req):
-                status = self._error(conn, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                     extra, "authentication_error", b'www-authenticate: Bearer\r\n')
-            else:
-                status = await route[1](req, conn, extra)
+            status = await fn(req, conn, extra)
         finally:
-            self.metrics.observe(self.labels.get(req.path, "other"), status, time.perf_counter() - t0)
+            self.metrics.observe(self.labels[req.path], status, time.perf_counter() - t0)
 
     def _authorized(self, req: Request) -> bool:
-        given = req.headers.get(b"authorization", b"")
+        given = req.header(H_AUTHORIZATION) or b""
         if given[:7].lower() != b"bearer ":
             return False
         return hmac.compare_digest(given[7:].strip(), self.api_key)
@@ -94,35 +112,51 @@ class RouterApp:
         return status
 
     # ---- generation
-    async def _generate(self, req: Request, conn: HttpConnection, extra: bytes) -> int:
+    def _generate(self, req: Request, conn: HttpConnection, extra: bytes, t0: float):
+        label = self.labels[req.path]
         try:
             body = orjson.loads(req.body)
         except orjson.JSONDecodeError as err:
-            return self._error(conn, 400, f"request body is not valid JSON: {err}", extra, "invalid_request_error")
-        if not isinstance(body, dict):
-            return self._error(conn, 400, "request body must be a JSON object", extra, "invalid_request_error")
+            status = self._error(conn, 400, f"request body is not valid JSON: {err}", extra, "invalid_request_error")
+        else:
+            if isinstance(body, dict):
+                if self.limiter.try_enter():
+                    return self._start(req, conn, body, extra, label, t0)
+                return self._queued(req, conn, body, extra, label, t0)
+            status = self._error(conn, 400, "request body must be a JSON object", extra, "invalid_request_error")
+        self.metrics.observe(label, status, time.perf_counter() - t0)
+        return None
+
+    def _start(self, req: Request, conn: HttpConnection, body: dict, extra: bytes, label: str, t0: float):
+        self.metrics.inflight += 1
         stream = body.get("stream") is True
         key = routing_key(body) if self.needs_key else None
-        limiter = self.limiter
-        if not limiter.try_enter():
-            self.metrics.queued += 1
-            try:
-                await limiter.enter()
-            except Overloaded as err:
-                self.metrics.reject("queue_full" if err.status == 429 else "queue_timeout")
-                return self._error(conn, err.status, str(err), extra, "overloaded")
-            finally:
-                self.metrics.queued -= 1
-        self.metrics.inflight += 1
+        args = (self.dispatcher, conn, req.path, extra, stream, label, t0, key)
+        if self.mode == "pd":
+            ex = Pair(*args, body=body)
+        else:
+            ex = Single(*args, raw=req.body)
+        return ex.start(ex.take)
+
+    async def _queued(self, req: Request, conn: HttpConnection, body: dict, extra: bytes, label: str,
+                      t0: float) -> None:
+        self.metrics.queued += 1
         try:
-            if self.mode == "pd":
-                return await self.dispatcher.pd(req.path, body, key, stream, extra, conn)
-            return await self.dispatcher.aggregated(req.path, req.body, key, stream, extra, conn)
-        except RouteError as err:
-            return self._error(conn, err.status, str(err), extra, err.kind)
+            await self.limiter.enter()
+        except Overloaded as err:
+            self.metrics.reject("queue_full" if err.status == 429 else "queue_timeout")
+            status = self._error(conn, err.status, str(err), extra, "overloaded")
+            self.metrics.observe(label, status, time.perf_counter() - t0)
+            return
         finally:
-            self.metrics.inflight -= 1
-            limiter.leave()
+            self.metrics.queued -= 1
+        if conn.closed:
+            self.limiter.leave()
+            self.metrics.observe(label, 499, time.perf_counter() - t0)
+            return
+        pending = self._start(req, conn, body, extra, label, t0)
+        if pending is not None:
+            await pending
 
     # ---- admin and information
     async def _health(self, req: Request, conn: HttpConnection, extra: bytes) -> int:
@@ -168,8 +202,8 @@ class RouterApp:
         if w is None:
             return self._error(conn, 503, "no healthy worker to ask", extra, "no_workers")
         try:
-            status, headers, body = await w.pool.fetch(b"GET", req.path, timeout=30.0, extra=extra)
+            status, ctype, body = await w.pool.fetch(b"GET", req.path, timeout=30.0, extra=extra)
         except UpstreamError as err:
             return self._error(conn, 502, str(err), extra, "upstream_error")
-        conn.respond(status, body, headers.get(b"content-type", b"application/json"), extra)
+        conn.respond(status, body, ctype, extra)
         return status

@@ -1,24 +1,25 @@
 """Sending a generation request to workers: one worker (aggregated) or a prefill + decode pair (PD).
 
-PD follows SGLang's protocol (DESIGN section 4): the same JSON body, with bootstrap_host/port/room added,
-goes to both servers at once and the decode's answer is returned. Connections are obtained before any
-byte is sent, so a connect failure can be retried on another worker; once a request was written to a
-prefill it is never sent again (an orphaned prefill would wait for a decode that never comes).
+Each request is an exchange object driven by the upstream connections' callbacks (no task, no future on
+the common path). PD follows SGLang's protocol (DESIGN section 4): the same JSON body, with
+bootstrap_host/port/room added, goes to both servers at once and the decode's answer is returned.
+Connections are obtained before any byte is sent, so a connect failure can be retried on another worker;
+once a request was written to a prefill it is never sent again (an orphan would wait for a decode).
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
+import logging
 from typing import Callable
 
 import orjson
 
 from hpcserve.http import ConnectError, HttpConnection, UpstreamConn, UpstreamError, UpstreamTimeout
-from hpcserve.router import logprobs
 from hpcserve.router.metrics import RouterMetrics
 from hpcserve.router.policies import Policy
 from hpcserve.router.workers import Worker, WorkerSet
+
+log = logging.getLogger("hpcserve.router")
 
 
 class RouteError(Exception):
@@ -48,293 +49,237 @@ def batch_size(body: dict) -> int | None:
     return None
 
 
-def _ctype(conn: UpstreamConn) -> bytes:
-    return conn.headers.get(b"content-type", b"application/json")
-
-
 def _discard(_: bytes) -> None:
     pass
 
 
-async def first_of(a: asyncio.Future, b: asyncio.Future) -> asyncio.Future:
-    """Whichever of two futures finishes first (without wrapping them in tasks)."""
-    if a.done():
-        return a
-    if b.done():
-        return b
-    waiter = asyncio.get_running_loop().create_future()
+class Leg:
+    """One upstream call of an exchange: the worker, its connection, and whether it is settled."""
 
-    def wake(f: asyncio.Future) -> None:
-        if not waiter.done():
-            waiter.set_result(f)
+    __slots__ = ("w", "conn", "open", "innocent")
 
-    a.add_done_callback(wake)
-    b.add_done_callback(wake)
-    try:
-        return await waiter
-    finally:
-        a.remove_done_callback(wake)
-        b.remove_done_callback(wake)
-
-
-class Call:
-    """One upstream request; ``settle`` (once) returns the socket to the pool and books the outcome."""
-
-    __slots__ = ("disp", "w", "conn", "open", "innocent")
-
-    def __init__(self, disp: "Dispatcher", w: Worker, conn: UpstreamConn) -> None:
-        self.disp = disp
+    def __init__(self, w: Worker, conn: UpstreamConn | None) -> None:
         self.w = w
         self.conn = conn
         self.open = True
-        self.innocent = False  # aborted because of the other side: no blame
-
-    def outcome(self) -> object:
-        """True (healthy), a failure reason, or None (nothing learnt about the worker)."""
-        done = self.conn.done
-        if not done.done() or self.innocent:
-            return None
-        err = done.exception()
-        if err is not None:
-            return str(err)
-        return True if self.conn.status < 500 else f"{self.w.id} answered HTTP {self.conn.status}"
-
-    def settle(self, outcome: object = "unset") -> None:
-        if not self.open:
-            return
-        self.open = False
-        w = self.w
-        w.inflight -= 1
-        w.pool.release(self.conn)  # aborts it unless the response is complete
-        if outcome == "unset":
-            outcome = self.outcome()
-        if outcome is True:
-            self.disp.workers.record_success(w)
-        elif outcome is not None:
-            self.disp.workers.record_failure(w, str(outcome))
-            err = self.conn.done.exception() if self.conn.done.done() else None
-            self.disp.metrics.upstream_error(w.id, "timeout" if isinstance(err, UpstreamTimeout) else
-                                             "http_5xx" if err is None else "io")
-
-    def settle_when_done(self) -> None:
-        self.conn.done.add_done_callback(lambda _: self.settle())
-
-    def cancel(self, reason: str) -> None:
-        self.innocent = True
-        self.conn.abort(reason)
-        self.settle(None)
+        self.innocent = False  # cancelled because of something else: no blame
+        w.inflight += 1
+        w.served += 1
 
 
 class Dispatcher:
     def __init__(self, workers: WorkerSet, metrics: RouterMetrics, policies: dict[str, Policy], *,
-                 first_byte_timeout: float, idle_timeout: float, request_timeout: float, max_retries: int = 2) -> None:
+                 first_byte_timeout: float, idle_timeout: float, request_timeout: float, max_retries: int = 2,
+                 on_finished: Callable[[str, int, float], None] | None = None) -> None:
         self.workers = workers
         self.metrics = metrics
         self.policies = policies
         self.timeouts = (first_byte_timeout, idle_timeout, request_timeout)
         self.max_retries = max_retries
+        self.on_finished = on_finished or (lambda label, status, t0: None)
 
-    async def _acquire(self, role: str, key: str | None) -> Call:
-        policy = self.policies[role]
+    def take(self, role: str, key: str | None, exclude: set[str] | None = None) -> Leg:
         candidates = self.workers.healthy[role]
-        tried: set[str] = set()
-        last: ConnectError | None = None
-        for attempt in range(self.max_retries + 1):
-            if tried:
-                candidates = [w for w in self.workers.healthy[role] if w.id not in tried]
-            if not candidates:
-                break
-            w = policy.pick(candidates, key)
-            conn = w.pool.take_idle()
-            if conn is None:
-                try:
-                    conn = await w.pool.connect()
-                except ConnectError as err:
-                    last = err
-                    tried.add(w.id)
-                    self.workers.record_failure(w, str(err))
-                    self.metrics.upstream_error(w.id, "connect")
-                    if attempt < self.max_retries:
-                        self.metrics.retry(role)
-                    continue
-            w.inflight += 1
-            w.served += 1
-            return Call(self, w, conn)
-        if last is None:
+        if exclude:
+            candidates = [w for w in candidates if w.id not in exclude]
+        if not candidates:
             raise RouteError(503, f"no healthy {role} worker is available", "no_workers")
-        raise RouteError(502, f"no {role} worker could be reached: {last}")
+        w = self.policies[role].pick(candidates, key)
+        return Leg(w, w.pool.take_idle())
 
-    def _send(self, call: Call, path: bytes, body: bytes, extra: bytes) -> None:
-        call.conn.send(call.w.pool.request_bytes(b"POST", path, body, extra), *self.timeouts)
+    async def connect(self, leg: Leg, role: str, key: str | None) -> Leg:
+        """Give ``leg`` a new connection, moving to other workers on connect failures."""
+        tried: set[str] = set()
+        while True:
+            try:
+                leg.conn = await leg.w.pool.connect()
+                return leg
+            except ConnectError as err:
+                self.settle(leg, err, kind="connect")
+                tried.add(leg.w.id)
+                if len(tried) > self.max_retries:
+                    raise RouteError(502, f"no {role} worker could be reached: {err}") from None
+                self.metrics.retry(role)
+                try:
+                    leg = self.take(role, key, tried)
+                except RouteError:
+                    raise RouteError(502, f"no {role} worker could be reached: {err}") from None
+                if leg.conn is not None:
+                    return leg
 
-    # ---- responses
-    def _fail(self, client: HttpConnection, status: int, message: str, extra: bytes, kind: str = "upstream_error") -> int:
+    def settle(self, leg: Leg, err: Exception | None, kind: str | None = None) -> None:
+        """Book a finished leg once: socket back to the pool (or closed), health outcome, metrics."""
+        if not leg.open:
+            return
+        leg.open = False
+        w = leg.w
+        w.inflight -= 1
+        conn = leg.conn
+        if conn is not None:
+            w.pool.release(conn)
+        if leg.innocent:
+            return
+        if err is not None:
+            self.workers.record_failure(w, str(err))
+            self.metrics.upstream_error(w.id, kind or ("timeout" if isinstance(err, UpstreamTimeout) else "io"))
+        elif conn is not None and conn.status >= 500:
+            self.workers.record_failure(w, f"{w.id} answered HTTP {conn.status}")
+            self.metrics.upstream_error(w.id, "http_5xx")
+        elif (w.fails or w.circuit != "closed") and conn is not None and conn.complete:
+            self.workers.record_success(w)
+
+    def cancel(self, leg: Leg, reason: str) -> None:
+        if leg.open:
+            leg.innocent = True
+            if leg.conn is not None:
+                leg.conn.owner = None
+                leg.conn.abort(reason)
+            self.settle(leg, None)
+
+
+class Exchange:
+    """One client request in flight. Subclasses implement ``legs``, ``begin`` and the conn callbacks."""
+
+    def __init__(self, d: Dispatcher, client: HttpConnection, path: bytes, extra: bytes, stream: bool,
+                 label: str, t0: float, key: str | None) -> None:
+        self.d = d
+        self.client = client
+        self.path = path
+        self.extra = extra
+        self.stream = stream
+        self.label = label
+        self.t0 = t0
+        self.key = key
+        self.done = False
+
+    def finish(self, status: int) -> None:
+        if not self.done:
+            self.done = True
+            self.d.on_finished(self.label, status, self.t0)
+
+    def fail(self, status: int, message: str, kind: str = "upstream_error") -> None:
+        client = self.client
         if not client.started:
-            client.respond(status, error_body(status, message, kind), extra=extra)
+            client.respond(status, error_body(status, message, kind), extra=self.extra)
         elif not client.finished:  # mid-stream: SGLang's way of reporting errors inside SSE
             client.write(b"data: " + error_body(status, message, kind) + b"\n\n")
             client.end()
-        return status
+        self.finish(status)
 
-    def _upstream_failed(self, client: HttpConnection, call: Call, err: UpstreamError, extra: bytes,
-                         prefix: str = "") -> int:
-        status = 504 if isinstance(err, UpstreamTimeout) else 502
-        return self._fail(client, status, f"{prefix}{err}", extra)
+    def upstream_failed(self, err: Exception, prefix: str = "") -> None:
+        self.fail(504 if isinstance(err, UpstreamTimeout) else 502, f"{prefix}{err}")
 
-    async def _relay(self, call: Call, client: HttpConnection, extra: bytes,
-                     wrap: Callable[[Callable[[bytes], None]], Callable[[bytes], None]] | None = None) -> int:
+    def relay(self, conn: UpstreamConn, sink: Callable[[bytes], None]) -> None:
         """Stream the worker's response bytes to the client unchanged (re-framed as chunks)."""
-        conn = call.conn
-        status = await conn.head
-        if status != 200:
-            await conn.done
-            client.respond(status, conn.body(), _ctype(conn), extra)
-            return status
-        client.start_stream(status, _ctype(conn), extra)
-        sink = client.write if wrap is None else wrap(client.write)
+        client = self.client
+        client.start_stream(200, conn.ctype, self.extra)
         for part in conn.parts:
             sink(part)
         conn.parts = []
         conn.sink = sink
         client.on_pause = conn.pause_reading
         client.on_resume = conn.resume_reading
-        await conn.done
-        if wrap is not None:
-            sink.flush()  # type: ignore[attr-defined]
-        client.end()
-        return status
 
-    # ---- aggregated: one worker
-    async def aggregated(self, path: bytes, raw: bytes, key: str | None, stream: bool, extra: bytes,
-                         client: HttpConnection) -> int:
-        call = await self._acquire("both", key)
-        self._send(call, path, raw, extra)
-        try:
-            if stream:
-                return await self._relay(call, client, extra)
-            conn = call.conn
-            await conn.done
-            client.respond(conn.status, conn.body(), _ctype(conn), extra)
-            return conn.status
-        except UpstreamError as err:
-            return self._upstream_failed(client, call, err, extra)
-        finally:
-            call.settle()
+    def request(self, leg: Leg, raw: bytes) -> None:
+        leg.conn.send(leg.w.pool.request_bytes(b"POST", self.path, raw, self.extra), self, *self.d.timeouts)
 
-    # ---- PD: a prefill and a decode
-    async def pd(self, path: bytes, body: dict, key: str | None, stream: bool, extra: bytes,
-                 client: HttpConnection) -> int:
-        pre = await self._acquire("prefill", key)
-        try:
-            dec = await self._acquire("decode", key)
-        except BaseException:
-            pre.settle(None)  # never sent: the socket goes back to the pool as it was
-            raise
-        p = pre.w
-        n = batch_size(body)
-        room = random.getrandbits(63)
-        if n is None:
-            body["bootstrap_host"] = p.bootstrap_host
-            body["bootstrap_port"] = p.bootstrap_port
-            body["bootstrap_room"] = room
-        else:
-            body["bootstrap_host"] = [p.bootstrap_host] * n
-            body["bootstrap_port"] = [p.bootstrap_port] * n
-            body["bootstrap_room"] = [room + i & 0x7FFF_FFFF_FFFF_FFFF for i in range(n)]
-        raw = orjson.dumps(body)
-        self._send(pre, path, raw, extra)
-        self._send(dec, path, raw, extra)
-        want_logprob = body.get("return_logprob") is True
-        try:
-            if stream:
-                return await self._pd_stream(pre, dec, want_logprob, extra, client)
-            return await self._pd_whole(pre, dec, want_logprob, extra, client)
-        except UpstreamError as err:
-            prefill_failed = pre.conn.done.done() and pre.conn.done.exception() is err
-            failed, other = (pre, dec) if prefill_failed else (dec, pre)
-            if other.open:
-                other.cancel(f"{failed.w.role} worker {failed.w.id} failed")
-            return self._upstream_failed(client, failed, err, extra,
-                                         "prefill failed, decode cancelled: " if prefill_failed else "")
-        except asyncio.CancelledError:  # the client went away: stop both servers' work
-            pre.cancel("client disconnected")
-            dec.cancel("client disconnected")
-            raise
-        finally:
-            if pre.open and pre.conn.done.done():
-                pre.settle()
-            elif pre.open:  # decode has answered; let the prefill finish on its own time
-                pre.settle_when_done()
-            dec.settle()
+    def legs(self) -> list[Leg]:
+        raise NotImplementedError
 
-    def _prefill_refused(self, pre: Call, dec: Call, client: HttpConnection, extra: bytes) -> int | None:
-        """If the finished prefill failed, cancel the decode and answer; else None."""
-        conn = pre.conn
-        err = conn.done.exception()
-        if err is None and conn.status < 300:
+    def ready(self) -> bool:
+        """All legs have a connection (the common case: pooled sockets)."""
+        return all(leg.conn is not None for leg in self.legs())
+
+    def begin(self) -> None:
+        raise NotImplementedError
+
+    def start(self, take: Callable[[], None]):
+        """Pick workers and send, or return a coroutine when a connection must be made first."""
+        try:
+            take()
+        except RouteError as err:
+            self.fail(err.status, str(err), err.kind)
             return None
-        dec.cancel(f"prefill {pre.w.id} failed")
+        if self.ready():
+            self.client.on_close = self.client_gone
+            self.begin()
+            return None
+        return self._connect_then_begin()
+
+    async def _connect_then_begin(self) -> None:
+        try:
+            await self.connect_missing()
+        except RouteError as err:
+            for leg in self.legs():
+                self.d.cancel(leg, "not used")
+            self.fail(err.status, str(err), err.kind)
+            return
+        except BaseException:
+            for leg in self.legs():
+                self.d.cancel(leg, "client disconnected")
+            self.finish(499)
+            raise
+        if self.client.closed:
+            for leg in self.legs():
+                self.d.cancel(leg, "client disconnected")
+            self.finish(499)
+            return
+        self.client.on_close = self.client_gone
+        self.begin()
+
+    async def connect_missing(self) -> None:
+        raise NotImplementedError
+
+    def crashed(self) -> None:
+        for leg in self.legs():
+            self.d.cancel(leg, "router error")
+        if not self.client.started:
+            self.client.respond(500, error_body(500, "internal router error", "internal_error"), extra=self.extra)
+        else:
+            self.client.close()
+        self.finish(500)
+
+    def client_gone(self) -> None:
+        for leg in self.legs():
+            self.d.cancel(leg, "client disconnected")
+        self.finish(499)
+
+
+class Single(Exchange):
+    """Aggregated mode: the request goes to one worker as it came."""
+
+    def __init__(self, *args, raw: bytes) -> None:
+        super().__init__(*args)
+        self.raw = raw
+        self.leg: Leg | None = None
+
+    def legs(self) -> list[Leg]:
+        return [self.leg] if self.leg is not None else []
+
+    def take(self) -> None:
+        self.leg = self.d.take("both", self.key)
+
+    def ready(self) -> bool:
+        return self.leg.conn is not None
+
+    async def connect_missing(self) -> None:
+        self.leg = await self.d.connect(self.leg, "both", self.key)
+
+    def begin(self) -> None:
+        self.request(self.leg, self.raw)
+
+    def on_head(self, conn: UpstreamConn) -> None:
+        if self.stream and conn.status == 200:
+            self.relay(conn, self.client.write)
+
+    def on_done(self, conn: UpstreamConn, err: UpstreamError | None) -> None:
         if err is not None:
-            raise err
-        if conn.status < 500:  # the client's mistake (e.g. validation): pass it through as is
-            client.respond(conn.status, conn.body(), _ctype(conn), extra)
-            return conn.status
-        return self._fail(client, 502, f"prefill worker {pre.w.id} failed with HTTP {conn.status}: "
-                          f"{conn.body()[:500].decode(errors='replace')}", extra)
-
-    async def _pd_whole(self, pre: Call, dec: Call, want_logprob: bool, extra: bytes, client: HttpConnection) -> int:
-        first = await first_of(pre.conn.done, dec.conn.done)
-        prefill_items = None
-        if first is pre.conn.done:
-            refused = self._prefill_refused(pre, dec, client, extra)
-            if refused is not None:
-                return refused
-            if want_logprob:
-                prefill_items = logprobs.parse_prefill(pre.conn.body())
-            pre.settle()
-            await dec.conn.done
+            self.d.settle(self.leg, err)
+            self.upstream_failed(err)
+            return
+        if self.client.started:
+            self.client.end()
         else:
-            dec.conn.done.result()  # raises the decode's error, if any
-            if dec.conn.status >= 300 and not pre.conn.done.done():
-                pre.cancel(f"decode worker {dec.w.id} answered HTTP {dec.conn.status}")
-            if want_logprob and dec.conn.status == 200:
-                await pre.conn.done
-                refused = self._prefill_refused(pre, dec, client, extra)
-                if refused is not None:
-                    return refused
-                prefill_items = logprobs.parse_prefill(pre.conn.body())
-        conn = dec.conn
-        body = conn.body()
-        if prefill_items and conn.status == 200:
-            body = logprobs.merge_body(prefill_items, body)
-        client.respond(conn.status, body, _ctype(conn), extra)
-        return conn.status
-
-    async def _pd_stream(self, pre: Call, dec: Call, want_logprob: bool, extra: bytes, client: HttpConnection) -> int:
-        first = await first_of(pre.conn.done, dec.conn.head)
-        wrap = None
-        if want_logprob or first is pre.conn.done:
-            await pre.conn.done
-            refused = self._prefill_refused(pre, dec, client, extra)
-            if refused is not None:
-                return refused
-            if want_logprob:
-                items = logprobs.parse_prefill(pre.conn.body())
-                wrap = lambda out: logprobs.SseMerger(items, out)  # noqa: E731
-            pre.settle()
-        else:
-            pre.conn.sink = _discard  # the prefill's own stream carries nothing we return
-
-            def prefill_done(_: asyncio.Future) -> None:
-                outcome = pre.outcome()
-                if outcome is True and pre.conn.status >= 300:
-                    outcome = f"{pre.w.id} answered HTTP {pre.conn.status}"
-                    pre.settle(None)
-                else:
-                    pre.settle(outcome)
-                if outcome is not True and outcome is not None and dec.open:  # the decode can never get its KV now
-                    dec.innocent = True
-                    dec.conn.abort(f"prefill worker {pre.w.id} failed: {outcome}")
-
-            pre.conn.done.add_done_callback(prefill_done)
-        return await self._relay(dec, client, extra, wrap)
+            self.client.respond(conn.status, conn.body(), conn.ctype, self.extra)
+        self.d.settle(self.leg, None)
+        self.finish(conn.status)

@@ -22,7 +22,7 @@ class HealthChecker:
 
     async def probe(self, w: Worker) -> bool:
         try:
-            status, _, body = await w.pool.fetch(b"GET", self.path, timeout=self.timeout)
+            status, _, _ = await w.pool.fetch(b"GET", self.path, timeout=self.timeout)
         except UpstreamError as err:
             reason = f"health probe: {err}"
         else:

@@ -49,6 +49,7 @@ def build(ns) -> tuple[RouterApp, HealthChecker, RegistryFollower | None]:
     app = RouterApp(mode=ns.mode, workers=workers, dispatcher=dispatcher, metrics=metrics,
                     limiter=Limiter(ns.max_concurrency, ns.queue_size, ns.queue_timeout), policies=policies,
                     api_key=ns.api_key, served_model_name=ns.served_model_name, follower=follower)
+    dispatcher.on_finished = app.finished
     health = HealthChecker(workers, interval=ns.health_interval, timeout=ns.health_timeout)
     return app, health, follower
 

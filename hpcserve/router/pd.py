@@ -1,0 +1,144 @@
+"""The PD exchange: one request sent to a prefill and a decode worker at once (SGLang's protocol)."""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+
+from hpcserve.http import UpstreamConn, UpstreamError
+from hpcserve.router import logprobs
+from hpcserve.router.dispatch import Exchange, Leg, _discard, batch_size
+
+ROOM_MASK = (1 << 63) - 1
+
+
+class Pair(Exchange):
+    def __init__(self, *args, body: dict) -> None:
+        super().__init__(*args)
+        self.body = body
+        self.pre: Leg | None = None
+        self.dec: Leg | None = None
+        self.want_logprob = body.get("return_logprob") is True
+        self.prefill_items: list | None = None
+        self.merger: logprobs.SseMerger | None = None
+        self.head_waiting = False  # decode's stream head came before the prefill logprobs it needs
+        self.decode_waiting = False  # decode finished before the prefill logprobs it needs
+
+    def legs(self) -> list[Leg]:
+        return [leg for leg in (self.pre, self.dec) if leg is not None]
+
+    def take(self) -> None:
+        self.pre = self.d.take("prefill", self.key)
+        self.dec = self.d.take("decode", self.key)
+
+    def ready(self) -> bool:
+        return self.pre.conn is not None and self.dec.conn is not None
+
+    async def connect_missing(self) -> None:
+        if self.pre.conn is None:
+            self.pre = await self.d.connect(self.pre, "prefill", self.key)
+        if self.dec.conn is None:
+            self.dec = await self.d.connect(self.dec, "decode", self.key)
+
+    def begin(self) -> None:
+        p = self.pre.w
+        body = self.body
+        n = batch_size(body)
+        room = random.getrandbits(63)
+        if n is None:
+            body["bootstrap_host"] = p.bootstrap_host
+            body["bootstrap_port"] = p.bootstrap_port
+            body["bootstrap_room"] = room
+        else:
+            body["bootstrap_host"] = [p.bootstrap_host] * n
+            body["bootstrap_port"] = [p.bootstrap_port] * n
+            body["bootstrap_room"] = [(room + i) & ROOM_MASK for i in range(n)]
+        raw = orjson.dumps(body)
+        self.request(self.pre, raw)
+        self.request(self.dec, raw)
+
+    # ---- upstream callbacks
+    def on_head(self, conn: UpstreamConn) -> None:
+        if conn is self.pre.conn:
+            if self.stream and not self.want_logprob:
+                conn.sink = _discard  # the prefill's own stream carries nothing we return
+        elif self.stream and conn.status == 200 and not self.done:
+            if self.want_logprob and self.prefill_items is None:
+                self.head_waiting = True
+            else:
+                self._relay()
+
+    def _relay(self) -> None:
+        if self.want_logprob:
+            self.merger = logprobs.SseMerger(self.prefill_items or [], self.client.write)
+            self.relay(self.dec.conn, self.merger)
+        else:
+            self.relay(self.dec.conn, self.client.write)
+
+    def on_done(self, conn: UpstreamConn, err: UpstreamError | None) -> None:
+        if self.pre is not None and conn is self.pre.conn:
+            self._prefill_done(conn, err)
+        else:
+            self._decode_done(conn, err)
+
+    def _prefill_done(self, conn: UpstreamConn, err: UpstreamError | None) -> None:
+        pre, d = self.pre, self.d
+        if err is None and conn.status < 300:
+            if self.want_logprob:
+                self.prefill_items = logprobs.parse_prefill(conn.body())
+            d.settle(pre, None)
+            if self.head_waiting and not self.done:
+                self.head_waiting = False
+                self._relay()
+            if self.decode_waiting:
+                self.decode_waiting = False
+                self._decode_done(self.dec.conn, None)
+            return
+        # The prefill failed: the decode can never get its KV cache, so it is cancelled.
+        status, ctype, body = conn.status, conn.ctype, conn.body()
+        d.settle(pre, err)
+        d.cancel(self.dec, f"prefill worker {pre.w.id} failed")
+        if self.done:
+            return
+        if err is not None:
+            self.upstream_failed(err, "prefill failed, decode cancelled: ")
+        elif status < 500 and not self.client.started:  # the client's mistake (e.g. validation): as is
+            self.client.respond(status, body, ctype, self.extra)
+            self.finish(status)
+        else:
+            self.fail(502, f"prefill worker {pre.w.id} failed with HTTP {status}, decode cancelled: "
+                           f"{body[:500].decode(errors='replace')}")
+
+    def _decode_done(self, conn: UpstreamConn, err: UpstreamError | None) -> None:
+        dec, pre, d, client = self.dec, self.pre, self.d, self.client
+        if not dec.open:
+            return
+        if err is not None:
+            d.settle(dec, err)
+            d.cancel(pre, f"decode worker {dec.w.id} failed")
+            if not self.done:
+                self.upstream_failed(err)
+            return
+        if self.done:
+            d.settle(dec, None)
+            return
+        if client.started:  # the stream was relayed
+            if self.merger is not None:
+                self.merger.flush()
+            client.end()
+            d.settle(dec, None)
+            self.finish(200)
+            return
+        status = conn.status
+        if status == 200 and self.want_logprob and self.prefill_items is None and pre.open:
+            self.decode_waiting = True
+            return
+        if status >= 300:
+            d.cancel(pre, f"decode worker {dec.w.id} answered HTTP {status}")
+        body = conn.body()
+        if status == 200 and self.prefill_items:
+            body = logprobs.merge_body(self.prefill_items, body)
+        client.respond(status, body, conn.ctype, self.extra)
+        d.settle(dec, None)
+        self.finish(status)
