@@ -89,5 +89,5 @@ class ProgressBar:
         if now - self._last_log >= self.log_every:
             self._last_log = now
             total = "?" if s.total is None else s.total
-            log.info("%s: %d/%s rows done, %d failed, %.1f rows/s", self.description, s.done, total,
-                     s.failed, s.rows_per_s)
+            where = "" if self.description == "batch" else f"{self.description}: "
+            log.info("%s%d/%s rows done, %d failed, %.1f rows/s", where, s.done, total, s.failed, s.rows_per_s)
