@@ -114,9 +114,12 @@ def test_port_in_use_gives_one_line_and_exit_2():
 def test_startup_delay_answers_503_then_200_and_sigterm_exits_0(procs):
     mp = procs("--mock-startup-delay", "1.5", wait="listen")
     assert http_status(mp.url + "/health") == 503
+    r = post(mp.url + "/generate", HELLO)
+    assert r.status_code == 503 and "not ready" in r.json()["error"]["message"]
     mp.wait("ready", timeout=20)
     assert http_status(mp.url + "/health") == 200
     assert http_status(mp.url + "/health_generate") == 200
+    assert post(mp.url + "/generate", HELLO).json()["text"] == HELLO_TEXT
     t = time.monotonic()
     assert mp.stop() == 0
     assert time.monotonic() - t < 8

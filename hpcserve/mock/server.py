@@ -25,6 +25,7 @@ SSE = b"text/event-stream"
 SSE_HEADERS = b"cache-control: no-cache\r\n"
 DONE = b"data: [DONE]\n\n"
 _OPEN_PATHS = {b"/health", b"/health_generate", b"/metrics", b"/mock/stats"}
+_GENERATE_PATHS = {b"/generate", b"/v1/completions", b"/v1/chat/completions"}
 
 
 def error_body(status: int, message: str, kind: str = "BadRequestError") -> bytes:
@@ -82,6 +83,7 @@ class MockServer:
         self.ready_at = time.monotonic() + cfg.startup_delay
         self.created = int(time.time())
         self.api_key = cfg.api_key.encode() if cfg.api_key else None
+        self._serving = False     # set once ready for good, so the hot path skips the check
         oa = OpenAIApi(self)
         self.routes = {
             b"/generate": self.generate, b"/v1/completions": oa.completions,
@@ -107,6 +109,14 @@ class MockServer:
             if not hmac.compare_digest(auth, b"Bearer " + self.api_key):
                 conn.respond(401, error_body(401, "Unauthorized: send Authorization: Bearer <api key>", "Unauthorized"))
                 return None
+        if not self._serving and req.path in _GENERATE_PATHS:
+            why = self.ready()
+            if why is not None:  # like an engine still loading: traffic before /health says ready is a bug
+                self.stats.count(req.path.decode())
+                self.stats.errors += 1
+                conn.respond(503, error_body(503, f"mock engine not ready: {why}", "ServiceUnavailable"))
+                return None
+            self._serving = self.cfg.nnodes == 1  # a multi-node replica keeps checking (a rank may leave)
         return route(req, conn)
 
     async def handle_async(self, req: Request, conn: HttpConnection) -> None:
