@@ -8,7 +8,7 @@
    between a large and a small run against an instant mock, so start-up costs cancel (goal <= 0.2 ms);
 3. peak RSS of the driver on a 1,000,000-row input (goal < 500 MB), generated in a temp dir.
 
-    python bench/batch.py [--cap-rows 8000] [--rss-rows 1000000] [--skip-rss] [--skip-overhead]
+    python bench/batch.py [--cap-rows 8000] [--rss-rows 1000000] [--skip-rss] [--skip-overhead] [--skip-capacity]
 """
 
 from __future__ import annotations
@@ -133,10 +133,15 @@ def bench_rss(tmp: str, rows: int, concurrency: int) -> None:
         write_input(inp, rows, 1)
         size = os.path.getsize(inp)
         summary, cpu, rss, wall = drive(url, inp, out, concurrency)
+        print(f"memory: {rows} rows ({size / 1e6:.0f} MB input) in {wall:.0f} s ({summary['rows_per_s']:.0f} "
+              f"rows/s): driver peak RSS {rss / 1e6:.0f} MB (goal < 500 MB), CPU {cpu / rows * 1000:.3f} ms/row")
+        t0 = time.monotonic()
+        check = subprocess.run([PY, "-m", "hpcserve.batch", "check", "--input", inp, "--output", out])
+        print(f"  check on the finished output: exit {check.returncode} in {time.monotonic() - t0:.1f} s")
+        summary, cpu, rss, wall = drive(url, inp, out, concurrency)  # a resume with nothing left to do
+        print(f"  rerun with all {summary['already_done']} rows done: {wall:.1f} s, peak RSS {rss / 1e6:.0f} MB")
     finally:
         stop(proc)
-    print(f"memory: {rows} rows ({size / 1e6:.0f} MB input) in {wall:.0f} s ({summary['rows_per_s']:.0f} rows/s): "
-          f"driver peak RSS {rss / 1e6:.0f} MB (goal < 500 MB), CPU {cpu / rows * 1000:.3f} ms/row")
 
 
 def main() -> None:
@@ -151,9 +156,11 @@ def main() -> None:
     p.add_argument("--rss-rows", type=int, default=1_000_000)
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--skip-capacity", action="store_true")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="hpcserve-bench-batch-") as tmp:
-        bench_capacity(tmp, a.cap_rows, a.step_ms, a.max_running, a.tokens)
+        if not a.skip_capacity:
+            bench_capacity(tmp, a.cap_rows, a.step_ms, a.max_running, a.tokens)
         if not a.skip_overhead:
             bench_overhead(tmp, a.small, a.large, a.concurrency)
         if not a.skip_rss:
