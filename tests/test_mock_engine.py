@@ -267,6 +267,13 @@ def test_pd_gives_the_same_text_as_aggregated(trio):
         post(agg.url + "/v1/chat/completions", chat).json()["choices"][0]["message"]["content"]
     _, d = pd_call(pre, dec, boot, "/generate", {**HELLO, "stream": True}, room=1003)
     assert sse_events(d.text)[-1]["text"] == HELLO_TEXT
+    _, d = pd_call(pre, dec, boot, "/v1/chat/completions",
+                   {**chat, "stream": True, "stream_options": {"include_usage": True}}, room=1004)
+    events = sse_events(d.text)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events if e["choices"]) == \
+        post(agg.url + "/v1/chat/completions", chat).json()["choices"][0]["message"]["content"]
+    assert events[-1]["usage"]["completion_tokens"] == 12
 
 
 def test_pd_batch_uses_one_room_per_item(trio):

@@ -21,12 +21,12 @@ from hpcserve.http import HttpConnection, Request, UpstreamError, UpstreamPool
 
 
 class Room:
-    __slots__ = ("payload", "fetched", "deadline")
+    __slots__ = ("payload", "fetched", "pollers")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.payload: asyncio.Future = loop.create_future()   # set by the prefill
         self.fetched: asyncio.Future = loop.create_future()   # set when a decode received the payload
-        self.deadline = 0.0
+        self.pollers = 0                                      # decodes waiting for the payload
 
 
 class KVStore:
@@ -62,13 +62,15 @@ class KVStore:
     async def take(self, room: int, wait: float) -> bytes | None:
         """Bootstrap server side: the room's payload, waiting up to ``wait`` seconds for the prefill."""
         r = self._room(room)
+        r.pollers += 1
         try:
-            data = await asyncio.wait_for(asyncio.shield(r.payload), wait)
+            return await asyncio.wait_for(asyncio.shield(r.payload), wait)
         except asyncio.TimeoutError:
-            if not r.payload.done() and self.rooms.get(room) is r:
-                del self.rooms[room]  # nobody put it: forget the placeholder
             return None
-        return data
+        finally:
+            r.pollers -= 1
+            if not r.payload.done() and not r.pollers and self.rooms.get(room) is r:
+                del self.rooms[room]  # nobody put it and nobody waits (timeout or the decode went away)
 
     def delivered(self, room: int) -> None:
         r = self.rooms.get(room)

@@ -86,7 +86,11 @@ class OpenAIApi:
         model = body.get("model") or self.cfg.served_model_name
         created = int(time.time())
         if body.get("stream"):
-            return self._stream(conn, body, jobs, chat, rid, model, created)
+            sse = _Stream(body, jobs, chat, rid, model, created)
+            if self.engine.is_instant(jobs):
+                self._stream_now(conn, sse, jobs)
+                return None
+            return self._stream(conn, sse, jobs)
         if self.engine.is_instant(jobs):
             for job in jobs:
                 self.engine.execute_now(job)
@@ -155,54 +159,37 @@ class OpenAIApi:
         return {"index": index, "text": text, "logprobs": _completion_logprobs(job.ids, 0, job.n_out) if lp else None,
                 "finish_reason": _finish(job), "matched_stop": job.finish_reason.get("matched")}
 
-    async def _stream(self, conn: HttpConnection, body: dict, jobs: list[Job], chat: bool, rid: str, model: str,
-                      created: int) -> None:
+    def _stream_now(self, conn: HttpConnection, sse: "_Stream", jobs: list[Job]) -> None:
+        """Instant streaming: the same events, one per step, written at once (one syscall, no task)."""
+        parts = [sse.head()]
+        for i, job in enumerate(jobs):
+            self.engine.execute_now(job)
+            parts.extend(sse.chunk(i, job, k, False) for k in range(1, job.n_out))
+            parts.append(sse.chunk(i, job, job.n_out, True))
+        parts += [sse.usage(), DONE]
+        self.stats.responses_ok += 1
+        conn.start_stream(200, SSE, SSE_HEADERS)
+        conn.write(b"".join(parts))
+        conn.end()
+
+    async def _stream(self, conn: HttpConnection, sse: "_Stream", jobs: list[Job]) -> None:
         conn.start_stream(200, SSE, SSE_HEADERS)
         self.stats.inflight += 1
-        obj_name = "chat.completion.chunk" if chat else "text_completion"
-        opts = body.get("stream_options") or {}
-        include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
-        lp = body.get("logprobs")
-        sent = [0] * len(jobs)
-
-        def chunk(index: int, job: Job, k: int, final: bool) -> bytes:
-            prev = sent[index]
-            piece = _text_at(job, k)[len(_text_at(job, prev)):]
-            if chat:
-                ch = {"index": index, "delta": {"content": piece},
-                      "logprobs": _chat_logprobs(job.ids, prev, k) if lp else None}
-            else:
-                ch = {"index": index, "text": piece,
-                      "logprobs": _completion_logprobs(job.ids, prev, k) if lp else None}
-            ch["finish_reason"] = _finish(job) if final else None
-            if final:
-                ch["matched_stop"] = job.finish_reason.get("matched")
-            sent[index] = k
-            obj = {"id": rid, "object": obj_name, "created": created, "model": model, "choices": [ch]}
-            return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-        if chat:  # the role arrives first, as from OpenAI and SGLang
-            for i in range(len(jobs)):
-                first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}
-                conn.write(b"data: " + orjson.dumps({"id": rid, "object": obj_name, "created": created,
-                                                     "model": model, "choices": [first]}) + b"\n\n")
+        conn.write(sse.head())
 
         def make_cb(index: int, job: Job):
             async def on_tokens(k: int) -> None:
                 if k < job.n_out:
-                    conn.write(chunk(index, job, k, False))
+                    conn.write(sse.chunk(index, job, k, False))
                     await conn.drain()
             return on_tokens
 
         def on_done(index: int, job: Job) -> None:
-            conn.write(chunk(index, job, job.n_out, True))
+            conn.write(sse.chunk(index, job, job.n_out, True))
 
         try:
             await run_all(self.engine, jobs, make_cb, on_done)
-            if include_usage:
-                conn.write(b"data: " + orjson.dumps({"id": rid, "object": obj_name, "created": created,
-                                                     "model": model, "choices": [], "usage": _usage(jobs)}) + b"\n\n")
+            conn.write(sse.usage())
             self.stats.responses_ok += 1
         except EngineError as err:
             self.stats.errors += 1
@@ -212,6 +199,48 @@ class OpenAIApi:
             self.stats.inflight -= 1
         conn.write(DONE)
         conn.end()
+
+
+class _Stream:
+    """The SSE events of one streamed OpenAI response."""
+
+    def __init__(self, body: dict, jobs: list[Job], chat: bool, rid: str, model: str, created: int) -> None:
+        self.jobs, self.chat, self.rid, self.model, self.created = jobs, chat, rid, model, created
+        self.obj = "chat.completion.chunk" if chat else "text_completion"
+        opts = body.get("stream_options") or {}
+        self.include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+        self.lp = body.get("logprobs")
+        self.sent = [0] * len(jobs)
+
+    def _event(self, choices: list, **extra) -> bytes:
+        obj = {"id": self.rid, "object": self.obj, "created": self.created, "model": self.model,
+               "choices": choices, **extra}
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def head(self) -> bytes:
+        """Chat streams announce the role first, as OpenAI and SGLang do."""
+        if not self.chat:
+            return b""
+        return b"".join(self._event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None}]) for i in range(len(self.jobs)))
+
+    def chunk(self, index: int, job: Job, k: int, final: bool) -> bytes:
+        prev = self.sent[index]
+        piece = _text_at(job, k)[len(_text_at(job, prev)):]
+        if self.chat:
+            ch = {"index": index, "delta": {"content": piece},
+                  "logprobs": _chat_logprobs(job.ids, prev, k) if self.lp else None}
+        else:
+            ch = {"index": index, "text": piece,
+                  "logprobs": _completion_logprobs(job.ids, prev, k) if self.lp else None}
+        ch["finish_reason"] = _finish(job) if final else None
+        if final:
+            ch["matched_stop"] = job.finish_reason.get("matched")
+        self.sent[index] = k
+        return self._event([ch])
+
+    def usage(self) -> bytes:
+        return self._event([], usage=_usage(self.jobs)) if self.include_usage else b""
 
 
 def _usage(jobs: list[Job]) -> dict:

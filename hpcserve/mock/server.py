@@ -203,6 +203,9 @@ class MockServer:
         lp = bool(lp[0] if isinstance(lp, list) and lp else lp)
         lp_text = bool(body.get("return_text_in_logprobs"))
         if body.get("stream"):
+            if self.engine.is_instant(jobs):
+                self._generate_stream_now(conn, jobs, batch, lp, lp_text)
+                return None
             return self._generate_stream(conn, jobs, batch, lp, lp_text)
         if self.engine.is_instant(jobs):  # the hot path of load tests: no task, no await
             for job in jobs:
@@ -230,30 +233,46 @@ class MockServer:
             stats.inflight -= 1
         self._respond_native(conn, jobs, batch, lp, lp_text)
 
+    def _native_chunk(self, job: Job, index: int, k: int | None, sent: list[int], batch: bool, lp: bool,
+                      lp_text: bool) -> bytes:
+        """One SSE event after k tokens (None = the final one); ``sent`` tracks increments per item."""
+        incremental = self.cfg.incremental_streaming_output
+        obj = self.native_result(job, k, lp, lp_text, sent[index] if incremental else 0)
+        if batch:
+            obj["index"] = index
+        sent[index] = job.n_out if k is None else k
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def _generate_stream_now(self, conn: HttpConnection, jobs: list[Job], batch: bool, lp: bool,
+                             lp_text: bool) -> None:
+        """Instant streaming: the same events, one per step, written at once (one syscall, no task)."""
+        sent = [0] * len(jobs)
+        parts = []
+        for i, job in enumerate(jobs):
+            self.engine.execute_now(job)
+            parts.extend(self._native_chunk(job, i, k, sent, batch, lp, lp_text) for k in range(1, job.n_out))
+            parts.append(self._native_chunk(job, i, None, sent, batch, lp, lp_text))
+        parts.append(DONE)
+        self.stats.responses_ok += 1
+        conn.start_stream(200, SSE, SSE_HEADERS)
+        conn.write(b"".join(parts))
+        conn.end()
+
     async def _generate_stream(self, conn: HttpConnection, jobs: list[Job], batch: bool, lp: bool,
                                lp_text: bool) -> None:
         conn.start_stream(200, SSE, SSE_HEADERS)
-        incremental = self.cfg.incremental_streaming_output
         self.stats.inflight += 1
-
         sent = [0] * len(jobs)
 
         def make_cb(index: int, job: Job):
             async def on_tokens(k: int) -> None:
                 if k < job.n_out:
-                    obj = self.native_result(job, k, lp, lp_text, sent[index] if incremental else 0)
-                    if batch:
-                        obj["index"] = index
-                    conn.write(b"data: " + orjson.dumps(obj) + b"\n\n")
-                    sent[index] = k
+                    conn.write(self._native_chunk(job, index, k, sent, batch, lp, lp_text))
                     await conn.drain()
             return on_tokens
 
         def on_done(index: int, job: Job) -> None:
-            obj = self.native_result(job, None, lp, lp_text, sent[index] if incremental else 0)
-            if batch:
-                obj["index"] = index
-            conn.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+            conn.write(self._native_chunk(job, index, None, sent, batch, lp, lp_text))
 
         try:
             await run_all(self.engine, jobs, make_cb, on_done)
