@@ -52,7 +52,7 @@ def test_prefill_killed_after_dispatch_is_not_replayed(tmp_path):
         assert out.get("status") == 502, out
         assert "prefill failed, decode cancelled" in out["body"]["error"]["message"]
         assert stats(other)["requests"].get("/generate", 0) == other_before  # never replayed to the other prefill
-        wait_until(lambda: stats(decode)["inflight"] == 0, 10, what="decode cancelled")
+        wait_until(lambda: stats(decode)["running"] == 0, 10, what="decode cancelled")
     finally:
         if router is not None:
             router.stop()
@@ -91,9 +91,9 @@ def test_client_disconnect_cancels_upstream(tmp_path):
             assert r.status_code == 200
             first = next(r.iter_bytes())
             assert first.startswith(b"data: ")
-            wait_until(lambda: stats(decode)["inflight"] == 1, 5, what="decode busy with the stream")
+            wait_until(lambda: stats(decode)["running"] == 1, 5, what="decode busy with the stream")
         # 300 steps of 100 ms would take 30 s; the router dropped the decode request when we left.
-        wait_until(lambda: stats(decode)["inflight"] == 0, 10, what="decode request cancelled")
+        wait_until(lambda: stats(decode)["running"] == 0, 10, what="decode request cancelled")
         wait_until(lambda: httpx.get(router.url + "/metrics", timeout=5).text.count(
             'hpcserve_router_requests_total{route="/generate",status="499"} 1.0'), 5, what="499 counted")
     finally:
