@@ -120,9 +120,7 @@ def test_startup_delay_answers_503_then_200_and_sigterm_exits_0(procs):
     assert http_status(mp.url + "/health") == 200
     assert http_status(mp.url + "/health_generate") == 200
     assert post(mp.url + "/generate", HELLO).json()["text"] == HELLO_TEXT
-    t = time.monotonic()
-    assert mp.stop() == 0
-    assert time.monotonic() - t < 8
+    assert mp.stop(timeout=10) == 0   # SIGTERM; a mock still alive after 10 s is killed (-9) and fails this
 
 
 # ---- deterministic output
@@ -388,9 +386,7 @@ def test_api_key_incremental_streaming_and_sigterm_mid_request(procs):
         ex.submit(lambda: httpx.post(mp.url + "/generate", json={"text": "x", "sampling_params": {
             "max_new_tokens": 2000}}, headers=auth, timeout=TIMEOUT))
         time.sleep(0.5)
-        t = time.monotonic()
-        assert mp.stop() == 0
-        assert time.monotonic() - t < 8
+        assert mp.stop(timeout=10) == 0
 
 
 # ---- multi-node

@@ -1,7 +1,8 @@
 """HTTP API of the mock engine: SGLang's native endpoints, info/health/metrics, and the route table.
 
 The OpenAI endpoints live in openai_api.py. Request handling is kept lean (one dict lookup per route, orjson,
-no per-request task fan-out for single requests) so that an instant mock answers thousands of req/s.
+requests that need no waiting are answered synchronously, without a task) so that an instant mock
+answers thousands of req/s.
 """
 
 from __future__ import annotations
