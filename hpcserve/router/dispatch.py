@@ -128,6 +128,11 @@ class Dispatcher:
         elif (w.fails or w.circuit != "closed") and conn is not None and conn.complete:
             self.workers.record_success(w)
 
+    def unuse(self, leg: Leg) -> None:
+        """Give back a leg whose request was never sent (its pooled socket stays usable)."""
+        leg.innocent = True
+        self.settle(leg, None)
+
     def cancel(self, leg: Leg, reason: str) -> None:
         if leg.open:
             leg.innocent = True
@@ -198,6 +203,8 @@ class Exchange:
         try:
             take()
         except RouteError as err:
+            for leg in self.legs():
+                self.d.unuse(leg)
             self.fail(err.status, str(err), err.kind)
             return None
         if self.ready():
@@ -211,17 +218,17 @@ class Exchange:
             await self.connect_missing()
         except RouteError as err:
             for leg in self.legs():
-                self.d.cancel(leg, "not used")
+                self.d.unuse(leg)
             self.fail(err.status, str(err), err.kind)
             return
         except BaseException:
             for leg in self.legs():
-                self.d.cancel(leg, "client disconnected")
+                self.d.unuse(leg)
             self.finish(499)
             raise
         if self.client.closed:
             for leg in self.legs():
-                self.d.cancel(leg, "client disconnected")
+                self.d.unuse(leg)
             self.finish(499)
             return
         self.client.on_close = self.client_gone

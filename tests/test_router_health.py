@@ -1,0 +1,94 @@
+"""Active health probes and the per-worker breaker with real worker processes killed, stopped and restarted."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import httpx
+
+from hpcserve.mock.launch import MockProcess
+from test_router_util import RouterProc, start_pd, stats, wait_until
+
+HEALTH = ["--health-interval", "0.2", "--health-timeout", "0.5", "--eject-after", "2", "--readmit-after", "2"]
+
+
+def _circuit(router: RouterProc, url: str) -> str:
+    return next(w["circuit"] for w in router.workers()["workers"] if w["url"] == url)
+
+
+def _generate_n(router: RouterProc, n: int) -> list[int]:
+    return [httpx.post(router.url + "/generate", json={"text": f"p{i}"}, timeout=20).status_code for i in range(n)]
+
+
+def test_killed_worker_is_ejected_and_readmitted_after_restart(tmp_path):
+    a = MockProcess.start(["--disaggregation-mode", "null"], log_dir=tmp_path, wait="ready")
+    b = MockProcess.start(["--disaggregation-mode", "null"], log_dir=tmp_path, wait="ready")
+    router = None
+    try:
+        router = RouterProc(["--worker", a.url, "--worker", b.url, "--policy", "round_robin", *HEALTH], tmp_path)
+        os.kill(a.pid, signal.SIGKILL)
+        a.proc.wait(10)
+        wait_until(lambda: _circuit(router, a.url) == "open", 10, what="ejection of the killed worker")
+        assert httpx.get(router.url + "/ready", timeout=5).status_code == 200  # b still serves
+        before = stats(b)["requests"].get("/generate", 0)
+        assert _generate_n(router, 6) == [200] * 6
+        assert stats(b)["requests"].get("/generate", 0) - before == 6
+        metrics = httpx.get(router.url + "/metrics", timeout=5).text
+        assert "hpcserve_router_ejections_total 1.0" in metrics
+
+        a = MockProcess.start(["--disaggregation-mode", "null", "--port", str(a.port)], log_dir=tmp_path,
+                              wait="ready")
+        wait_until(lambda: _circuit(router, a.url) == "closed", 10, what="readmission after restart")
+        assert _generate_n(router, 4) == [200] * 4
+        assert stats(a)["requests"].get("/generate", 0) == 2  # round robin uses it again
+    finally:
+        if router is not None:
+            router.stop()
+        a.stop()
+        b.stop()
+
+
+def test_stopped_worker_is_ejected_then_readmitted_when_continued(tmp_path):
+    a = MockProcess.start(["--disaggregation-mode", "null"], log_dir=tmp_path, wait="ready")
+    b = MockProcess.start(["--disaggregation-mode", "null"], log_dir=tmp_path, wait="ready")
+    router = None
+    try:
+        router = RouterProc(["--worker", a.url, "--worker", b.url, "--policy", "round_robin", *HEALTH], tmp_path)
+        os.kill(b.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: _circuit(router, b.url) == "open", 10, what="ejection of the stopped worker")
+            assert _generate_n(router, 4) == [200] * 4  # all on a, none stuck on b
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+        wait_until(lambda: _circuit(router, b.url) == "closed", 10, what="readmission")
+        view = next(w for w in router.workers()["workers"] if w["url"] == b.url)
+        assert view["ejections"] == 1 and view["healthy"] is True
+    finally:
+        if router is not None:
+            router.stop()
+        a.stop()
+        b.stop()
+
+
+def test_ready_reports_missing_role_and_requests_get_503(tmp_path):
+    prefill, decode = start_pd(tmp_path, 1, 1)
+    router = None
+    try:
+        from test_router_util import pd_args
+        router = RouterProc(pd_args([prefill, decode]) + HEALTH, tmp_path)
+        os.kill(decode.pid, signal.SIGKILL)
+        decode.proc.wait(10)
+        wait_until(lambda: httpx.get(router.url + "/ready", timeout=5).status_code == 503, 10, what="not ready")
+        ready = httpx.get(router.url + "/ready", timeout=5).json()
+        assert ready["missing"] == ["decode"] and ready["healthy"] == {"prefill": 1, "decode": 0}
+        r = httpx.post(router.url + "/generate", json={"text": "x"}, timeout=10)
+        assert r.status_code == 503
+        assert r.json()["error"]["message"] == "no healthy decode worker is available"
+        assert stats(prefill)["requests"].get("/generate", 0) == 0  # nothing sent to a half pair
+        assert [w["inflight"] for w in router.workers()["workers"]] == [0, 0]
+    finally:
+        if router is not None:
+            router.stop()
+        prefill.stop()
+        decode.stop()
