@@ -140,6 +140,12 @@ def bench_rss(tmp: str, rows: int, concurrency: int) -> None:
         print(f"  check on the finished output: exit {check.returncode} in {time.monotonic() - t0:.1f} s")
         summary, cpu, rss, wall = drive(url, inp, out, concurrency)  # a resume with nothing left to do
         print(f"  rerun with all {summary['already_done']} rows done: {wall:.1f} s, peak RSS {rss / 1e6:.0f} MB")
+        t0 = time.monotonic()
+        merge = subprocess.Popen([PY, "-m", "hpcserve.batch", "merge", "--input", inp, "--output",
+                                  out + ".merged", "--parts", out], stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(merge.pid, 0)
+        print(f"  merge into input order: exit {os.waitstatus_to_exitcode(status)} in "
+              f"{time.monotonic() - t0:.1f} s, peak RSS {usage.ru_maxrss / 1e3:.0f} MB")
     finally:
         stop(proc)
 

