@@ -174,3 +174,16 @@ def test_merge_refuses_missing_rows_unless_allowed_and_writes_duplicate_ids_once
     assert (tmp_path / "m.jsonl").read_bytes() == _rows("a") + error_row(4, "line 4: not valid JSON")
     with pytest.raises(HpcserveError, match="missing shard output"):
         merge_shards(inp, tmp_path / "m.jsonl", 2)
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+from hpcserve.batch.io import row_key  # noqa: E402
+from hpcserve.batch.rows import id_key  # noqa: E402
+
+
+@given(st.one_of(st.text(max_size=20), st.integers(min_value=-10**12, max_value=10**12)), st.text(max_size=20))
+def test_row_key_fast_path_agrees_with_json_for_any_id(row_id, text):
+    assert row_key(ok_row(row_id, text, 1, 1, "stop", 0.1).rstrip(b"\n")) == (id_key(row_id), False)
+    assert row_key(error_row(row_id, text).rstrip(b"\n")) == (id_key(row_id), True)
+    assert row_key(b'{"id": %b, "text": "x"}' % orjson.dumps(row_id)) == (id_key(row_id), False)
