@@ -112,3 +112,104 @@ def cancel(run: "Run", wait: float = 60.0) -> str:
         _t.sleep(1.0)
     SlurmBackend.kill(run.job_id)
     return query_jobs([run.job_id])[run.job_id].state
+
+
+def prepare_batch(recipe: str | Path, overrides: list[str] = (), cluster: str | None = None,
+                  run_dir: str | Path | None = None) -> tuple[Path, list[tuple[Path, Plan]]]:
+    """Run dir(s) for an offline batch: one plan, or for batch.shards = N one plan per shard in
+    RUN/shard-000i/ (own port range each: array tasks may share a host) plus RUN/job.sbatch for the array."""
+    from hpcserve.backends.base import new_run_dir
+    from hpcserve.errors import RecipeError
+    from hpcserve.render import render_sbatch
+    [lr] = load_recipe(recipe, list(overrides), cluster)[:1]
+    if lr.recipe.batch is None:
+        raise RecipeError(f"{recipe}: no batch section; give --input and --output")
+    n = lr.recipe.batch.shards
+    out = Path(run_dir).resolve() if run_dir else new_run_dir(lr.recipe.name)
+    if n == 1:
+        p = plan(lr.recipe)
+        return out, [(write_run_dir(out, lr.raw, p), p)]
+    first = plan(lr.recipe, shard=(0, n))
+    used = [port for pr in first.processes for port in pr.ports.values()]
+    span = (max(used) - lr.recipe.ports.base) // 100 * 100 + 100
+    shards = []
+    for i in range(n):   # shard i: ports shifted by i*span, router port by i
+        extra = [f"ports.base={lr.recipe.ports.base + i * span}"] + ([f"router.port={lr.recipe.router.port + i}"]
+                                                                     if i else [])
+        [lri] = load_recipe(recipe, list(overrides) + extra, cluster)
+        p = plan(lri.recipe, shard=(i, n))
+        shards.append((write_run_dir(out / f"shard-{i:04d}", lri.raw, p), p))
+    array_plan = shards[0][1].model_copy(update={"slurm": shards[0][1].slurm.model_copy(update={"array": n})})
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "job.sbatch", render_sbatch(array_plan), mode=0o755)
+    atomic_write(out / "recipe.resolved.yaml", Path(shards[0][0] / "recipe.resolved.yaml").read_text())
+    return out, shards
+
+
+def _shard_outputs(recipe_batch) -> list[tuple[str, int, int]]:
+    from hpcserve.batch import part_path
+    n = recipe_batch.shards
+    return [(recipe_batch.output if n == 1 else str(part_path(recipe_batch.output, i, n)), i, n) for i in range(n)]
+
+
+def batch_complete(recipe_batch) -> bool:
+    from hpcserve.batch import detect_complete
+    return all(Path(out).exists() and detect_complete(recipe_batch.input, out, i, n)
+               for out, i, n in _shard_outputs(recipe_batch))
+
+
+def run_batch_job(recipe: str | Path, overrides: list[str] = (), cluster: str | None = None,
+                  run_dir: str | Path | None = None, wait: bool = True, timeout: float = 86400,
+                  echo=print) -> str:
+    """Offline batch on the recipe's backend. Finished output is detected before anything starts; shards
+    run as a Slurm job array (local backend: one after another) and are merged in input order at the end."""
+    import time as _t
+
+    from hpcserve.backends.base import Run
+    from hpcserve.batch import merge_shards
+    from hpcserve.errors import BackendError
+    [lr] = load_recipe(recipe, list(overrides), cluster)[:1]
+    b = lr.recipe.batch
+    if not Path(b.input).is_file():
+        raise BackendError(f"batch input {b.input} does not exist; fix --input")
+    if batch_complete(b):
+        if b.shards > 1:
+            merge_shards(b.input, b.output, b.shards)
+        return f"output {b.output} already complete; nothing started"
+    out, shards = prepare_batch(recipe, overrides, cluster, run_dir)
+    echo(f"run dir {out}")
+    if lr.recipe.cluster.backend == "local":
+        from hpcserve.backends.local import LocalBackend
+        for d, p in shards:
+            backend = LocalBackend()
+            backend.submit(d, p)
+            deadline = _t.monotonic() + timeout
+            while any(pr.poll() is None for pr in backend.procs) and _t.monotonic() < deadline:
+                _t.sleep(0.5)
+            codes = backend.stop(grace=30)
+            fail = Run(d, "local").failure
+            if fail or any(codes):
+                raise BackendError(f"batch shard {d.name} failed: {fail['message'] if fail else codes}")
+    else:
+        from hpcserve.backends.slurm import SlurmBackend, query_jobs
+        run = SlurmBackend().submit(out, shards[0][1])
+        for i, (d, _) in enumerate(shards):
+            if len(shards) > 1:
+                Run(d, "slurm", job_id=f"{run.job_id}_{i}").save()
+        echo(f"job {run.job_id}" + (f" (array of {len(shards)})" if len(shards) > 1 else ""))
+        if not wait:
+            return "submitted"
+        deadline = _t.monotonic() + timeout
+        live = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED")
+        while _t.monotonic() < deadline:
+            ids = [f"{run.job_id}_{i}" for i in range(len(shards))] if len(shards) > 1 else [run.job_id]
+            states = query_jobs(ids)
+            if all(s.state not in live and s.state != "UNKNOWN" for s in states.values()):
+                break
+            _t.sleep(2)
+    if not batch_complete(b):
+        raise BackendError(f"batch ended with rows left; rerun the same command to resume (run dir {out})")
+    if b.shards > 1:
+        m = merge_shards(b.input, b.output, b.shards)
+        return f"complete: {m.rows} rows ({m.errors} errors) merged into {b.output}"
+    return f"complete: {b.output}"

@@ -137,6 +137,8 @@ async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: "St
             log.error("%s", reason)
             record_failure(run_dir, rank, reason)
         if is_head:
+            if outcome.get("phase") == "done":
+                stages.write_done(run_dir, outcome.get("why", "done"))
             try:
                 await registry.set_status(client, run_id, phase="failed" if reason else outcome["phase"],
                                           reason=reason or "")
@@ -168,7 +170,7 @@ async def _wait_outcome(plan, run_dir, run_id, client, addr, is_head, stop, sup)
         head = HeadWatch(plan, run_dir, run_id, client, addr, on_ready=start_stages)
         waits[asyncio.ensure_future(head.run())] = "head"
     else:
-        waits[asyncio.ensure_future(_job_over(client, run_id))] = "over"
+        waits[asyncio.ensure_future(_job_over(client, run_id, run_dir))] = "over"
     done, _ = await asyncio.wait(list(waits), return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         if not w.done():
@@ -189,10 +191,13 @@ async def _wait_outcome(plan, run_dir, run_id, client, addr, is_head, stop, sup)
     return {"phase": "draining", "why": stop.signal_name}
 
 
-async def _job_over(client, run_id: str, interval: float = 1.0) -> str:
-    """Other nodes follow the head: when it marks the job done or failed, they stop too."""
+async def _job_over(client, run_id: str, run_dir: Path, interval: float = 0.5) -> str:
+    """Other nodes follow the head: when it marks the job done or failed (done.json in the shared run dir,
+    or the phase in Redis), they stop too."""
     while True:
         await asyncio.sleep(interval)
+        if stages.done_now(run_dir):
+            return "done"
         try:
             phase = await client.hget(registry.status_key(run_id), "phase")
         except Exception:   # noqa: BLE001 - Redis blip; keep serving

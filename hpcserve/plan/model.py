@@ -67,6 +67,7 @@ class SlurmSpec(Frozen):
     container_runtime: str
     container: str | None
     container_mounts: list[str]
+    array: int | None = None          # job array size: task i runs the plan in shard-000i/
 
 
 class Plan(Frozen):
