@@ -182,10 +182,9 @@ async def _wait_outcome(plan, run_dir, run_id, client, addr, is_head, stop, sup)
     if kind == "head":
         return {"failure": fut.result()}
     if kind == "stage":
-        code = fut.result()
-        if code == 0:
-            return {"phase": "done", "why": "batch complete"}
-        return {"failure": stages.BATCH_EXIT.get(code, f"batch driver exited with code {code}; see logs/batch.log")}
+        stage, code = fut.result()
+        failure = stages.stage_failure(stage, code)
+        return {"failure": failure} if failure else {"phase": "done", "why": f"{stage} complete"}
     if kind == "over":
         return {"phase": "done", "why": f"head node says {fut.result()}"}
     return {"phase": "draining", "why": stop.signal_name}

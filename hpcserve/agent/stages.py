@@ -18,8 +18,18 @@ log = logging.getLogger("hpcserve.agent")
 DONE_JSON = "done.json"
 STAGE_KINDS = ("batch", "bench")
 # hpcserve.batch exit codes (docs/batch.md): 0 complete, 3 stopped with rows left, 4 gave up early.
-BATCH_EXIT = {3: "batch stopped with rows left (resumable: resubmit or requeue)",
-              4: "batch gave up: the router was unreachable or failing, or the output not writable (resumable)"}
+STAGE_EXIT = {
+    ("batch", 3): "batch stopped with rows left (resumable: resubmit or requeue)",
+    ("batch", 4): "batch gave up: the router was unreachable or failing, or the output not writable (resumable)",
+    ("bench", 1): "benchmark has invalid levels (see bench/ and logs/bench.log)",
+}
+
+
+def stage_failure(kind: str, code: int) -> str | None:
+    """None when the stage succeeded, else why the job failed."""
+    if code == 0:
+        return None
+    return STAGE_EXIT.get((kind, code), f"{kind} stage exited with code {code}; see logs/{kind}.log")
 
 
 def _flag(argv: list[str], name: str, default: str | None = None) -> str | None:

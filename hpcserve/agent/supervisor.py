@@ -72,7 +72,7 @@ class Supervisor:
         self.run_id, self.redis, self.managed = run_id, redis, managed
         self.hb_interval, self.hb_ttl = hb_interval, hb_ttl
         self.fatal: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.stage_exit: asyncio.Future = asyncio.get_running_loop().create_future()   # batch driver's exit code
+        self.stage_exit: asyncio.Future = asyncio.get_running_loop().create_future()   # (stage kind, exit code)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -139,7 +139,7 @@ class Supervisor:
             if m.spec.kind in ("batch", "bench"):   # a stage ends the job when it ends; never restarted
                 m.exit_code = code
                 if not self.stage_exit.done():
-                    self.stage_exit.set_result(code)
+                    self.stage_exit.set_result((m.spec.kind, code))
                 return
             log.warning("%s exited with code %s (see %s)", m.spec.name, code, m.spec.log)
             await self.event("exit", process=m.spec.name, code=code)

@@ -17,7 +17,7 @@ import sys
 from hpcserve.engines.base import WorkerLaunch, get_engine
 from hpcserve.errors import PlanError
 from hpcserve.plan.model import NodeSpec, Plan, ProcessSpec, SlurmSpec, WorkerSpec
-from hpcserve.plan.router_cmd import batch_spec, redis_spec, router_spec
+from hpcserve.plan.router_cmd import batch_spec, bench_spec, redis_spec, router_spec
 from hpcserve.recipe.schema import GroupSpec, Recipe, replica_gpus
 
 PORT_STRIDE = 20
@@ -104,6 +104,9 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
     head_procs.append(router_spec(recipe, head, mode, workers, hp_python))
     if recipe.batch is not None:
         head_procs.append(batch_spec(recipe, head, hp_python, shard))
+    if recipe.benchmark is not None:
+        head_procs.append(bench_spec(recipe, head, hp_python, sum(w.gpus * len(w.nodes) if len(w.nodes) > 1
+                                                                  else w.gpus for w in workers)))
     procs = head_procs + procs
     node_specs = [NodeSpec(index=i, roles=nodes.roles[i],
                            gpus_used=sorted(g for p in procs if p.node == i for g in p.gpus))
