@@ -44,10 +44,15 @@ def test_redis_unreachable(tmp_path):
 
 
 def test_port_in_use(tmp_path):
-    ov = demo_overrides()
-    base = int(ov[0].split("=")[1])
-    blocker = socket.socket()
-    blocker.bind(("127.0.0.1", base))     # the run's Redis port
+    for _ in range(20):   # other processes on this machine may grab a port between the check and the bind
+        ov = demo_overrides()
+        base = int(ov[0].split("=")[1])
+        blocker = socket.socket()
+        try:
+            blocker.bind(("127.0.0.1", base))     # the run's Redis port
+            break
+        except OSError:
+            blocker.close()
     blocker.listen()
     try:
         with pytest.raises(BackendError, match=rf"redis: port {base} on 127.0.0.1 is already in use"):
