@@ -299,14 +299,15 @@ def start_workers(procs: Procs, kind: str, logdir: Path) -> dict:
     return {"prefill_port": pp, "decode_port": dp, "bootstrap_port": bp}
 
 
-def start_ours(procs: Procs, w: dict, logdir: Path) -> dict:
+def start_ours(procs: Procs, w: dict, logdir: Path, processes: int = 1) -> dict:
     port = _free_port()
     procs.start([sys.executable, "-m", "hpcserve.router", "--port", str(port), "--mode", "pd",
+                 "--processes", str(processes),
                  "--prefill", f"http://127.0.0.1:{w['prefill_port']}", str(w["bootstrap_port"]),
                  "--decode", f"http://127.0.0.1:{w['decode_port']}", "--prefill-policy", "cache_aware",
                  "--decode-policy", "least_load", "--api-key-env", "BENCH_ROUTER_KEY", "--max-concurrency", "256",
                  "--queue-size", "1024", "--health-interval", "1", "--log-level", "warning"],
-                str(logdir / "ours.log"), env={"BENCH_ROUTER_KEY": API_KEY})
+                str(logdir / f"ours-{processes}.log"), env={"BENCH_ROUTER_KEY": API_KEY})
     _wait_http(port, "/ready")
     return {"kind": "router", "port": port, "key": API_KEY, "pid": procs.procs[-1].pid}
 
@@ -328,10 +329,24 @@ def start_sglang(procs: Procs, w: dict, logdir: Path) -> dict | None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all threads), from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(") ", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU of a process (all threads) and its live children, from /proc."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -346,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; req/s is the median round")
     ap.add_argument("--workers", choices=["fake", "mock"], default="fake")
     ap.add_argument("--skip-sglang", action="store_true")
+    ap.add_argument("--router-processes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
+                    help="our router with these --processes values (default 1,2)")
     ap.add_argument("--serve-fake", nargs=2, metavar=("ROLE", "PORT"), help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
     if ns.serve_fake:
@@ -356,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     procs = Procs()
     try:
         w = start_workers(procs, ns.workers, logdir)
-        targets = {"direct": {"kind": "direct", **w}, "hpcserve": start_ours(procs, w, logdir)}
+        targets = {"direct": {"kind": "direct", **w}}
+        for n in ns.router_processes:
+            targets["hpcserve" if n == 1 else f"hpcserve-{n}p"] = start_ours(procs, w, logdir, n)
         sg = None if ns.skip_sglang else start_sglang(procs, w, logdir)
         if sg:
             targets["sglang-router"] = sg
@@ -402,12 +421,13 @@ def _report(results: dict, ns, targets: dict) -> None:
             cpu = f"{r['cpu'] / len(r['lat']) * 1e6:.0f}" if name != "direct" else "-"
             print(f"  {name:<14}{rps:>9.0f}{p50 * 1e3:>9.3f}{p99 * 1e3:>9.3f}{(p50 - b50) * 1e3:>9.3f}"
                   f"{(p99 - b99) * 1e3:>9.3f}{r['errors']:>8}{cpu:>19}")
-        if (stream, "sglang-router") in results:
-            ratio = results[(stream, "hpcserve")]["median_rps"] / results[(stream, "sglang-router")]["median_rps"]
-            print(f"  hpcserve / sglang-router req/s: {ratio:.2f}x (goal >= 2.0x)")
-        ours = results[(stream, "hpcserve")]
-        print(f"  hpcserve / direct req/s: {ours['median_rps'] / base['median_rps']:.2f}x; added p50 "
-              f"{(pct(ours['lat'], 0.5) - b50) * 1e3:.3f} ms (goal <= 0.5 ms)")
+        for name in [n for n in targets if n.startswith("hpcserve")]:
+            ours = results[(stream, name)]
+            if (stream, "sglang-router") in results:
+                ratio = ours["median_rps"] / results[(stream, "sglang-router")]["median_rps"]
+                print(f"  {name} / sglang-router req/s: {ratio:.2f}x (goal >= 2.0x)")
+            print(f"  {name} / direct req/s: {ours['median_rps'] / base['median_rps']:.2f}x; added p50 "
+                  f"{(pct(ours['lat'], 0.5) - b50) * 1e3:.3f} ms (goal <= 0.5 ms)")
 
 
 if __name__ == "__main__":

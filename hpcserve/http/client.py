@@ -87,6 +87,9 @@ class UpstreamConn(asyncio.Protocol):
         self.ctype = b"application/json"
         self.parts: list[bytes] = []
         self.sink: Callable[[bytes], None] | None = None
+        self.relay_to = None  # the client connection a relay writes to (corked per received batch)
+        self.receiving = False
+        self.corked = None  # who to uncork when this batch of received bytes is handled
         self.sent_at = self.last = 0.0
         self.limits = (0.0, 0.0, 0.0)
 
@@ -111,6 +114,7 @@ class UpstreamConn(asyncio.Protocol):
         self.status = 0
         self.parts = []
         self.sink = None
+        self.relay_to = None
         self._buf = b""
         self._state = _HEAD
         self.sent_at = self.last = time.monotonic()
@@ -137,6 +141,20 @@ class UpstreamConn(asyncio.Protocol):
         self._fail(UpstreamTimeout(f"{self.pool.name} {why}"))
 
     def data_received(self, data: bytes) -> None:
+        relay = self.relay_to
+        if relay is not None:
+            relay.cork()
+            self.corked = relay
+        self.receiving = True
+        try:
+            self._received(data)
+        finally:
+            self.receiving = False
+            corked, self.corked = self.corked, None
+            if corked is not None:
+                corked.uncork()
+
+    def _received(self, data: bytes) -> None:
         st = self._state
         if st == _IDLE or st == _DONE:  # bytes nobody asked for: the connection is unusable
             self.close()
@@ -339,6 +357,7 @@ class UpstreamPool:
         if conn.reusable and not conn.closed and not self.closed and len(self.idle) < self.max_idle:
             conn._state = _IDLE
             conn.sink = None
+            conn.relay_to = None
             conn.owner = None
             conn.idle_since = time.monotonic()
             self.idle.append(conn)

@@ -98,6 +98,7 @@ class HttpConnection(asyncio.Protocol):
         self.finished = False  # response complete
         self._paused = False
         self._drain: asyncio.Future | None = None
+        self._cork: list[bytes] | None = None  # writes collected while corked, sent as one
         self.on_close: Callable[[], None] | None = None  # the request in progress learns of a disconnect
         self.on_pause: Callable[[], None] | None = None  # a relay follows our write backpressure
         self.on_resume: Callable[[], None] | None = None
@@ -259,6 +260,22 @@ class HttpConnection(asyncio.Protocol):
             asyncio.get_running_loop().call_soon(self._process)
 
     # ---- response side
+    def cork(self) -> None:
+        """Collect writes until ``uncork``: a relay batches head, chunks and terminator into one syscall."""
+        if self._cork is None:
+            self._cork = []
+
+    def uncork(self) -> None:
+        out, self._cork = self._cork, None
+        if out and not self.closed:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def _send(self, data: bytes) -> None:
+        if self._cork is not None:
+            self._cork.append(data)
+        elif not self.closed:
+            self.transport.write(data)
+
     def _head_bytes(self, status: int, content_type: bytes, extra: bytes, framing: bytes) -> bytes:
         conn = b"" if self._keep_alive else b"connection: close\r\n"
         return b"HTTP/1.1 %d %b\r\ncontent-type: %b\r\n%b%b%b\r\n" % (
@@ -269,9 +286,7 @@ class HttpConnection(asyncio.Protocol):
         if self.started or not self.busy:
             return
         self.started = True
-        if not self.closed:
-            self.transport.write(self._head_bytes(status, content_type, extra, b"content-length: %d\r\n" % len(body))
-                                 + body)
+        self._send(self._head_bytes(status, content_type, extra, b"content-length: %d\r\n" % len(body)) + body)
         self._complete()
 
     def start_stream(self, status: int, content_type: bytes, extra: bytes = b"") -> None:
@@ -281,20 +296,20 @@ class HttpConnection(asyncio.Protocol):
         if self.closed:
             return
         if self._chunked_out:
-            self.transport.write(self._head_bytes(status, content_type, extra, b"transfer-encoding: chunked\r\n"))
+            self._send(self._head_bytes(status, content_type, extra, b"transfer-encoding: chunked\r\n"))
         else:  # HTTP/1.0: the end of the body is the end of the connection
             self._keep_alive = False
-            self.transport.write(self._head_bytes(status, content_type, extra, b""))
+            self._send(self._head_bytes(status, content_type, extra, b""))
 
     def write(self, data: bytes) -> None:
         if data and not self.closed and not self.finished:
-            self.transport.write(encode_chunk(data) if self._chunked_out else data)
+            self._send(encode_chunk(data) if self._chunked_out else data)
 
     def end(self) -> None:
         if self.finished or not self.busy:
             return
-        if not self.closed and self._chunked_out:
-            self.transport.write(LAST_CHUNK)
+        if self._chunked_out:
+            self._send(LAST_CHUNK)
         self._complete()
 
     async def drain(self) -> None:
@@ -305,6 +320,8 @@ class HttpConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
+            if self._cork:
+                self.uncork()
             self.closed = True
             self.transport.close()
 

@@ -174,7 +174,7 @@ class RouterApp:
     async def _workers(self, req: Request, conn: HttpConnection, extra: bytes) -> int:
         doc: dict = {"mode": self.mode, "workers": [w.view() for w in self.workers.all()],
                      "policies": {role: p.describe() for role, p in self.policies.items()},
-                     "inflight": self.metrics.inflight, "queued": self.limiter.waiting}
+                     "inflight": self.metrics.inflight, "queued": self.limiter.waiting, "process": os.getpid()}
         if self.follower is not None:
             f = self.follower
             doc["registry"] = {"url": redact_url(f.url), "run_id": f.run_id, "connected": f.connected,

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--health-timeout", type=float, default=5.0)
     g.add_argument("--eject-after", type=int, default=3, help="consecutive failures that eject a worker")
     g.add_argument("--readmit-after", type=int, default=2, help="consecutive probe successes that readmit it")
+    g = p.add_argument_group("processes")
+    g.add_argument("--processes", type=int, default=1,
+                   help="router processes sharing the port (SO_REUSEPORT); each keeps its own policy state, "
+                        "limits are split between them, /metrics sums them all")
     g = p.add_argument_group("misc")
     g.add_argument("--served-model-name", help="model id answered by /v1/models (default: ask a worker)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -97,6 +101,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("request_timeout", "connect_timeout", "idle_timeout", "health_interval", "health_timeout"):
         if getattr(ns, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+    if ns.processes < 1:
+        raise ConfigError("--processes must be >= 1")
+    if ns.processes > 1 and ns.port == 0:
+        raise ConfigError("--processes > 1 needs a fixed --port (they share it)")
     if ns.first_byte_timeout is None:
         ns.first_byte_timeout = ns.request_timeout
     return ns

@@ -145,6 +145,8 @@ class Dispatcher:
 class Exchange:
     """One client request in flight. Subclasses implement ``legs``, ``begin`` and the conn callbacks."""
 
+    __slots__ = ("d", "client", "path", "extra", "stream", "label", "t0", "key", "done")
+
     def __init__(self, d: Dispatcher, client: HttpConnection, path: bytes, extra: bytes, stream: bool,
                  label: str, t0: float, key: str | None) -> None:
         self.d = d
@@ -177,11 +179,15 @@ class Exchange:
     def relay(self, conn: UpstreamConn, sink: Callable[[bytes], None]) -> None:
         """Stream the worker's response bytes to the client unchanged (re-framed as chunks)."""
         client = self.client
+        if conn.receiving:  # head and first chunks leave in one write when data_received returns
+            client.cork()
+            conn.corked = client
         client.start_stream(200, conn.ctype, self.extra)
         for part in conn.parts:
             sink(part)
         conn.parts = []
         conn.sink = sink
+        conn.relay_to = client
         client.on_pause = conn.pause_reading
         client.on_resume = conn.resume_reading
 
@@ -254,6 +260,8 @@ class Exchange:
 
 class Single(Exchange):
     """Aggregated mode: the request goes to one worker as it came."""
+
+    __slots__ = ("raw", "leg")
 
     def __init__(self, *args, raw: bytes) -> None:
         super().__init__(*args)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
 
 from hpcserve.http import HttpServer
 from hpcserve.router.app import RouterApp
@@ -40,25 +44,45 @@ def build(ns) -> tuple[RouterApp, HealthChecker, RegistryFollower | None]:
     else:
         policies = {"both": make_policy(ns.policy, **opts)}
     workers.on_removed.append(lambda w: policies[w.role].forget(w) if w.role in policies else None)
-    metrics = RouterMetrics(workers)
+    metrics = RouterMetrics(workers, getattr(ns, "share_dir", None))
     dispatcher = Dispatcher(workers, metrics, policies, first_byte_timeout=ns.first_byte_timeout,
                             idle_timeout=ns.idle_timeout, request_timeout=ns.request_timeout,
                             max_retries=ns.max_retries)
     follower = RegistryFollower(workers, ns.redis_url, ns.run_id, rescan_interval=ns.registry_rescan) \
         if ns.redis_url else None
     app = RouterApp(mode=ns.mode, workers=workers, dispatcher=dispatcher, metrics=metrics,
-                    limiter=Limiter(ns.max_concurrency, ns.queue_size, ns.queue_timeout), policies=policies,
+                    limiter=Limiter(_share(ns.max_concurrency, ns.processes), _share(ns.queue_size, ns.processes),
+                                    ns.queue_timeout), policies=policies,
                     api_key=ns.api_key, served_model_name=ns.served_model_name, follower=follower)
     dispatcher.on_finished = app.finished
     health = HealthChecker(workers, interval=ns.health_interval, timeout=ns.health_timeout)
     return app, health, follower
 
 
+def _share(total: int, processes: int) -> int:
+    """One process's part of a limit that holds for all of them together (0 stays unlimited)."""
+    return 0 if total == 0 else max(1, -(-total // processes))
+
+
+async def _snapshots(app: RouterApp) -> None:
+    while True:
+        try:
+            app.metrics.write_snapshot()
+        except OSError as err:
+            log.warning("cannot share metrics: %s", err)
+        await asyncio.sleep(1.0)
+
+
 async def serve(ns) -> None:
     app, health, follower = build(ns)
+    # Startup objects never die: keep them out of the collector's way, and collect young objects less
+    # often (the hot path allocates many short-lived ones, few of them in cycles).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     server = HttpServer(app.handle, max_body_bytes=ns.max_body_bytes)
     try:
-        port = await server.start(ns.host, ns.port)
+        port = await server.start(ns.host, ns.port, reuse_port=ns.processes > 1)
     except OSError as err:
         raise ConfigError(f"cannot listen on {ns.host}:{ns.port}: {err.strerror or err}") from None
     loop = asyncio.get_running_loop()
@@ -68,6 +92,8 @@ async def serve(ns) -> None:
     tasks = [loop.create_task(health.run())]
     if follower is not None:
         tasks.append(loop.create_task(follower.run()))
+    if app.metrics.share_dir is not None:
+        tasks.append(loop.create_task(_snapshots(app)))
     log.info("router listening on http://%s:%d (%s mode, %d static workers)", ns.host, port, ns.mode,
              len(app.workers.workers))
     await stop
@@ -89,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcserve router: error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ns.processes > 1:
+        return run_processes(ns)
+    return run_one(ns)
+
+
+def run_one(ns) -> int:
     try:
         import uvloop
         runner = uvloop.run
@@ -102,3 +134,43 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def run_processes(ns) -> int:
+    """Fork ``--processes`` routers on one SO_REUSEPORT port; the kernel spreads connections over them.
+    The parent forwards SIGTERM/SIGINT and ends all when one dies (the node agent restarts the router)."""
+    ns.share_dir = tempfile.mkdtemp(prefix="hpcserve-router-")
+    children: list[int] = []
+    try:
+        for _ in range(ns.processes):
+            pid = os.fork()
+            if pid == 0:  # child: no event loop exists yet in the parent, so forking is safe
+                code = 1
+                try:
+                    code = run_one(ns)
+                finally:
+                    os._exit(code)
+            children.append(pid)
+
+        def forward(sig: int, _frame: object) -> None:
+            for child in children:
+                try:
+                    os.kill(child, sig)
+                except ProcessLookupError:
+                    pass
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        code = 0
+        alive = set(children)
+        while alive:
+            pid, status = os.wait()
+            alive.discard(pid)
+            rc = os.waitstatus_to_exitcode(status)
+            if rc != 0 and alive:
+                log.error("router process %d exited with %d; stopping the others", pid, rc)
+                forward(signal.SIGTERM, None)
+            code = code or (rc if rc > 0 else 1 if rc < 0 else 0)
+        return code
+    finally:
+        shutil.rmtree(ns.share_dir, ignore_errors=True)

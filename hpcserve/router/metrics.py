@@ -3,9 +3,11 @@ are turned into prometheus-client metric families only when /metrics is scraped.
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from typing import Iterable
 
+import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -16,8 +18,9 @@ BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class RouterMetrics:
-    def __init__(self, workers: WorkerSet) -> None:
+    def __init__(self, workers: WorkerSet, share_dir: str | None = None) -> None:
         self.workers = workers
+        self.share_dir = share_dir
         self.requests: dict[tuple[str, int], int] = {}
         self.latency: dict[str, list] = {}  # route -> [bucket counts..., +Inf count, sum]
         self.retries: dict[str, int] = {}
@@ -50,55 +53,116 @@ class RouterMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    # ---- several router processes (--processes): each shares a snapshot, /metrics sums them all
+    def snapshot(self) -> dict:
+        return {
+            "requests": [[r, s, n] for (r, s), n in self.requests.items()],
+            "latency": self.latency, "retries": self.retries,
+            "upstream_errors": [[w, k, n] for (w, k), n in self.upstream_errors.items()],
+            "rejected": self.rejected, "inflight": self.inflight, "queued": self.queued,
+            "ejections_total": self.workers.ejections_total,
+            "workers": {w.id: [w.role, w.inflight, 1 if w.circuit == "closed" else 0, w.ejections]
+                        for w in self.workers.all()},
+        }
+
+    def write_snapshot(self) -> None:
+        if self.share_dir is None:
+            return
+        path = os.path.join(self.share_dir, f"metrics-{os.getpid()}.json")
+        with open(path + ".tmp", "wb") as f:
+            f.write(orjson.dumps(self.snapshot()))
+        os.replace(path + ".tmp", path)
+
+    def _merged(self) -> dict:
+        snap = self.snapshot()
+        if self.share_dir is None:
+            return snap
+        mine = f"metrics-{os.getpid()}.json"
+        for name in os.listdir(self.share_dir):
+            if name.startswith("metrics-") and name.endswith(".json") and name != mine:
+                try:
+                    with open(os.path.join(self.share_dir, name), "rb") as f:
+                        other = orjson.loads(f.read())
+                except (OSError, orjson.JSONDecodeError):
+                    continue
+                _add(snap, other)
+        return snap
+
     def collect(self) -> Iterable:
+        m = self._merged()
         c = CounterMetricFamily("hpcserve_router_requests", "Requests answered, by route and HTTP status.",
                                 labels=["route", "status"])
-        for (route, status), n in sorted(self.requests.items()):
+        for route, status, n in sorted(m["requests"]):
             c.add_metric([route, str(status)], n)
         yield c
         h = HistogramMetricFamily("hpcserve_router_request_duration_seconds",
                                   "Time from request parsed to response complete (whole stream for streams).",
                                   labels=["route"])
-        for route, counts in sorted(self.latency.items()):
+        for route, counts in sorted(m["latency"].items()):
             cum, buckets = 0, []
             for bound, n in zip(BUCKETS + (float("inf"),), counts[:-1]):
                 cum += n
                 buckets.append((str(bound) if bound != float("inf") else "+Inf", cum))
             h.add_metric([route], buckets, counts[-1])
         yield h
-        g = GaugeMetricFamily("hpcserve_router_inflight_requests", "Requests being served now.")
-        g.add_metric([], self.inflight)
-        yield g
-        g = GaugeMetricFamily("hpcserve_router_queued_requests", "Requests waiting for a concurrency slot.")
-        g.add_metric([], self.queued)
-        yield g
+        for name, doc, value in (("inflight_requests", "Requests being served now.", m["inflight"]),
+                                 ("queued_requests", "Requests waiting for a concurrency slot.", m["queued"])):
+            g = GaugeMetricFamily(f"hpcserve_router_{name}", doc)
+            g.add_metric([], value)
+            yield g
         wi = GaugeMetricFamily("hpcserve_router_worker_inflight", "In-flight requests per worker.",
                                labels=["worker", "role"])
         wh = GaugeMetricFamily("hpcserve_router_worker_healthy", "1 if the worker receives traffic.",
                                labels=["worker", "role"])
         ej = CounterMetricFamily("hpcserve_router_worker_ejections", "Times a worker was ejected by its breaker.",
                                  labels=["worker", "role"])
-        for w in self.workers.all():
-            wi.add_metric([w.id, w.role], w.inflight)
-            wh.add_metric([w.id, w.role], 1 if w.circuit == "closed" else 0)
-            ej.add_metric([w.id, w.role], w.ejections)
+        for wid, (role, inflight, healthy, ejections) in sorted(m["workers"].items()):
+            wi.add_metric([wid, role], inflight)
+            wh.add_metric([wid, role], healthy)
+            ej.add_metric([wid, role], ejections)
         yield wi
         yield wh
         yield ej
         t = CounterMetricFamily("hpcserve_router_ejections", "Worker ejections since start (all workers).")
-        t.add_metric([], self.workers.ejections_total)
+        t.add_metric([], m["ejections_total"])
         yield t
         r = CounterMetricFamily("hpcserve_router_retries", "Requests re-sent to another worker after a connect "
                                 "failure.", labels=["role"])
-        for role, n in sorted(self.retries.items()):
+        for role, n in sorted(m["retries"].items()):
             r.add_metric([role], n)
         yield r
         u = CounterMetricFamily("hpcserve_router_upstream_errors", "Failed upstream calls by worker and kind.",
                                 labels=["worker", "kind"])
-        for (wid, kind), n in sorted(self.upstream_errors.items()):
+        for wid, kind, n in sorted(m["upstream_errors"]):
             u.add_metric([wid, kind], n)
         yield u
         x = CounterMetricFamily("hpcserve_router_rejected", "Requests refused by limits.", labels=["reason"])
-        for reason, n in sorted(self.rejected.items()):
+        for reason, n in sorted(m["rejected"].items()):
             x.add_metric([reason], n)
         yield x
+
+
+def _add(into: dict, other: dict) -> None:
+    """Sum another process's snapshot into ``into`` (counters, histograms, gauges; healthy: all must be)."""
+    def add_rows(key: str) -> None:
+        rows = {tuple(r[:-1]): r[-1] for r in into[key]}
+        for r in other.get(key, []):
+            rows[tuple(r[:-1])] = rows.get(tuple(r[:-1]), 0) + r[-1]
+        into[key] = [[*k, n] for k, n in rows.items()]
+
+    add_rows("requests")
+    add_rows("upstream_errors")
+    for key in ("retries", "rejected"):
+        for k, n in other.get(key, {}).items():
+            into[key][k] = into[key].get(k, 0) + n
+    for route, counts in other.get("latency", {}).items():
+        mine = into["latency"].setdefault(route, [0] * len(counts))
+        into["latency"][route] = [a + b for a, b in zip(mine, counts)]
+    for key in ("inflight", "queued", "ejections_total"):
+        into[key] += other.get(key, 0)
+    for wid, (role, inflight, healthy, ejections) in other.get("workers", {}).items():
+        if wid in into["workers"]:
+            r, i, h, e = into["workers"][wid]
+            into["workers"][wid] = [r, i + inflight, min(h, healthy), e + ejections]
+        else:
+            into["workers"][wid] = [role, inflight, healthy, ejections]

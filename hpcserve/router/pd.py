@@ -14,6 +14,8 @@ ROOM_MASK = (1 << 63) - 1
 
 
 class Pair(Exchange):
+    __slots__ = ("body", "pre", "dec", "want_logprob", "prefill_items", "merger", "head_waiting", "decode_waiting")
+
     def __init__(self, *args, body: dict) -> None:
         super().__init__(*args)
         self.body = body
