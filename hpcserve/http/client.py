@@ -132,10 +132,10 @@ class UpstreamConn(asyncio.Protocol):
 
     def timed_out(self, now: float) -> None:
         first, idle, total = self.limits
-        if now - self.sent_at >= total:
-            why = f"did not finish within the request timeout ({total:g} s)"
-        elif self._state == _HEAD:
+        if self._state == _HEAD and now - self.sent_at >= first:
             why = f"sent no response within the first-byte timeout ({first:g} s)"
+        elif now - self.sent_at >= total:
+            why = f"did not finish within the request timeout ({total:g} s)"
         else:
             why = f"sent nothing for {idle:g} s (idle timeout)"
         self._fail(UpstreamTimeout(f"{self.pool.name} {why}"))
