@@ -67,6 +67,11 @@ def test_requeue_mid_batch_keeps_exactly_once(tmp_path):
     done_before = output.read_text().count("\n")
     assert 300 <= done_before < ROWS, "requeue must happen mid-batch"
     run_slurm("scontrol", "requeue", run.job_id)
+    # Slurm holds a requeued job back (begin time about two minutes out); let it start as soon as it is pending
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and query_jobs([run.job_id])[run.job_id].state != "PENDING":
+        time.sleep(0.5)
+    run_slurm("scontrol", "update", f"JobId={run.job_id}", "StartTime=now", check=False)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         st = query_jobs([run.job_id])[run.job_id].state
