@@ -88,8 +88,8 @@ def test_one_request_reaches_each_side_once(cluster):
     r = httpx.post(cluster["router"].url + "/generate", json={"text": "count me"}, timeout=20)
     assert r.status_code == 200
     after_p, after_d = stats(cluster["prefill"]), stats(cluster["decode"])
-    assert after_p["requests_total"] - before_p["requests_total"] == 1
-    assert after_d["requests_total"] - before_d["requests_total"] == 1
+    assert after_p["requests"].get("/generate", 0) - before_p["requests"].get("/generate", 0) == 1
+    assert after_d["requests"].get("/generate", 0) - before_d["requests"].get("/generate", 0) == 1
     assert after_d["pd_rejected"] == before_d["pd_rejected"]  # bootstrap fields were present
 
 

@@ -84,7 +84,7 @@ class UpstreamConn(asyncio.Protocol):
         self._dec: ChunkedDecoder | None = None
         self.owner: Owner | None = None
         self.status = 0
-        self.ctype = b"application/json"
+        self._head_raw = self._head_lower = b""
         self.parts: list[bytes] = []
         self.sink: Callable[[bytes], None] | None = None
         self.relay_to = None  # the client connection a relay writes to (corked per received batch)
@@ -141,24 +141,15 @@ class UpstreamConn(asyncio.Protocol):
         self._fail(UpstreamTimeout(f"{self.pool.name} {why}"))
 
     def data_received(self, data: bytes) -> None:
-        relay = self.relay_to
-        if relay is not None:
-            relay.cork()
-            self.corked = relay
-        self.receiving = True
-        try:
-            self._received(data)
-        finally:
-            self.receiving = False
-            corked, self.corked = self.corked, None
-            if corked is not None:
-                corked.uncork()
-
-    def _received(self, data: bytes) -> None:
         st = self._state
         if st == _IDLE or st == _DONE:  # bytes nobody asked for: the connection is unusable
             self.close()
             return
+        relay = self.relay_to
+        if relay is not None:  # a relay's writes of this batch of bytes leave as one
+            relay.cork()
+            self.corked = relay
+        self.receiving = True
         self.last = time.monotonic()
         try:
             if st == _HEAD:
@@ -209,6 +200,16 @@ class UpstreamConn(asyncio.Protocol):
             crashed = getattr(owner, "crashed", None)
             if crashed is not None:
                 crashed()
+        finally:
+            self.receiving = False
+            corked = self.corked
+            if corked is not None:
+                self.corked = None
+                corked.uncork()
+
+    @property
+    def ctype(self) -> bytes:
+        return find_header(self._head_raw, self._head_lower, H_CONTENT_TYPE) or b"application/json"
 
     def _head(self, head: bytes) -> None:
         code = head[9:12]
@@ -221,21 +222,23 @@ class UpstreamConn(asyncio.Protocol):
             self.reusable = (b"close" not in conn) if head[7:8] == b"1" else (b"keep-alive" in conn)
         else:
             self.reusable = head[7:8] == b"1"
-        self.ctype = find_header(head, lower, H_CONTENT_TYPE) or b"application/json"
+        self._head_raw, self._head_lower = head, lower
         if status == 204 or status == 304:
             self._state, self._left = _BODY_CL, 0
         elif H_TRANSFER_ENCODING in lower and find_header(lower, lower, H_TRANSFER_ENCODING).endswith(b"chunked"):
             self._dec = ChunkedDecoder()
             self._state = _BODY_CHUNKED
         else:
-            cl = find_header(lower, lower, H_CONTENT_LENGTH)
-            if cl is None:
+            i = lower.find(H_CONTENT_LENGTH)
+            if i < 0:
                 self._state = _BODY_EOF
                 self.reusable = False
-            elif cl.isdigit():
-                self._state, self._left = _BODY_CL, int(cl)
             else:
-                raise HttpParseError("invalid Content-Length")
+                j = lower.find(b"\r\n", i + 17)
+                cl = (lower[i + 17:j] if j > 0 else lower[i + 17:]).strip()
+                if not cl.isdigit():
+                    raise HttpParseError("invalid Content-Length")
+                self._state, self._left = _BODY_CL, int(cl)
 
     def _emit(self, piece: bytes) -> None:
         if self.sink is not None:
