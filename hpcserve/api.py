@@ -66,11 +66,35 @@ def up(recipe: str | Path, overrides: list[str] = (), run_dir: str | Path | None
 
 def submit(recipe: str | Path, overrides: list[str] = (), cluster: str | None = None,
            run_dir: str | Path | None = None, sbatch_args: list[str] = ()) -> list["Run"]:
-    """Write the run dir(s), then sbatch each plan (a sweep: one job per point). Returns the Runs."""
+    """Write the run dir(s), then sbatch. A sweep whose points each end by themselves (a benchmark stage) and
+    share the cluster settings runs inside ONE allocation, point after point; otherwise one job per point."""
+    from hpcserve.backends.base import Run
     from hpcserve.backends.slurm import SlurmBackend
     backend = SlurmBackend()
-    return [backend.submit(d, plan, extra_args=list(sbatch_args))
-            for d, plan in prepare_run(recipe, overrides, cluster, run_dir)]
+    dirs = prepare_run(recipe, overrides, cluster, run_dir)
+    if len(dirs) > 1 and sweep_fits_one_allocation([p for _, p in dirs]):
+        from hpcserve.render import render_sbatch
+        top = dirs[0][0].parent
+        nodes = max(p.num_nodes for _, p in dirs)
+        first = dirs[0][1]
+        alloc = first.model_copy(update={"slurm": first.slurm.model_copy(update={"nodes": nodes})})
+        (top / "logs").mkdir(exist_ok=True)
+        atomic_write(top / "job.sbatch", render_sbatch(alloc, points=[(d.name, p.num_nodes) for d, p in dirs]),
+                     mode=0o755)
+        run = backend.submit(top, alloc, extra_args=list(sbatch_args))
+        for d, _ in dirs:
+            Run(d, "slurm", job_id=run.job_id).save()
+        return [run]
+    return [backend.submit(d, plan, extra_args=list(sbatch_args)) for d, plan in dirs]
+
+
+def sweep_fits_one_allocation(plans: list[Plan]) -> bool:
+    """Points run back to back in one job when each ends on its own (benchmark stage) and all ask Slurm for
+    the same thing apart from the node count."""
+    if not all(any(p.kind == "bench" for p in plan.processes) for plan in plans):
+        return False
+    same = {plan.slurm.model_copy(update={"nodes": 0}).model_dump_json() for plan in plans}
+    return len(same) == 1
 
 
 def wait_ready(run: "Run", timeout: float) -> dict:

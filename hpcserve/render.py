@@ -24,8 +24,10 @@ _ENV.filters["shq"] = lambda v: shlex.quote(str(v))
 RUN_FILES = ("recipe.resolved.yaml", "plan.json", "job.sbatch")
 
 
-def render_sbatch(plan: Plan) -> str:
-    return _ENV.get_template("job.sbatch.j2").render(s=plan.slurm, env=sorted(plan.env.items()), python=plan.python)
+def render_sbatch(plan: Plan, points: list[tuple[str, int]] | None = None) -> str:
+    """The batch script. ``points`` (name, nodes) runs a sweep's points one after another in one allocation."""
+    return _ENV.get_template("job.sbatch.j2").render(s=plan.slurm, env=sorted(plan.env.items()), python=plan.python,
+                                                     points=points)
 
 
 def resolved_yaml(raw: dict) -> str:
