@@ -45,8 +45,8 @@ sweep:
         time.sleep(2)
     assert state == "COMPLETED", (tmp_path / "run/logs").iterdir()
     rows = list(csv.DictReader((tmp_path / "run/report/rollup.csv").open()))
-    points = {r.get("point") or r.get("run") for r in rows}
-    assert len(rows) == 6 and len(points) == 3, rows[:2]
+    points = {r["run"] for r in rows}
+    assert len(rows) == 6 and points == {f"sweep-local[decode.replicas={n}]" for n in (1, 2, 3)}, rows[:2]
     assert sorted({int(r["concurrency"]) for r in rows}) == [1, 4]
     assert all(float(r["output_tok_s"]) > 0 for r in rows if "output_tok_s" in r)
     assert len(list((tmp_path / "run/report").glob("*.png"))) >= 2

@@ -106,7 +106,7 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
         head_procs.append(batch_spec(recipe, head, hp_python, shard))
     if recipe.benchmark is not None:
         head_procs.append(bench_spec(recipe, head, hp_python, sum(w.gpus * len(w.nodes) if len(w.nodes) > 1
-                                                                  else w.gpus for w in workers)))
+                                                                  else w.gpus for w in workers), point or {}))
     procs = head_procs + procs
     node_specs = [NodeSpec(index=i, roles=nodes.roles[i],
                            gpus_used=sorted(g for p in procs if p.node == i for g in p.gpus))
