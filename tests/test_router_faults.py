@@ -8,7 +8,6 @@ import signal
 import threading
 
 import httpx
-import pytest
 
 from hpcserve.mock.launch import MockProcess
 from test_router_util import RouterProc, bootstrap_port, free_port, start_pd, stats, wait_until
