@@ -92,3 +92,43 @@ def test_ready_reports_missing_role_and_requests_get_503(tmp_path):
             router.stop()
         prefill.stop()
         decode.stop()
+
+
+FLAKY_WORKER = r"""
+import asyncio, sys
+from hpcserve.http import HttpServer
+n = 0
+def handle(req, conn):
+    global n
+    if req.path == b"/health":
+        conn.respond(200, b"{}")
+        return
+    n += 1
+    conn.respond(500 if n % 2 else 200, b'{"text": "ok"}')
+async def main():
+    await HttpServer(handle).start("127.0.0.1", int(sys.argv[1]))
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def test_passive_successes_reset_the_failure_count(tmp_path):
+    import subprocess
+    import sys
+    from test_router_util import free_port
+    port = free_port()
+    worker = subprocess.Popen([sys.executable, "-c", FLAKY_WORKER, str(port)])
+    router = None
+    try:
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200, 10)
+        router = RouterProc(["--worker", f"http://127.0.0.1:{port}", "--eject-after", "2", "--health-interval", "60"],
+                            tmp_path)
+        codes = [httpx.post(router.url + "/generate", json={"text": "x"}, timeout=10).status_code for _ in range(8)]
+        assert codes == [500, 200] * 4  # worker errors are passed through, not retried
+        view = router.workers()["workers"][0]
+        assert view["circuit"] == "closed" and view["ejections"] == 0  # never 2 failures in a row
+    finally:
+        if router is not None:
+            router.stop()
+        worker.terminate()
+        worker.wait(10)

@@ -119,3 +119,30 @@ def test_routing_key(body, key):
 ])
 def test_batch_size(body, n):
     assert batch_size(body) == n
+
+
+def test_breaker_counts_consecutive_failures_only():
+    from hpcserve.router.workers import WorkerSet
+
+    async def build() -> WorkerSet:
+        ws = WorkerSet("aggregated", eject_after=3, readmit_after=2)
+        ws.add_static("both", "http://127.0.0.1:20001")
+        return ws
+
+    ws = asyncio.run(build())
+    w = ws.workers["both-0"]
+    for _ in range(5):  # failures separated by successes never eject
+        ws.record_failure(w, "boom")
+        ws.record_failure(w, "boom")
+        ws.record_success(w)
+    assert w.circuit == "closed" and ws.healthy["both"] == [w]
+    for _ in range(3):
+        ws.record_failure(w, "boom")
+    assert (w.circuit, w.ejections, ws.healthy["both"]) == ("open", 1, [])
+    ws.record_success(w)
+    assert w.circuit == "half_open" and ws.healthy["both"] == []
+    ws.record_failure(w, "again")
+    assert w.circuit == "open"
+    ws.record_success(w)
+    ws.record_success(w)
+    assert w.circuit == "closed" and ws.healthy["both"] == [w]

@@ -115,18 +115,20 @@ class Dispatcher:
         w = leg.w
         w.inflight -= 1
         conn = leg.conn
+        complete = False
         if conn is not None:
+            complete = conn.complete
             w.pool.release(conn)
         if leg.innocent:
             return
         if err is not None:
             self.workers.record_failure(w, str(err))
             self.metrics.upstream_error(w.id, kind or ("timeout" if isinstance(err, UpstreamTimeout) else "io"))
-        elif conn is not None and conn.status >= 500:
+        elif complete and conn.status >= 500:
             self.workers.record_failure(w, f"{w.id} answered HTTP {conn.status}")
             self.metrics.upstream_error(w.id, "http_5xx")
-        elif (w.fails or w.circuit != "closed") and conn is not None and conn.complete:
-            self.workers.record_success(w)
+        elif complete and (w.fails or w.circuit != "closed"):
+            self.workers.record_success(w)  # a good answer resets the count of consecutive failures
 
     def unuse(self, leg: Leg) -> None:
         """Give back a leg whose request was never sent (its pooled socket stays usable)."""
