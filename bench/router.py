@@ -108,9 +108,8 @@ def start_ours(procs: Procs, w: dict, logdir: Path, processes: int = 1) -> dict:
 
 
 def start_sglang(procs: Procs, w: dict, logdir: Path) -> dict | None:
-    try:
-        import sglang_router  # noqa: F401  (only checks that it is installed)
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("sglang_router") is None:
         print("sglang-router is not installed (pip install sglang-router): skipping it")
         return None
     port = _free_port()
