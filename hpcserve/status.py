@@ -34,6 +34,7 @@ class RunStatus:
     workers: dict = field(default_factory=dict)        # role -> {state: count}
     worker_list: list = field(default_factory=list)
     failure: str | None = None
+    progress: dict = field(default_factory=dict)       # batch_* fields the batch driver writes to Redis
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +113,7 @@ def collect(targets: list[str]) -> list[RunStatus]:
             st.endpoint = ep["url"] if ep else None
             if st.slurm_state in (None, "RUNNING", "COMPLETING"):
                 redis_status, workers = _redis_view(run_dir, run_dir.name)
+                st.progress = {k: v for k, v in (redis_status or {}).items() if k.startswith("batch_")}
                 if workers is not None:
                     st.worker_list = workers
                     by_role: dict[str, Counter] = {}

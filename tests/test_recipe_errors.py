@@ -152,3 +152,8 @@ def test_cli_exit_code_and_no_traceback(tmp_path):
     out = res.output.strip()
     assert "Traceback" not in out
     assert out.count("\n") == 0 and "prefill.tpp: unknown key (did you mean 'tp'?)" in out
+
+
+def test_sglang_router_policy_without_least_load(tmp_path):
+    msg = error_of(tmp_path, GOOD + "router: {kind: sglang}\n")
+    assert "r.yaml:7 router.decode_policy: sglang-router has no least_load policy" in msg

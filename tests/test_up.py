@@ -175,3 +175,17 @@ def test_sigint_on_up_leaves_no_process(tmp_path):
         if proc.poll() is None:
             proc.kill()
     _wait(lambda: pids_alive(tree) == [], 15)
+
+
+def test_status_and_logs_of_a_local_run(deployment):
+    run, _ = deployment()
+    res = subprocess.run([sys.executable, "-m", "hpcserve", "status", str(run.run_dir), "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    [st] = json.loads(res.stdout)
+    assert st["phase"] == "ready" and st["backend"] == "local" and st["endpoint"] == run.endpoint["url"]
+    assert st["workers"] == {"decode": {"ready": 1}, "prefill": {"ready": 1}}
+    res = subprocess.run([sys.executable, "-m", "hpcserve", "logs", str(run.run_dir), "--role", "decode"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    assert "==> decode-0" in res.stdout and "decode server" in res.stdout and "prefill-0" not in res.stdout

@@ -46,12 +46,15 @@ def register(app: typer.Typer) -> None:
             sys.stdout.write(json.dumps([s.to_dict() for s in sts], indent=1) + "\n")
             return
         t = Table()
-        for col in ("job", "phase", "slurm", "reason", "workers", "endpoint", "run dir"):
+        for col in ("job", "phase", "slurm", "reason", "workers", "batch", "endpoint", "run dir"):
             t.add_column(col)
         for s in sts:
             workers = "; ".join(f"{r}: " + ",".join(f"{n} {st}" for st, n in c.items()) for r, c in s.workers.items())
+            p = s.progress
+            batch = (f"{p.get('batch_done', 0)}/{p.get('batch_total', '?')} done, {p.get('batch_failed', 0)} failed, "
+                     f"{p.get('batch_rows_per_s', 0)} rows/s" if p else "-")
             t.add_row(s.job_id or "-", s.phase, s.slurm_state or "-", s.failure or s.reason or "",
-                      workers or "-", s.endpoint or "-", s.run_dir or "-")
+                      workers or "-", batch, s.endpoint or "-", s.run_dir or "-")
         console.print(t)
 
     @app.command()

@@ -103,7 +103,7 @@ def format_error(err: ValidationError | dict, model: type[BaseModel], src: Sourc
         return f"{where} {key}: required key is missing; add it"
     msg = e["msg"].removeprefix("Value error, ")
     m = re.match(r"^([A-Za-z_]+(?:\.[A-Za-z_-]+)*): (.*)$", msg)
-    if not loc and m:   # a cross-field check names its own key path
+    if m and (not loc or m.group(1).startswith(".".join(map(str, loc)) + ".")):   # a check that names its key
         kp = tuple(m.group(1).split("."))
         return f"{src.where(prefix + kp)} {m.group(1)}: {m.group(2)}"
     if e["type"] not in ("value_error", "assertion_error") and "input" in e:

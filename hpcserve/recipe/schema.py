@@ -161,6 +161,16 @@ class RouterSpec(Strict):
             raise ValueError(f"unknown policy {v!r}; choose one of: {', '.join(sorted(known))}")
         return v
 
+    @model_validator(mode="after")
+    def _sglang_router_policies(self) -> "RouterSpec":
+        """sglang-router 0.3 has no least_load: say so now rather than when the job starts."""
+        if self.kind == "sglang":
+            for name in ("policy", "prefill_policy", "decode_policy"):
+                if getattr(self, name) == "least_load":
+                    raise ValueError(f"router.{name}: sglang-router has no least_load policy; use round_robin, "
+                                     f"power_of_two, cache_aware or random with router.kind: sglang")
+        return self
+
 
 class RedisSpec(Strict):
     url: str | None = Field(None, description="Use an external Redis instead of starting one per run.")
