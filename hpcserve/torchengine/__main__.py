@@ -1,0 +1,5 @@
+import sys
+
+from hpcserve.torchengine.app import main
+
+sys.exit(main(sys.argv[1:]))

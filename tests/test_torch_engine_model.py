@@ -1,0 +1,74 @@
+"""The tiny torch decoder: KV cache against full recomputation, checkpoints, seeded sampling."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hpcserve.torchengine import checkpoint  # noqa: E402
+from hpcserve.torchengine.model import TinyConfig, TinyLlama  # noqa: E402
+from hpcserve.torchengine.sampling import generate, generate_uncached  # noqa: E402
+
+CFG = TinyConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+
+
+def _prompts(n: int, seed: int = 1) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 259) for _ in range(rng.randrange(1, 40))] for _ in range(n)]
+
+
+def test_kv_cache_matches_recomputing_the_whole_sequence():
+    model = TinyLlama.random(CFG, seed=3)
+    for p in _prompts(5):
+        assert generate(model, p, 12, ignore_eos=True) == generate_uncached(model, p, 12, ignore_eos=True)
+        assert generate(model, p, 12) == generate_uncached(model, p, 12)
+
+
+def test_greedy_output_depends_on_prompt_and_weights():
+    a, b = TinyLlama.random(CFG, seed=1), TinyLlama.random(CFG, seed=2)
+    outs = {tuple(generate(a, p, 8, ignore_eos=True)) for p in _prompts(6)}
+    assert len(outs) > 1
+    p = _prompts(1)[0]
+    assert generate(a, p, 8, ignore_eos=True) != generate(b, p, 8, ignore_eos=True)
+
+
+def test_saved_checkpoint_loads_to_identical_outputs(tmp_path):
+    model = TinyLlama.random(CFG, seed=7)
+    checkpoint.save(model, tmp_path / "tiny")
+    cfg = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_key_value_heads"] == 2
+    loaded = checkpoint.load(tmp_path / "tiny")
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, loaded.state_dict()[name]), name
+    for p in _prompts(8):
+        assert generate(loaded, p, 10) == generate(model, p, 10)
+        assert generate(loaded, p, 10, temperature=0.8, seed=5) == generate(model, p, 10, temperature=0.8, seed=5)
+
+
+def test_checkpoint_errors_are_one_line(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="no config.json"):
+        checkpoint.load(tmp_path)
+    checkpoint.save(TinyLlama.random(CFG), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["hidden_size"] = 32
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(checkpoint.CheckpointError, match="do not match"):
+        checkpoint.load(tmp_path / "m")
+
+
+def test_temperature_sampling_is_seeded():
+    model = TinyLlama.random(CFG, seed=4)
+    p = _prompts(1, seed=9)[0]
+    a = generate(model, p, 16, temperature=1.0, seed=11, ignore_eos=True)
+    assert a == generate(model, p, 16, temperature=1.0, seed=11, ignore_eos=True)
+    others = {tuple(generate(model, p, 16, temperature=1.0, seed=s, ignore_eos=True)) for s in range(12, 16)}
+    assert len(others | {tuple(a)}) > 1
+
+
+def test_bad_sizes_are_rejected():
+    with pytest.raises(ValueError, match="heads"):
+        TinyConfig(dim=64, n_heads=5)
