@@ -72,3 +72,33 @@ def test_temperature_sampling_is_seeded():
 def test_bad_sizes_are_rejected():
     with pytest.raises(ValueError, match="heads"):
         TinyConfig(dim=64, n_heads=5)
+
+
+def test_kv_wire_roundtrip_is_bit_exact_and_checked():
+    from hpcserve.torchengine import kvwire
+    model = TinyLlama.random(CFG, seed=2)
+    _, cache = model([5, 6, 7, 8], 0, None)
+    data = kvwire.pack(cache, {"first_token": 9})
+    assert data[:4] == b"HPKV"
+    back, meta = kvwire.unpack(data)
+    assert meta == {"first_token": 9} and len(back) == CFG.n_layers
+    for (k, v), (k2, v2) in zip(cache, back):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+    assert len(data) > CFG.n_layers * 2 * 4 * CFG.n_kv_heads * CFG.head_dim * 4   # raw float32, not JSON text
+    half = [(k.bfloat16(), v.bfloat16()) for k, v in cache]
+    assert torch.equal(kvwire.unpack(kvwire.pack(half, {}))[0][1][0], half[1][0])
+    with pytest.raises(kvwire.WireError, match="magic"):
+        kvwire.unpack(b"JSON" + data[4:])
+    with pytest.raises(kvwire.WireError, match="bytes"):
+        kvwire.unpack(data[:-4])
+
+
+def test_command_line_mistakes_are_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+    for args, words in ((["--model-path", "random", "--torch-layerz", "3"], "--torch-layerz"),
+                        (["--model-path", str(tmp_path)], "config.json"),
+                        (["--model-path", "random", "--torch-dim", "63"], "heads")):
+        r = subprocess.run([sys.executable, "-m", "hpcserve.torchengine", "--port", "1", *args],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

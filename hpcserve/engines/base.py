@@ -111,6 +111,7 @@ def _load_builtin() -> None:
     if not _LOADED:
         _LOADED = True
         from hpcserve.engines import mock, sglang  # noqa: F401  (registers)
+        from hpcserve.engines import torch as _torch  # noqa: F401  (registers; imports no torch)
 
 
 _load_builtin()

@@ -85,7 +85,10 @@ def decode(model: TinyLlama, prompt_len: int, first: int, cache: KVCache, sp: Sa
 def generate(model: TinyLlama, prompt: list[int], max_new_tokens: int = 16, temperature: float = 0.0,
              seed: int = 0, **kw) -> list[int]:
     """The reference: one process, prefill then decode with the KV cache."""
-    sp = Sampling(max_new_tokens, temperature, seed=seed, **kw)
+    return generate_with(model, prompt, Sampling(max_new_tokens, temperature, seed=seed, **kw))
+
+
+def generate_with(model: TinyLlama, prompt: list[int], sp: Sampling) -> list[int]:
     if sp.max_new_tokens == 0:
         return []
     first, cache = prefill(model, prompt, sp)

@@ -1,0 +1,236 @@
+"""SGLang-compatible HTTP API of the torch engine: /generate (aggregated, prefill, decode), info and health.
+
+Scheduling is one request at a time: every model call runs on a single worker thread (so the event loop
+stays free for HTTP and KV transfer) and requests queue FIFO for it. Streaming is supported in shape only:
+the events are written once the whole generation is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+
+from hpcserve.http import HttpConnection, Request
+from hpcserve.mock.tokenizer import Prompt, decode as detokenize
+from hpcserve.torchengine import kvwire
+from hpcserve.torchengine.bootstrap import BinaryKVStore, BootstrapTimeout, KVFetcher
+from hpcserve.torchengine.config import EngineConfig
+from hpcserve.torchengine.model import TinyLlama
+from hpcserve.torchengine.sampling import Sampling, decode, generate_with, prefill
+
+VERSION = "0.5.0-torch"
+DONE = b"data: [DONE]\n\n"
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "BadRequestError") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def error_body(status: int, message: str, kind: str) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
+
+
+def prompt_digest(ids: list[int]) -> str:
+    return hashlib.sha256(orjson.dumps(ids)).hexdigest()[:32]
+
+
+class TorchServer:
+    def __init__(self, cfg: EngineConfig, model: TinyLlama) -> None:
+        self.cfg, self.model = cfg, model
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="torch-model")
+        self.store = BinaryKVStore()
+        self.fetcher = KVFetcher()
+        self.created = int(time.time())
+        self.running = 0
+        self.counts = {"requests": 0, "errors": 0, "kv_bytes_sent": 0, "kv_bytes_received": 0}
+        self.routes = {b"/generate": self.generate, b"/health": self.health, b"/health_generate": self.health,
+                       b"/ping": self.health, b"/v1/models": self.models, b"/model_info": self.model_info,
+                       b"/get_model_info": self.model_info, b"/server_info": self.server_info,
+                       b"/get_server_info": self.server_info, b"/flush_cache": self.flush_cache,
+                       b"/torch/stats": self.stats}
+
+    def handle(self, req: Request, conn: HttpConnection):
+        route = self.routes.get(req.path)
+        if route is None:
+            conn.respond(404, error_body(404, f"no route {req.path.decode('latin-1')} on the torch engine", "NotFound"))
+            return None
+        return route(req, conn)
+
+    async def run_model(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # ---- /generate
+    def parse(self, body: dict) -> tuple[list[int], Sampling]:
+        text, ids = body.get("text"), body.get("input_ids")
+        if isinstance(text, list) or (isinstance(ids, list) and ids and isinstance(ids[0], list)):
+            raise RequestError(400, "batch requests are not supported by the torch engine: send one prompt per request")
+        if text is not None:
+            if not isinstance(text, str):
+                raise RequestError(400, "text must be a string")
+            prompt = Prompt.from_text(text).ids
+        elif ids is not None:
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise RequestError(400, "input_ids must be a list of integers")
+            prompt = list(ids)
+        else:
+            raise RequestError(400, "the request needs text or input_ids")
+        vocab = self.model.cfg.vocab_size
+        if not prompt or not all(0 <= i < vocab for i in prompt):
+            raise RequestError(400, f"the prompt must have at least one token, every id in [0, {vocab})")
+        if len(prompt) >= self.cfg.context_length:
+            raise RequestError(400, f"the prompt has {len(prompt)} tokens; the context length is {self.cfg.context_length}")
+        try:
+            sp = Sampling.from_dict(body.get("sampling_params"), self.cfg.default_max_tokens, random.getrandbits(62))
+        except (ValueError, TypeError) as err:
+            raise RequestError(400, str(err)) from None
+        return prompt, sp
+
+    def generate(self, req: Request, conn: HttpConnection):
+        self.counts["requests"] += 1
+        try:
+            body = orjson.loads(req.body)
+            if not isinstance(body, dict):
+                raise RequestError(400, "the request body must be a JSON object")
+            prompt, sp = self.parse(body)
+        except orjson.JSONDecodeError as err:
+            return self._fail(conn, RequestError(400, f"bad JSON: {err}"))
+        except RequestError as err:
+            return self._fail(conn, err)
+        return self._generate(conn, body, prompt, sp)
+
+    def _fail(self, conn: HttpConnection, err: RequestError) -> None:
+        self.counts["errors"] += 1
+        conn.respond(err.status, error_body(err.status, err.message, err.kind))
+
+    async def _generate(self, conn: HttpConnection, body: dict, prompt: list[int], sp: Sampling) -> None:
+        t0 = time.perf_counter()
+        self.running += 1
+        try:
+            if self.cfg.mode == "prefill":
+                out = await self._prefill(body, prompt, sp)
+            elif self.cfg.mode == "decode":
+                out = await self._decode(body, prompt, sp)
+            else:
+                out = await self.run_model(generate_with, self.model, prompt, sp)
+        except RequestError as err:
+            if body.get("stream"):
+                conn.start_stream(200, b"text/event-stream")
+                conn.write(b"data: " + error_body(err.status, err.message, err.kind) + b"\n\n" + DONE)
+                conn.end()
+                self.counts["errors"] += 1
+                return
+            return self._fail(conn, err)
+        finally:
+            self.running -= 1
+        rid = body.get("rid") or os.urandom(16).hex()
+        if body.get("stream"):
+            conn.start_stream(200, b"text/event-stream", b"cache-control: no-cache\r\n")
+            conn.write(b"".join(b"data: " + orjson.dumps(self._result(rid, prompt, sp, out[:k], k == len(out), t0))
+                                + b"\n\n" for k in range(1, len(out) + 1)) + DONE)
+            conn.end()
+        else:
+            conn.respond(200, orjson.dumps(self._result(rid, prompt, sp, out, True, t0)))
+
+    def _result(self, rid: str, prompt: list[int], sp: Sampling, out: list[int], final: bool, t0: float) -> dict:
+        finish = None
+        if final:
+            finish = ({"type": "stop", "matched": out[-1]} if out and sp.stops(out[-1])
+                      else {"type": "length", "length": len(out)})
+        return {"text": detokenize(out), "output_ids": out,
+                "meta_info": {"id": rid, "finish_reason": finish, "prompt_tokens": len(prompt),
+                              "completion_tokens": len(out), "cached_tokens": 0,
+                              "e2e_latency": round(time.perf_counter() - t0, 6)}}
+
+    @staticmethod
+    def _room(body: dict) -> int:
+        room = body.get("bootstrap_room")
+        if not isinstance(room, int) or isinstance(room, bool):
+            raise RequestError(400, "a PD request needs an integer bootstrap_room (send it through the router)")
+        return room
+
+    async def _prefill(self, body: dict, prompt: list[int], sp: Sampling) -> list[int]:
+        room = self._room(body)
+        first, cache = await self.run_model(prefill, self.model, prompt, sp)
+        meta = {"prompt_len": len(prompt), "prompt_digest": prompt_digest(prompt), "first_token": first,
+                "sampling": sp.to_dict()}
+        payload = kvwire.pack(cache, meta)
+        try:
+            r = self.store.put_bytes(room, payload)
+        except ValueError as err:
+            raise RequestError(400, str(err)) from None
+        if not await self.store.wait_fetched(room, r, self.cfg.bootstrap_timeout):
+            raise RequestError(500, f"bootstrap timeout: no decode server fetched the KV of bootstrap_room {room}",
+                               "InternalServerError")
+        self.counts["kv_bytes_sent"] += len(payload)
+        return [first] if sp.max_new_tokens else []
+
+    async def _decode(self, body: dict, prompt: list[int], sp: Sampling) -> list[int]:
+        host, port, room = body.get("bootstrap_host"), body.get("bootstrap_port"), self._room(body)
+        if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool):
+            raise RequestError(400, "a decode request needs bootstrap_host and an integer bootstrap_port "
+                                    "(the prefill's bootstrap port; it is never defaulted)")
+        try:
+            data = await self.fetcher.fetch(host, port, room, self.cfg.bootstrap_timeout)
+            cache, meta = kvwire.unpack(data)
+        except BootstrapTimeout as err:
+            raise RequestError(500, str(err), "InternalServerError") from None
+        except kvwire.WireError as err:
+            raise RequestError(500, f"KV of bootstrap_room {room}: {err}", "InternalServerError") from None
+        self.counts["kv_bytes_received"] += len(data)
+        if meta["prompt_len"] != len(prompt) or meta["prompt_digest"] != prompt_digest(prompt):
+            raise RequestError(500, f"KV mismatch: bootstrap_room {room} holds the KV of another prompt",
+                               "InternalServerError")
+        layers = self.model.cfg
+        if len(cache) != layers.n_layers or tuple(cache[0][0].shape) != (layers.n_kv_heads, len(prompt), layers.head_dim):
+            raise RequestError(500, f"KV mismatch: the prefill runs another model (KV shape {list(cache[0][0].shape)})",
+                               "InternalServerError")
+        if sp.max_new_tokens == 0:
+            return []
+        # a request without a seed gets the one the prefill drew, so both halves sample one sequence
+        seed = meta["sampling"]["seed"] if "seed" not in (body.get("sampling_params") or {}) and \
+            "sampling_seed" not in (body.get("sampling_params") or {}) else sp.seed
+        sp = Sampling(sp.max_new_tokens, sp.temperature, sp.top_p, seed, sp.stop_token_ids, sp.ignore_eos)
+        return await self.run_model(decode, self.model, len(prompt), meta["first_token"], cache, sp)
+
+    # ---- info, health
+    def health(self, req: Request, conn: HttpConnection) -> None:
+        conn.respond(200, b"", b"text/plain")
+
+    def models(self, req: Request, conn: HttpConnection) -> None:
+        name = self.cfg.served_model_name
+        conn.respond(200, orjson.dumps({"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "sglang", "root": name,
+             "parent": None, "max_model_len": self.cfg.context_length}]}))
+
+    def model_info(self, req: Request, conn: HttpConnection) -> None:
+        conn.respond(200, orjson.dumps({
+            "model_path": self.cfg.model_path, "tokenizer_path": self.cfg.model_path, "is_generation": True,
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "served_model_name": self.cfg.served_model_name,
+            "vocab_size": self.model.cfg.vocab_size, "context_length": self.cfg.context_length,
+            "torch_model": self.model.cfg.describe()}))
+
+    def server_info(self, req: Request, conn: HttpConnection) -> None:
+        cfg = self.cfg
+        conn.respond(200, orjson.dumps({
+            **cfg.server_args(), "version": VERSION, "engine": "torch", "argv": cfg.argv, "extra_args": cfg.extra_args,
+            "pid": os.getpid(), "torch_model": self.model.cfg.describe(), "scheduling": "one request at a time",
+            "bootstrap_port": cfg.bootstrap_port if cfg.mode == "prefill" else None,
+            "internal_states": [{"last_gen_throughput": 0.0, "avg_spec_accept_length": None}]}))
+
+    def flush_cache(self, req: Request, conn: HttpConnection) -> None:
+        conn.respond(200, b"Cache flushed.\n", b"text/plain")
+
+    def stats(self, req: Request, conn: HttpConnection) -> None:
+        conn.respond(200, orjson.dumps({**self.counts, "running": self.running}))
+
+    def close(self) -> None:
+        self.fetcher.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
