@@ -102,3 +102,33 @@ def test_command_line_mistakes_are_one_line_exit_2(tmp_path):
         r = subprocess.run([sys.executable, "-m", "hpcserve.torchengine", "--port", "1", *args],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_scheduler_interleaves_requests_and_matches_the_oracle():
+    import asyncio
+
+    from hpcserve.torchengine.sampling import Sampling
+    from hpcserve.torchengine.scheduler import Scheduler, Seq
+    model = TinyLlama.random(CFG, seed=6)
+    long_p, short_p = _prompts(2, seed=12)
+    finished: list[str] = []
+
+    async def run():
+        sched = Scheduler(model, max_running=4)
+        sched.start()
+
+        async def one(name, prompt, n):
+            seq = await sched.submit(Seq(prompt, Sampling(n, ignore_eos=True)))
+            finished.append(name)
+            return seq.out
+        try:
+            outs = await asyncio.wait_for(asyncio.gather(one("long", long_p, 40), one("short", short_p, 5)), 60)
+        finally:
+            await sched.stop()
+        return outs, sched.iterations
+
+    (long_out, short_out), iterations = asyncio.run(run())
+    assert long_out == generate(model, long_p, 40, ignore_eos=True)
+    assert short_out == generate(model, short_p, 5, ignore_eos=True)
+    assert finished == ["short", "long"]
+    assert iterations == 40          # one step per iteration for both, not 40 + 5

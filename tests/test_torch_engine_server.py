@@ -137,6 +137,9 @@ def test_request_errors_are_400(cluster):
     assert _post(agg, {"input_ids": [5, 100000]}).status_code == 400       # id outside the vocabulary
     assert "batch" in _post(agg, {"text": ["a", "b"]}).json()["error"]["message"]
     assert _post(agg, {"text": "x", "sampling_params": {"max_new_tokens": -1}}).status_code == 400
+    r = _post(agg, {"input_ids": [7] * 500, "sampling_params": {"max_new_tokens": 50, "ignore_eos": True}})
+    assert r.status_code == 400 and "exceeds the model's 512" in r.json()["error"]["message"]
+    assert _post(agg, {"input_ids": [7] * 4, "sampling_params": {"max_new_tokens": 2}}).status_code == 200
 
 
 def test_info_endpoints(cluster):

@@ -51,6 +51,7 @@ async def serve(cfg: EngineConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     engine = TorchServer(cfg, model)
+    engine.scheduler.start()
     servers: list[HttpServer] = []
     try:
         http = HttpServer(engine.handle, max_body_bytes=64 * 1024 * 1024)
@@ -71,6 +72,7 @@ async def serve(cfg: EngineConfig) -> int:
         for s in servers:
             await asyncio.wait_for(s.stop(), 5.0)
         engine.close()
+        await engine.scheduler.stop()
 
 
 def _run(coro) -> int:

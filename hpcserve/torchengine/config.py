@@ -31,6 +31,7 @@ class EngineConfig:
     threads: int
     bootstrap_timeout: float
     default_max_tokens: int
+    max_running: int = 32
     argv: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--torch-bootstrap-timeout", type=float, default=30.0,
                    help="seconds a decode waits for the KV (and a prefill for its decode)")
     t.add_argument("--torch-default-max-tokens", type=int, default=16)
+    t.add_argument("--torch-max-running", type=int, default=32, help="sequences advanced per iteration")
     return p
 
 
@@ -89,4 +91,5 @@ def parse_args(argv: list[str]) -> EngineConfig:
                         bootstrap_port=ns.disaggregation_bootstrap_port,
                         context_length=ns.context_length or tiny.max_seq, tiny=tiny, seed=ns.torch_seed,
                         threads=ns.torch_threads, bootstrap_timeout=ns.torch_bootstrap_timeout,
-                        default_max_tokens=ns.torch_default_max_tokens, argv=list(argv), extra_args=extra)
+                        default_max_tokens=ns.torch_default_max_tokens,
+                        max_running=max(1, ns.torch_max_running), argv=list(argv), extra_args=extra)

@@ -1,18 +1,15 @@
 """SGLang-compatible HTTP API of the torch engine: /generate (aggregated, prefill, decode), info and health.
 
-Scheduling is one request at a time: every model call runs on a single worker thread (so the event loop
-stays free for HTTP and KV transfer) and requests queue FIFO for it. Streaming is supported in shape only:
-the events are written once the whole generation is done.
+Model work goes through the iteration-level scheduler (scheduler.py); the event loop stays free for HTTP
+and KV transfer. Streams get one event per step.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 
@@ -22,7 +19,8 @@ from hpcserve.torchengine import kvwire
 from hpcserve.torchengine.bootstrap import BinaryKVStore, BootstrapTimeout, KVFetcher
 from hpcserve.torchengine.config import EngineConfig
 from hpcserve.torchengine.model import TinyLlama
-from hpcserve.torchengine.sampling import Sampling, decode, generate_with, prefill
+from hpcserve.torchengine.sampling import Sampling
+from hpcserve.torchengine.scheduler import Scheduler, Seq
 
 VERSION = "0.5.0-torch"
 DONE = b"data: [DONE]\n\n"
@@ -45,7 +43,7 @@ def prompt_digest(ids: list[int]) -> str:
 class TorchServer:
     def __init__(self, cfg: EngineConfig, model: TinyLlama) -> None:
         self.cfg, self.model = cfg, model
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="torch-model")
+        self.scheduler = Scheduler(model, cfg.max_running)
         self.store = BinaryKVStore()
         self.fetcher = KVFetcher()
         self.created = int(time.time())
@@ -63,9 +61,6 @@ class TorchServer:
             conn.respond(404, error_body(404, f"no route {req.path.decode('latin-1')} on the torch engine", "NotFound"))
             return None
         return route(req, conn)
-
-    async def run_model(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     # ---- /generate
     def parse(self, body: dict) -> tuple[list[int], Sampling]:
@@ -100,6 +95,7 @@ class TorchServer:
             if not isinstance(body, dict):
                 raise RequestError(400, "the request body must be a JSON object")
             prompt, sp = self.parse(body)
+            self.check_pd_fields(body)
         except orjson.JSONDecodeError as err:
             return self._fail(conn, RequestError(400, f"bad JSON: {err}"))
         except RequestError as err:
@@ -112,56 +108,84 @@ class TorchServer:
 
     async def _generate(self, conn: HttpConnection, body: dict, prompt: list[int], sp: Sampling) -> None:
         t0 = time.perf_counter()
+        rid = body.get("rid") or os.urandom(16).hex()
+        stream = bool(body.get("stream"))
+        on_step = None
+        if stream:
+            conn.start_stream(200, b"text/event-stream", b"cache-control: no-cache\r\n")
+
+            def on_step(seq: Seq) -> None:
+                if not seq.finished:
+                    conn.write(self._event(self._result(rid, prompt, seq.sp, seq.out, False, t0)))
         self.running += 1
         try:
             if self.cfg.mode == "prefill":
                 out = await self._prefill(body, prompt, sp)
             elif self.cfg.mode == "decode":
-                out = await self._decode(body, prompt, sp)
+                out = await self._decode(body, prompt, sp, on_step)
+            elif sp.max_new_tokens == 0:
+                out = []
             else:
-                out = await self.run_model(generate_with, self.model, prompt, sp)
+                out = (await self.scheduler.submit(Seq(prompt, sp, on_step=on_step))).out
         except RequestError as err:
-            if body.get("stream"):
-                conn.start_stream(200, b"text/event-stream")
-                conn.write(b"data: " + error_body(err.status, err.message, err.kind) + b"\n\n" + DONE)
+            self.counts["errors"] += 1
+            if stream:
+                conn.write(self._event(orjson.loads(error_body(err.status, err.message, err.kind))) + DONE)
                 conn.end()
-                self.counts["errors"] += 1
-                return
-            return self._fail(conn, err)
+            else:
+                conn.respond(err.status, error_body(err.status, err.message, err.kind))
+            return
+        except ValueError as err:      # the model refused (sequence longer than its context)
+            self.counts["errors"] += 1
+            if stream:
+                conn.write(self._event(orjson.loads(error_body(400, str(err), "BadRequestError"))) + DONE)
+                conn.end()
+            else:
+                conn.respond(400, error_body(400, str(err), "BadRequestError"))
+            return
         finally:
             self.running -= 1
-        rid = body.get("rid") or os.urandom(16).hex()
-        if body.get("stream"):
-            conn.start_stream(200, b"text/event-stream", b"cache-control: no-cache\r\n")
-            conn.write(b"".join(b"data: " + orjson.dumps(self._result(rid, prompt, sp, out[:k], k == len(out), t0))
-                                + b"\n\n" for k in range(1, len(out) + 1)) + DONE)
+        result = self._result(rid, prompt, sp, out, True, t0)
+        if stream:
+            conn.write(self._event(result) + DONE)
             conn.end()
         else:
-            conn.respond(200, orjson.dumps(self._result(rid, prompt, sp, out, True, t0)))
+            conn.respond(200, orjson.dumps(result))
+
+    @staticmethod
+    def _event(obj: dict) -> bytes:
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
 
     def _result(self, rid: str, prompt: list[int], sp: Sampling, out: list[int], final: bool, t0: float) -> dict:
         finish = None
         if final:
             finish = ({"type": "stop", "matched": out[-1]} if out and sp.stops(out[-1])
                       else {"type": "length", "length": len(out)})
-        return {"text": detokenize(out), "output_ids": out,
+        return {"text": detokenize(out), "output_ids": list(out),
                 "meta_info": {"id": rid, "finish_reason": finish, "prompt_tokens": len(prompt),
                               "completion_tokens": len(out), "cached_tokens": 0,
                               "e2e_latency": round(time.perf_counter() - t0, 6)}}
 
-    @staticmethod
-    def _room(body: dict) -> int:
+    def check_pd_fields(self, body: dict) -> None:
+        """Before anything is sent: a PD server needs the router's bootstrap fields."""
+        if self.cfg.mode == "null":
+            return
         room = body.get("bootstrap_room")
         if not isinstance(room, int) or isinstance(room, bool):
             raise RequestError(400, "a PD request needs an integer bootstrap_room (send it through the router)")
-        return room
+        if self.cfg.mode == "decode":
+            host, port = body.get("bootstrap_host"), body.get("bootstrap_port")
+            if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool):
+                raise RequestError(400, "a decode request needs bootstrap_host and an integer bootstrap_port "
+                                        "(the prefill's bootstrap port; it is never defaulted)")
 
     async def _prefill(self, body: dict, prompt: list[int], sp: Sampling) -> list[int]:
-        room = self._room(body)
-        first, cache = await self.run_model(prefill, self.model, prompt, sp)
+        room = body["bootstrap_room"]
+        seq = await self.scheduler.submit(Seq(prompt, sp, prefill_only=True))
+        first = seq.out[0]
         meta = {"prompt_len": len(prompt), "prompt_digest": prompt_digest(prompt), "first_token": first,
                 "sampling": sp.to_dict()}
-        payload = kvwire.pack(cache, meta)
+        payload = kvwire.pack(seq.cache, meta)
         try:
             r = self.store.put_bytes(room, payload)
         except ValueError as err:
@@ -172,11 +196,8 @@ class TorchServer:
         self.counts["kv_bytes_sent"] += len(payload)
         return [first] if sp.max_new_tokens else []
 
-    async def _decode(self, body: dict, prompt: list[int], sp: Sampling) -> list[int]:
-        host, port, room = body.get("bootstrap_host"), body.get("bootstrap_port"), self._room(body)
-        if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool):
-            raise RequestError(400, "a decode request needs bootstrap_host and an integer bootstrap_port "
-                                    "(the prefill's bootstrap port; it is never defaulted)")
+    async def _decode(self, body: dict, prompt: list[int], sp: Sampling, on_step) -> list[int]:
+        host, port, room = body["bootstrap_host"], body["bootstrap_port"], body["bootstrap_room"]
         try:
             data = await self.fetcher.fetch(host, port, room, self.cfg.bootstrap_timeout)
             cache, meta = kvwire.unpack(data)
@@ -188,17 +209,20 @@ class TorchServer:
         if meta["prompt_len"] != len(prompt) or meta["prompt_digest"] != prompt_digest(prompt):
             raise RequestError(500, f"KV mismatch: bootstrap_room {room} holds the KV of another prompt",
                                "InternalServerError")
-        layers = self.model.cfg
-        if len(cache) != layers.n_layers or tuple(cache[0][0].shape) != (layers.n_kv_heads, len(prompt), layers.head_dim):
+        m = self.model.cfg
+        if len(cache) != m.n_layers or tuple(cache[0][0].shape) != (m.n_kv_heads, len(prompt), m.head_dim):
             raise RequestError(500, f"KV mismatch: the prefill runs another model (KV shape {list(cache[0][0].shape)})",
                                "InternalServerError")
         if sp.max_new_tokens == 0:
             return []
         # a request without a seed gets the one the prefill drew, so both halves sample one sequence
-        seed = meta["sampling"]["seed"] if "seed" not in (body.get("sampling_params") or {}) and \
-            "sampling_seed" not in (body.get("sampling_params") or {}) else sp.seed
+        given = body.get("sampling_params") or {}
+        seed = sp.seed if ("seed" in given or "sampling_seed" in given) else meta["sampling"]["seed"]
         sp = Sampling(sp.max_new_tokens, sp.temperature, sp.top_p, seed, sp.stop_token_ids, sp.ignore_eos)
-        return await self.run_model(decode, self.model, len(prompt), meta["first_token"], cache, sp)
+        seq = Seq(prompt, sp, first=meta["first_token"], cache=cache, on_step=on_step)
+        if on_step is not None and not seq.finished:
+            on_step(seq)      # the prefill's token is this stream's first event
+        return (await self.scheduler.submit(seq)).out
 
     # ---- info, health
     def health(self, req: Request, conn: HttpConnection) -> None:
@@ -221,7 +245,8 @@ class TorchServer:
         cfg = self.cfg
         conn.respond(200, orjson.dumps({
             **cfg.server_args(), "version": VERSION, "engine": "torch", "argv": cfg.argv, "extra_args": cfg.extra_args,
-            "pid": os.getpid(), "torch_model": self.model.cfg.describe(), "scheduling": "one request at a time",
+            "pid": os.getpid(), "torch_model": self.model.cfg.describe(), "scheduling": "iteration-level, unbatched",
+            "max_running_requests": cfg.max_running, "iterations": self.scheduler.iterations,
             "bootstrap_port": cfg.bootstrap_port if cfg.mode == "prefill" else None,
             "internal_states": [{"last_gen_throughput": 0.0, "avg_spec_accept_length": None}]}))
 
@@ -229,8 +254,8 @@ class TorchServer:
         conn.respond(200, b"Cache flushed.\n", b"text/plain")
 
     def stats(self, req: Request, conn: HttpConnection) -> None:
-        conn.respond(200, orjson.dumps({**self.counts, "running": self.running}))
+        conn.respond(200, orjson.dumps({**self.counts, "running": self.running, "iterations": self.scheduler.iterations,
+                                        "waiting": len(self.scheduler.waiting)}))
 
     def close(self) -> None:
         self.fetcher.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
