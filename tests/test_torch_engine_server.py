@@ -159,3 +159,28 @@ def test_engine_registry_builds_the_torch_argv():
     assert argv[:3] == ["python3", "-m", "hpcserve.torchengine"]
     assert argv[argv.index("--disaggregation-bootstrap-port") + 1] == "9000"
     assert argv[-4:] == ["--torch-layers", "4", "--torch-dim", "128"]
+
+
+def test_openai_endpoints_through_the_pd_router_match_the_oracle(cluster):
+    import openai
+
+    from hpcserve.mock.tokenizer import apply_chat_template, decode, encode
+    oracle = cluster["oracle"]
+    client = openai.OpenAI(base_url=cluster["router"].url + "/v1", api_key="unused", timeout=30, max_retries=0)
+    msgs = [{"role": "user", "content": "Say something."}]
+    want = generate(oracle, encode(apply_chat_template(msgs)), 7, ignore_eos=True)
+    chat = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=7, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == decode(want)
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 7
+
+    want = generate(oracle, encode("Once upon"), 6, temperature=0.7, seed=3, ignore_eos=True)
+    cmpl = client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0.7, seed=3,
+                                     extra_body={"ignore_eos": True})
+    assert cmpl.choices[0].text == decode(want)
+    deltas = [c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="Once upon", max_tokens=6, temperature=0.7, seed=3, stream=True,
+        extra_body={"ignore_eos": True})]
+    assert deltas == [decode([t]) for t in want]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", n=2)

@@ -18,22 +18,14 @@ from hpcserve.mock.tokenizer import Prompt, decode as detokenize
 from hpcserve.torchengine import kvwire
 from hpcserve.torchengine.bootstrap import BinaryKVStore, BootstrapTimeout, KVFetcher
 from hpcserve.torchengine.config import EngineConfig
+from hpcserve.torchengine.errors import RequestError, error_body
+from hpcserve.torchengine.openai_shell import OpenAIShell
 from hpcserve.torchengine.model import TinyLlama
 from hpcserve.torchengine.sampling import Sampling
 from hpcserve.torchengine.scheduler import Scheduler, Seq
 
 VERSION = "0.5.0-torch"
 DONE = b"data: [DONE]\n\n"
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "BadRequestError") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-def error_body(status: int, message: str, kind: str) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
 
 
 def prompt_digest(ids: list[int]) -> str:
@@ -49,11 +41,13 @@ class TorchServer:
         self.created = int(time.time())
         self.running = 0
         self.counts = {"requests": 0, "errors": 0, "kv_bytes_sent": 0, "kv_bytes_received": 0}
+        oa = OpenAIShell(self)
         self.routes = {b"/generate": self.generate, b"/health": self.health, b"/health_generate": self.health,
                        b"/ping": self.health, b"/v1/models": self.models, b"/model_info": self.model_info,
                        b"/get_model_info": self.model_info, b"/server_info": self.server_info,
                        b"/get_server_info": self.server_info, b"/flush_cache": self.flush_cache,
-                       b"/torch/stats": self.stats}
+                       b"/torch/stats": self.stats, b"/v1/completions": oa.completions,
+                       b"/v1/chat/completions": oa.chat}
 
     def handle(self, req: Request, conn: HttpConnection):
         route = self.routes.get(req.path)
@@ -63,8 +57,10 @@ class TorchServer:
         return route(req, conn)
 
     # ---- /generate
-    def parse(self, body: dict) -> tuple[list[int], Sampling]:
-        text, ids = body.get("text"), body.get("input_ids")
+    def parse(self, body: dict, text=None, ids=None, sampling: dict | None = None) -> tuple[list[int], Sampling]:
+        """Prompt and sampling of a native body (or of the given text/ids/sampling from an OpenAI body)."""
+        if text is None and ids is None:
+            text, ids = body.get("text"), body.get("input_ids")
         if isinstance(text, list) or (isinstance(ids, list) and ids and isinstance(ids[0], list)):
             raise RequestError(400, "batch requests are not supported by the torch engine: send one prompt per request")
         if text is not None:
@@ -83,7 +79,8 @@ class TorchServer:
         if len(prompt) >= self.cfg.context_length:
             raise RequestError(400, f"the prompt has {len(prompt)} tokens; the context length is {self.cfg.context_length}")
         try:
-            sp = Sampling.from_dict(body.get("sampling_params"), self.cfg.default_max_tokens, random.getrandbits(62))
+            sp = Sampling.from_dict(body.get("sampling_params") if sampling is None else sampling,
+                                    self.cfg.default_max_tokens, random.getrandbits(62))
         except (ValueError, TypeError) as err:
             raise RequestError(400, str(err)) from None
         return prompt, sp
@@ -106,6 +103,22 @@ class TorchServer:
         self.counts["errors"] += 1
         conn.respond(err.status, error_body(err.status, err.message, err.kind))
 
+    async def run(self, body: dict, prompt: list[int], sp: Sampling, on_step=None) -> list[int]:
+        """Output tokens of one request in this server's role; raises RequestError."""
+        self.running += 1
+        try:
+            if self.cfg.mode == "prefill":
+                return await self._prefill(body, prompt, sp)
+            if self.cfg.mode == "decode":
+                return await self._decode(body, prompt, sp, on_step)
+            if sp.max_new_tokens == 0:
+                return []
+            return (await self.scheduler.submit(Seq(prompt, sp, on_step=on_step))).out
+        except ValueError as err:      # the model refused (sequence longer than its context)
+            raise RequestError(400, str(err)) from None
+        finally:
+            self.running -= 1
+
     async def _generate(self, conn: HttpConnection, body: dict, prompt: list[int], sp: Sampling) -> None:
         t0 = time.perf_counter()
         rid = body.get("rid") or os.urandom(16).hex()
@@ -117,16 +130,8 @@ class TorchServer:
             def on_step(seq: Seq) -> None:
                 if not seq.finished:
                     conn.write(self._event(self._result(rid, prompt, seq.sp, seq.out, False, t0)))
-        self.running += 1
         try:
-            if self.cfg.mode == "prefill":
-                out = await self._prefill(body, prompt, sp)
-            elif self.cfg.mode == "decode":
-                out = await self._decode(body, prompt, sp, on_step)
-            elif sp.max_new_tokens == 0:
-                out = []
-            else:
-                out = (await self.scheduler.submit(Seq(prompt, sp, on_step=on_step))).out
+            out = await self.run(body, prompt, sp, on_step)
         except RequestError as err:
             self.counts["errors"] += 1
             if stream:
@@ -135,16 +140,6 @@ class TorchServer:
             else:
                 conn.respond(err.status, error_body(err.status, err.message, err.kind))
             return
-        except ValueError as err:      # the model refused (sequence longer than its context)
-            self.counts["errors"] += 1
-            if stream:
-                conn.write(self._event(orjson.loads(error_body(400, str(err), "BadRequestError"))) + DONE)
-                conn.end()
-            else:
-                conn.respond(400, error_body(400, str(err), "BadRequestError"))
-            return
-        finally:
-            self.running -= 1
         result = self._result(rid, prompt, sp, out, True, t0)
         if stream:
             conn.write(self._event(result) + DONE)
@@ -217,7 +212,8 @@ class TorchServer:
             return []
         # a request without a seed gets the one the prefill drew, so both halves sample one sequence
         given = body.get("sampling_params") or {}
-        seed = sp.seed if ("seed" in given or "sampling_seed" in given) else meta["sampling"]["seed"]
+        explicit = "seed" in given or "sampling_seed" in given or body.get("seed") is not None
+        seed = sp.seed if explicit else meta["sampling"]["seed"]
         sp = Sampling(sp.max_new_tokens, sp.temperature, sp.top_p, seed, sp.stop_token_ids, sp.ignore_eos)
         seq = Seq(prompt, sp, first=meta["first_token"], cache=cache, on_step=on_step)
         if on_step is not None and not seq.finished:
