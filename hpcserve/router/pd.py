@@ -11,14 +11,42 @@ from hpcserve.router import logprobs
 from hpcserve.router.dispatch import Exchange, Leg, _discard, batch_size
 
 ROOM_MASK = (1 << 63) - 1
+BOOTSTRAP_KEYS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
+_splices: dict[tuple, bytes] = {}
+
+
+def bootstrap_splice(host: str, port: int | None) -> bytes:
+    """The JSON members to insert before a body's closing brace, up to the room number (cached per worker)."""
+    key = (host, port)
+    out = _splices.get(key)
+    if out is None:
+        if len(_splices) > 4096:  # workers come and go with the registry: keep the cache bounded
+            _splices.clear()
+        out = _splices[key] = b'"bootstrap_host":%b,"bootstrap_port":%b,"bootstrap_room":' % (
+            orjson.dumps(host), orjson.dumps(port))
+    return out
+
+
+def splice_bootstrap(raw: bytes, body: dict, host: str, port: int | None, room: int) -> bytes | None:
+    """``raw`` with the bootstrap fields added, without re-serialising it; None when that is not safe
+    (the client sent bootstrap fields of its own, or ``raw`` does not end in the object's brace)."""
+    end = len(raw.rstrip()) - 1
+    if end < 1 or raw[end] != 0x7D:  # b"}"
+        return None
+    for k in BOOTSTRAP_KEYS:
+        if k in body:
+            return None
+    sep = b"," if body else b""
+    return b"%b%b%b%d}" % (raw[:end], sep, bootstrap_splice(host, port), room)
 
 
 class Pair(Exchange):
-    __slots__ = ("body", "pre", "dec", "want_logprob", "prefill_items", "merger", "head_waiting", "decode_waiting")
+    __slots__ = ("body", "raw", "pre", "dec", "want_logprob", "prefill_items", "merger", "head_waiting", "decode_waiting")
 
-    def __init__(self, *args, body: dict) -> None:
+    def __init__(self, *args, body: dict, raw: bytes = b"") -> None:
         super().__init__(*args)
         self.body = body
+        self.raw = raw  # the client's bytes: the bootstrap fields are spliced in when safe
         self.pre: Leg | None = None
         self.dec: Leg | None = None
         self.want_logprob = body.get("return_logprob") is True
@@ -48,15 +76,19 @@ class Pair(Exchange):
         body = self.body
         n = batch_size(body)
         room = random.getrandbits(63)
+        raw = None
         if n is None:
-            body["bootstrap_host"] = p.bootstrap_host
-            body["bootstrap_port"] = p.bootstrap_port
-            body["bootstrap_room"] = room
+            raw = splice_bootstrap(self.raw, body, p.bootstrap_host, p.bootstrap_port, room)
+            if raw is None:
+                body["bootstrap_host"] = p.bootstrap_host
+                body["bootstrap_port"] = p.bootstrap_port
+                body["bootstrap_room"] = room
         else:
             body["bootstrap_host"] = [p.bootstrap_host] * n
             body["bootstrap_port"] = [p.bootstrap_port] * n
             body["bootstrap_room"] = [(room + i) & ROOM_MASK for i in range(n)]
-        raw = orjson.dumps(body)
+        if raw is None:
+            raw = orjson.dumps(body)
         self.request(self.pre, raw)
         self.request(self.dec, raw)
 
