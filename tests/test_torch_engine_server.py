@@ -135,7 +135,7 @@ def test_request_errors_are_400(cluster):
     agg, decode = cluster["agg"].url, cluster["decode"].url
     assert _post(decode, {"input_ids": [5, 6]}).status_code == 400          # no bootstrap fields
     assert _post(agg, {"input_ids": [5, 100000]}).status_code == 400       # id outside the vocabulary
-    assert "batch" in _post(agg, {"text": ["a", "b"]}).json()["error"]["message"]
+    assert "entries for a batch of 2" in _post(agg, {"text": ["a", "b"], "rid": ["x"]}).json()["error"]["message"]
     assert _post(agg, {"text": "x", "sampling_params": {"max_new_tokens": -1}}).status_code == 400
     r = _post(agg, {"input_ids": [7] * 500, "sampling_params": {"max_new_tokens": 50, "ignore_eos": True}})
     assert r.status_code == 400 and "exceeds the model's 512" in r.json()["error"]["message"]
@@ -184,3 +184,14 @@ def test_openai_endpoints_through_the_pd_router_match_the_oracle(cluster):
     assert deltas == [decode([t]) for t in want]
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="x", n=2)
+
+
+def test_batch_generate_through_the_pd_router_matches_the_oracle(cluster):
+    oracle = cluster["oracle"]
+    cases = _cases(4, seed=44)
+    body = {"input_ids": [p for p, _ in cases],
+            "sampling_params": [{"max_new_tokens": n, "temperature": 0} for _, n in cases]}
+    for url in (cluster["router"].url, cluster["agg"].url):
+        r = _post(url, body)
+        assert r.status_code == 200, r.text
+        assert [x["output_ids"] for x in r.json()] == [generate(oracle, p, n) for p, n in cases]

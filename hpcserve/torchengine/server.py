@@ -6,6 +6,7 @@ and KV transfer. Streams get one event per step.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import random
@@ -61,8 +62,6 @@ class TorchServer:
         """Prompt and sampling of a native body (or of the given text/ids/sampling from an OpenAI body)."""
         if text is None and ids is None:
             text, ids = body.get("text"), body.get("input_ids")
-        if isinstance(text, list) or (isinstance(ids, list) and ids and isinstance(ids[0], list)):
-            raise RequestError(400, "batch requests are not supported by the torch engine: send one prompt per request")
         if text is not None:
             if not isinstance(text, str):
                 raise RequestError(400, "text must be a string")
@@ -91,6 +90,9 @@ class TorchServer:
             body = orjson.loads(req.body)
             if not isinstance(body, dict):
                 raise RequestError(400, "the request body must be a JSON object")
+            text, ids = body.get("text"), body.get("input_ids")
+            if isinstance(text, list) or (isinstance(ids, list) and ids and isinstance(ids[0], list)):
+                return self._generate_batch(conn, self._batch_items(body))
             prompt, sp = self.parse(body)
             self.check_pd_fields(body)
         except orjson.JSONDecodeError as err:
@@ -98,6 +100,62 @@ class TorchServer:
         except RequestError as err:
             return self._fail(conn, err)
         return self._generate(conn, body, prompt, sp)
+
+    def _batch_items(self, body: dict) -> list[tuple[dict, list[int], Sampling]]:
+        """A batch /generate as one body per item: list-valued fields give one entry per item."""
+        text, ids = body.get("text"), body.get("input_ids")
+        prompts = [("text", t) for t in text] if isinstance(text, list) else [("input_ids", x) for x in ids]
+        n = len(prompts)
+        if n == 0:
+            raise RequestError(400, "empty batch")
+        items = []
+        for i, (key, value) in enumerate(prompts):
+            item = {k: v for k, v in body.items() if k not in ("text", "input_ids")}
+            for k in ("sampling_params", "rid", "bootstrap_host", "bootstrap_port", "bootstrap_room"):
+                v = body.get(k)
+                if isinstance(v, list):
+                    if len(v) != n:
+                        raise RequestError(400, f"{k} has {len(v)} entries for a batch of {n}")
+                    item[k] = v[i]
+            item[key] = value
+            prompt, sp = self.parse(item)
+            self.check_pd_fields(item)
+            items.append((item, prompt, sp))
+        return items
+
+    async def _generate_batch(self, conn: HttpConnection, items: list) -> None:
+        """Items run concurrently (they interleave in the scheduler); the answer is a list in order."""
+        t0 = time.perf_counter()
+        rids = [item.get("rid") or os.urandom(16).hex() for item, _, _ in items]
+        stream = bool(items[0][0].get("stream"))
+
+        def stepper(i: int):
+            def on_step(seq: Seq) -> None:
+                if not seq.finished:
+                    conn.write(self._event({**self._result(rids[i], items[i][1], seq.sp, seq.out, False, t0),
+                                            "index": i}))
+            return on_step
+        if stream:
+            conn.start_stream(200, b"text/event-stream", b"cache-control: no-cache\r\n")
+        outs = await asyncio.gather(*(self.run(item, prompt, sp, stepper(i) if stream else None)
+                                      for i, (item, prompt, sp) in enumerate(items)), return_exceptions=True)
+        err = next((o for o in outs if isinstance(o, BaseException)), None)
+        if err is not None:
+            if not isinstance(err, RequestError):
+                raise err
+            self.counts["errors"] += 1
+            if stream:
+                conn.write(self._event(orjson.loads(error_body(err.status, err.message, err.kind))) + DONE)
+                conn.end()
+            else:
+                conn.respond(err.status, error_body(err.status, err.message, err.kind))
+            return
+        results = [self._result(rids[i], prompt, sp, outs[i], True, t0) for i, (_, prompt, sp) in enumerate(items)]
+        if stream:
+            conn.write(b"".join(self._event({**r, "index": i}) for i, r in enumerate(results)) + DONE)
+            conn.end()
+        else:
+            conn.respond(200, orjson.dumps(results))
 
     def _fail(self, conn: HttpConnection, err: RequestError) -> None:
         self.counts["errors"] += 1
