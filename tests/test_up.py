@@ -189,3 +189,22 @@ def test_status_and_logs_of_a_local_run(deployment):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0
     assert "==> decode-0" in res.stdout and "decode server" in res.stdout and "prefill-0" not in res.stdout
+
+
+def test_redis_killed_is_restarted_workers_reregister_router_keeps_serving(deployment):
+    run, _ = deployment()
+    url = run.endpoint["url"]
+    port = json.loads((run.run_dir / "redis.json").read_text())["port"]
+    redis_pid = next(p for p in descendants(os.getpid())      # redis-server retitles itself "redis-server ADDR:PORT"
+                     if f"redis-server 127.0.0.1:{port}".encode() in open(f"/proc/{p}/cmdline", "rb").read())
+    os.kill(redis_pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    served = 0
+    while time.monotonic() - t0 < 3:      # the router serves from its last view meanwhile
+        r = httpx.post(url + "/generate", json={"text": PROMPT, "sampling_params": SP}, timeout=10)
+        assert r.status_code == 200 and r.json()["text"] == expected_text()
+        served += 1
+    assert served > 0
+    recs = _wait(lambda: (a := _worker(run, "prefill-0")) and (b := _worker(run, "decode-0")) and (a, b), 5)
+    assert {recs[0].state, recs[1].state} == {"ready"}
+    assert "restart 1" in (run.run_dir / "logs/agent-node0.log").read_text()

@@ -14,7 +14,7 @@ from hpcserve.recipe.schema import Recipe
 
 def redis_spec(head: int, port: int) -> ProcessSpec:
     return ProcessSpec(name="redis", kind="redis", node=head, argv=["{redis_server}", "{run_dir}/redis.conf"],
-                       ports={"redis": port}, log="logs/redis.log", critical=True, restart=0)
+                       ports={"redis": port}, log="logs/redis.log", critical=True, restart=3)
 
 
 def _hpcserve_router(recipe: Recipe, mode: str, workers: list[WorkerSpec], python: str) -> list[str]:

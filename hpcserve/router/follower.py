@@ -41,6 +41,13 @@ class RegistryFollower:
         self.connected = False
         self.last_sync = 0.0
         self.last_error = ""
+        self.sessions = 0
+        self.grace_until = 0.0           # after a reconnect: keep workers the (restarted) Redis does not list yet
+        self._last_records: dict[str, WorkerRecord] = {}
+
+    # Agents re-register every second (heartbeat loop); give them a few heartbeats before dropping workers
+    # that a restarted, empty Redis no longer lists.
+    REREGISTER_GRACE = 5.0
 
     async def _load_one(self, client: aioredis.Redis, wid: str) -> WorkerRecord | None:
         pipe = client.pipeline(transaction=False)
@@ -74,6 +81,9 @@ class RegistryFollower:
             for wid, hb in zip(ids, alive):
                 if hb is None:
                     records[wid] = records[wid].model_copy(update={"state": "dead"})
+        if asyncio.get_running_loop().time() < self.grace_until:
+            records = {**{w: r for w, r in self._last_records.items() if w not in records}, **records}
+        self._last_records = records
         self.workers.sync_registry(records)
         self.last_sync = asyncio.get_running_loop().time()
 
@@ -83,6 +93,9 @@ class RegistryFollower:
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(changes_channel(self.run_id))
+            self.sessions += 1
+            if self.sessions > 1:
+                self.grace_until = asyncio.get_running_loop().time() + self.REREGISTER_GRACE
             await self._rescan(client)  # after subscribing, so no change falls in between
             if not self.connected:
                 log.info("following the worker registry at %s (run %s)", redact_url(self.url), self.run_id)
