@@ -123,7 +123,8 @@ class UpstreamConn(asyncio.Protocol):
         self.transport.write(data)
 
     def body(self) -> bytes:
-        return b"".join(self.parts)
+        parts = self.parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)  # the common case needs no copy
 
     def deadline_passed(self, now: float) -> bool:
         first, idle, total = self.limits

@@ -287,7 +287,9 @@ class HttpConnection(asyncio.Protocol):
         if self.started or not self.busy:
             return
         self.started = True
-        self._send(self._head_bytes(status, content_type, extra, b"content-length: %d\r\n" % len(body)) + body)
+        conn = b"" if self._keep_alive else b"connection: close\r\n"  # _head_bytes, inlined with the body
+        self._send(b"HTTP/1.1 %d %b\r\ncontent-type: %b\r\ncontent-length: %d\r\n%b%b\r\n%b" % (
+            status, REASONS.get(status, b"Unknown"), content_type, len(body), conn, extra, body))
         self._complete()
 
     def start_stream(self, status: int, content_type: bytes, extra: bytes = b"") -> None:
