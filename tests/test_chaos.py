@@ -222,3 +222,24 @@ def test_external_redis_killed_and_restarted_workers_reregister(deploy, tmp_path
         assert [p.poll() for p in backend.procs] == [None]
     finally:
         ext.kill()
+
+
+def test_node_agent_killed_noncritical_workers_dead_job_serves(deploy, tmp_path):
+    run, backend = deploy(write_recipe(tmp_path, decode=2))
+    url = run.endpoint["url"]
+    workers = plan_workers(run)
+    gone = next(w for w in workers.values() if w["role"] == "decode" and w["nodes"] != [0])
+    agent = backend.procs[gone["nodes"][0]]
+    engines = find_pids([agent.pid], b"hpcserve.mock")
+    agent.kill()
+    agent.wait(5)
+    wait_for(lambda: pids_alive(engines) == [], 5, "engine ended with its agent")
+    wait_for(lambda: (v := registry_view(run)) is not None and v[gone["id"]].state == "dead", 10,
+             f"{gone['id']} marked dead in the registry")
+    # the router stops using it (registry: dead, or its own probes) and the rest keeps serving
+    wait_for(lambda: healthy_by_port(url, gone["port"]) in (None, False), 10, "router no longer uses it")
+    assert all(ok_generate(url) for _ in range(10))
+    others = {w for w, r in registry_view(run).items() if r.state == "ready"}
+    assert others == set(workers) - {gone["id"]}
+    assert not (run.run_dir / "failure.json").exists()
+    assert [p.poll() for i, p in enumerate(backend.procs) if i != gone["nodes"][0]] == [None, None]
