@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-
-from hpcserve.torchengine.model import TinyConfig
+from typing import Any
 
 
 class UsageError(Exception):
@@ -26,7 +25,7 @@ class EngineConfig:
     mode: str
     bootstrap_port: int
     context_length: int
-    tiny: TinyConfig
+    tiny: Any                 # model.TinyConfig (torch is imported only once the flags parse)
     seed: int
     threads: int
     bootstrap_timeout: float
@@ -79,6 +78,7 @@ def parse_args(argv: list[str]) -> EngineConfig:
     bad = [x for x in extra if x.startswith("--torch-")]
     if bad:
         raise UsageError(f"unknown option {bad[0]} (see python -m hpcserve.torchengine --help)")
+    from hpcserve.torchengine.model import TinyConfig
     if ns.tp_size != 1 or ns.dp_size != 1 or ns.ep_size != 1 or ns.nnodes != 1:
         raise UsageError("the torch engine runs one process per server: use --tp-size 1 --dp-size 1 --nnodes 1")
     try:
