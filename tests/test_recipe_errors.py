@@ -157,3 +157,8 @@ def test_cli_exit_code_and_no_traceback(tmp_path):
 def test_sglang_router_policy_without_least_load(tmp_path):
     msg = error_of(tmp_path, GOOD + "router: {kind: sglang}\n")
     assert "r.yaml:7 router.decode_policy: sglang-router has no least_load policy" in msg
+
+
+def test_engine_options_for_another_kind(tmp_path):
+    msg = error_of(tmp_path, GOOD.replace("engine: {kind: mock}", "engine: {kind: sglang, mock: {time-scale: 0}}"))
+    assert "engine.mock: options for the mock engine but engine.kind is sglang" in msg

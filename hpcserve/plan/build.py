@@ -135,7 +135,7 @@ def _engine_processes(recipe: Recipe, engine, group: GroupSpec, w: WorkerSpec,
             bootstrap_port=w.bootstrap_port,
             transfer_backend=recipe.kv_transfer.backend if recipe.disaggregated else None,
             ib_device=recipe.kv_transfer.ib_device if recipe.disaggregated else None,
-            user_args=dict(group.args), options=dict(recipe.engine.mock), python=python)
+            user_args=dict(group.args), options=recipe.engine.options(), python=python)
         env = dict(group.env)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)

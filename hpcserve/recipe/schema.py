@@ -48,12 +48,26 @@ class ModelSpec(Strict):
 
 
 class EngineSpec(Strict):
-    kind: str = Field("sglang", description="Engine registry name: sglang | mock.")
+    kind: str = Field("sglang", description="Engine registry name: sglang | mock | torch.")
     version: str | None = Field(None, description="Engine version the flags are written for (pin it).")
     container: str | None = Field(None, description="Container image (pyxis squashfs or apptainer .sif).")
     python: str = Field("python3", description="Interpreter that runs the engine module on the nodes.")
     mock: dict[str, float] = Field(default_factory=dict,
                                    description="Mock engine timing options, e.g. {time-scale: 0, decode-step-ms: 5}.")
+    torch: dict[str, float | int | str] = Field(default_factory=dict,
+                                                description="Torch engine options, e.g. {layers: 2, dim: 64, seed: 0}.")
+
+    @model_validator(mode="after")
+    def _options_match_kind(self) -> "EngineSpec":
+        for kind in ("mock", "torch"):
+            if getattr(self, kind) and self.kind != kind:
+                raise ValueError(f"engine.{kind}: options for the {kind} engine but engine.kind is {self.kind}; "
+                                 f"remove them or set engine.kind: {kind}")
+        return self
+
+    def options(self) -> dict:
+        """Engine-specific options of the chosen kind (passed as --KIND-KEY VALUE)."""
+        return dict(getattr(self, self.kind, None) or {})
 
     @field_validator("kind")
     @classmethod
