@@ -62,7 +62,7 @@ def test_port_in_use(tmp_path):
 
 
 def test_engine_binary_missing(tmp_path):
-    ov = demo_overrides(["engine.kind=sglang", "engine.python=/nonexistent/python3"])
+    ov = demo_overrides(["engine.mock={}", "engine.kind=sglang", "engine.python=/nonexistent/python3"])
     with pytest.raises(BackendError, match=r"cannot start '/nonexistent/python3': not found on this node"):
         up(DEMO, ov, run_dir=tmp_path / "run", timeout=60)
     job = json.loads((tmp_path / "run/job.json").read_text())

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from hpcserve import registry
 from hpcserve.agent import hosts, redis_server, stages
@@ -69,7 +70,9 @@ def record_failure(run_dir: Path, rank: int, message: str) -> None:
 
 
 async def _start_redis(plan: Plan, run_dir: Path, addr: str, managed: list[Managed]) -> str:
-    if plan.redis_url:
+    if plan.redis_url:   # external Redis: publish it like our own so other nodes and `status` find it
+        u = urlparse(plan.redis_url)
+        redis_server.publish(run_dir, u.hostname or "", u.port or 6379, u.password, plan.redis_url)
         return plan.redis_url
     spec = next(p for p in plan.processes if p.kind == "redis")
     port = spec.ports["redis"]

@@ -108,7 +108,12 @@ class RegistryFollower:
                 if msg is not None and msg.get("type") == "message":
                     data = msg["data"]
                     wid = data.decode() if isinstance(data, bytes) else str(data)
-                    self.workers.apply_record(wid, await self._load_one(client, wid))
+                    rec = await self._load_one(client, wid)
+                    if rec is None:   # keep the grace snapshot as current as the view itself
+                        self._last_records.pop(wid, None)
+                    else:
+                        self._last_records[wid] = rec
+                    self.workers.apply_record(wid, rec)
                 if loop.time() >= next_scan:
                     await self._rescan(client)
                     next_scan = loop.time() + self.rescan_interval
