@@ -6,7 +6,7 @@ Usage: python docs/assemble_readme.py
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["router.md", "batch.md", "bench.md", "mock-engine.md", "torch-engine.md"]
+ORDER = ["router.md", "batch.md", "bench.md", "mock-engine.md", "torch-engine.md", "chaos.md"]
 BEGIN, END = "<!-- docs:begin -->", "<!-- docs:end -->"
 
 
