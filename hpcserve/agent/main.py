@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from hpcserve import registry
+from hpcserve import aio, registry
 from hpcserve.agent import hosts, redis_server, stages
 from hpcserve.agent.head import HeadWatch
 from hpcserve.agent.procs import child_env
@@ -236,12 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     _setup_logging(run_dir, rank)
     run_id = args.run_id or run_dir.name
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
-    return asyncio.run(_amain(plan, run_dir, rank, run_id))
+    return aio.run(_amain(plan, run_dir, rank, run_id))
 
 
 async def _amain(plan: Plan, run_dir: Path, rank: int, run_id: str) -> int:

@@ -7,6 +7,8 @@ same command to resume); 4 gave up early (router failing, output unwritable; als
 
 from __future__ import annotations
 
+from hpcserve import aio
+
 import argparse
 import asyncio
 import logging
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             out = shard_output(a.output, a.shard_index, a.num_shards)
             return EXIT_OK if detect_complete(a.input, out, a.shard_index, a.num_shards) else EXIT_STOPPED
         args = build_parser().parse_args(argv)
-        summary = _run_loop(_drive(args))
+        summary = aio.run(_drive(args))
     except HpcserveError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -113,17 +115,6 @@ def _merge(a: argparse.Namespace) -> int:
     print(f"merged {s.rows} rows ({s.errors} errors, {s.duplicates} duplicate ids, {s.missing} missing) "
           f"into {s.output_path}", file=sys.stderr)
     return EXIT_OK
-
-
-def _run_loop(coro):  # uvloop when available (one loop per process)
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    if hasattr(uvloop, "run"):
-        return uvloop.run(coro)
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # uvloop < 0.18
-    return asyncio.run(coro)
 
 
 async def _drive(a: argparse.Namespace) -> BatchSummary:

@@ -3,6 +3,8 @@ refresh the rollup. ``run_benchmark`` is the API the recipe's benchmark stage an
 
 from __future__ import annotations
 
+from hpcserve import aio
+
 import asyncio
 import time
 from dataclasses import dataclass, field
@@ -139,14 +141,7 @@ def run(cfg: BenchConfig, out_dir: Path | str, **kw) -> list[LevelOutcome]:
 
 
 def run_async_main(coro):
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    if hasattr(uvloop, "run"):
-        return uvloop.run(coro)
-    uvloop.install()
-    return asyncio.run(coro)
+    return aio.run(coro)
 
 
 def _with_model(target: loadgen.Target, model: str) -> loadgen.Target:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hpcserve import aio
+
 import asyncio
 import gc
 import logging
@@ -122,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_one(ns) -> int:
     try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    try:
-        runner(serve(ns))
+        aio.run(serve(ns))
     except ConfigError as err:
         print(f"hpcserve router: error: {err}", file=sys.stderr)
         return 2

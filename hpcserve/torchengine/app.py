@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hpcserve import aio
+
 import asyncio
 import signal
 import sys
@@ -75,17 +77,6 @@ async def serve(cfg: EngineConfig) -> int:
         await engine.scheduler.stop()
 
 
-def _run(coro) -> int:
-    try:
-        import uvloop
-        if hasattr(uvloop, "run"):
-            return uvloop.run(coro)
-        uvloop.install()
-    except ImportError:
-        pass
-    return asyncio.run(coro)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m hpcserve.torchengine``; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -95,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = parse_args(argv)
-        return _run(serve(cfg))
+        return aio.run(serve(cfg))
     except (UsageError, StartupError) as err:
         _say(f"error: {err}")
         return 2
