@@ -35,6 +35,11 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
 
 
 class MockProcess:
+    """One engine process on 127.0.0.1. Subclasses name another engine module (the torch engine)."""
+
+    MODULE, DEFAULT_MODEL, NAME, LOG_PREFIX = "hpcserve.mock", "mock-model", "mock engine", "mock"
+    DEFAULT_WAIT, DEFAULT_TIMEOUT = "listen", 30.0
+
     def __init__(self, proc: subprocess.Popen, port: int, argv: list[str], log: Path | None) -> None:
         self.proc = proc
         self.port = port
@@ -47,12 +52,15 @@ class MockProcess:
         return self.proc.pid
 
     @classmethod
-    def start(cls, flags: list[str], *, log_dir: Path | None = None, wait: str | None = "listen",
-              timeout: float = 30.0, env: dict[str, str] | None = None) -> "MockProcess":
-        """``wait``: "listen" (HTTP answers, maybe 503), "ready" (/health 200) or None."""
+    def start(cls, flags: list[str], *, log_dir: Path | None = None, wait: str | None = "default",
+              timeout: float | None = None, env: dict[str, str] | None = None) -> "MockProcess":
+        """``wait``: "listen" (HTTP answers, maybe 503), "ready" (/health 200) or None; "default": the
+        class's DEFAULT_WAIT."""
+        wait = cls.DEFAULT_WAIT if wait == "default" else wait
+        timeout = cls.DEFAULT_TIMEOUT if timeout is None else timeout
         flags = list(flags)
         if "--model-path" not in flags:
-            flags = ["--model-path", "mock-model", *flags]
+            flags = ["--model-path", cls.DEFAULT_MODEL, *flags]
         if "--host" not in flags:
             flags += ["--host", "127.0.0.1"]
         if "--port" in flags:
@@ -60,11 +68,11 @@ class MockProcess:
         else:
             port = free_port()
             flags += ["--port", str(port)]
-        argv = [sys.executable, "-m", "hpcserve.mock", *flags]
+        argv = [sys.executable, "-m", cls.MODULE, *flags]
         log = None
         out = subprocess.DEVNULL
         if log_dir is not None:
-            log = Path(log_dir) / f"mock-{port}.log"
+            log = Path(log_dir) / f"{cls.LOG_PREFIX}-{port}.log"
             out = log.open("ab")
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
                                 env={**os.environ, **(env or {})})
@@ -79,12 +87,12 @@ class MockProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mock engine exited with {self.proc.returncode}: {self.tail()}")
+                raise RuntimeError(f"{self.NAME} exited with {self.proc.returncode}: {self.tail()}")
             status = http_status(self.url + "/health", timeout=1.0)
             if status == 200 or (status is not None and what == "listen"):
                 return
             time.sleep(0.05)
-        raise TimeoutError(f"mock engine on port {self.port} not {what} within {timeout:g} s: {self.tail()}")
+        raise TimeoutError(f"{self.NAME} on port {self.port} not {what} within {timeout:g} s: {self.tail()}")
 
     def tail(self, n: int = 2000) -> str:
         if self.log is not None and self.log.exists():
