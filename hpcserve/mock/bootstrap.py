@@ -80,7 +80,11 @@ class KVStore:
 
 
 class BootstrapServer:
-    """HTTP handler of the prefill's bootstrap port."""
+    """HTTP handler of the prefill's bootstrap port. Engines that ship KV another way override the two
+    class attributes (the torch engine sends raw tensor bytes)."""
+
+    CONTENT_TYPE = b"application/json"
+    HEALTH = b'{"status":"ok","mock":true}'
 
     def __init__(self, store: KVStore, max_wait: float) -> None:
         self.store = store
@@ -99,11 +103,11 @@ class BootstrapServer:
             if data is None:
                 conn.respond(404, orjson.dumps({"error": {"message": f"bootstrap_room {room} not found"}}))
                 return
-            conn.respond(200, data)
+            conn.respond(200, data, self.CONTENT_TYPE)
             if not conn.closed:
                 self.store.delivered(room)
         elif path in (b"/health", b"/route"):
-            conn.respond(200, b'{"status":"ok","mock":true}')
+            conn.respond(200, self.HEALTH)
         else:
             conn.respond(404, b'{"error":{"message":"not found"}}')
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from hpcserve.http import HttpConnection, Request, UpstreamError, UpstreamPool
-from hpcserve.mock.bootstrap import KVStore, Room, _query
+from hpcserve.http import UpstreamError, UpstreamPool
+from hpcserve.mock.bootstrap import BootstrapServer, KVStore, Room
 
 OCTETS = b"application/octet-stream"
 
@@ -39,31 +39,11 @@ class BinaryKVStore(KVStore):
         return r
 
 
-class BinaryBootstrapServer:
-    def __init__(self, store: BinaryKVStore, max_wait: float) -> None:
-        self.store = store
-        self.max_wait = max_wait
+class BinaryBootstrapServer(BootstrapServer):
+    """The mock's bootstrap handler, serving raw KV tensor bytes instead of JSON."""
 
-    async def handle(self, req: Request, conn: HttpConnection) -> None:
-        path = req.path
-        if path.startswith(b"/kv/") and req.method == b"GET":
-            try:
-                room = int(path[4:])
-                wait = float(_query(req.query, b"wait") or self.max_wait)
-            except ValueError:
-                conn.respond(400, b'{"error":{"message":"bad room or wait"}}')
-                return
-            data = await self.store.take(room, min(wait, self.max_wait))
-            if data is None:
-                conn.respond(404, b'{"error":{"message":"bootstrap_room %d not found"}}' % room)
-                return
-            conn.respond(200, data, OCTETS)
-            if not conn.closed:
-                self.store.delivered(room)
-        elif path in (b"/health", b"/route"):
-            conn.respond(200, b'{"status":"ok","engine":"torch"}')
-        else:
-            conn.respond(404, b'{"error":{"message":"not found"}}')
+    CONTENT_TYPE = OCTETS
+    HEALTH = b'{"status":"ok","engine":"torch"}'
 
 
 class KVFetcher:
