@@ -12,6 +12,7 @@ With time_scale 0 this class is not used at all: the server answers at once (see
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 from hpcserve.mock.model import decode_step_ms, prefill_ms
@@ -90,14 +91,13 @@ class Scheduler:
         seq.cancelled = True
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         cfg = self.cfg
-        clock = loop.time()
+        clock = time.perf_counter()   # the clock latencies are measured with (loop.time() may lag it)
         while True:
             if not self.waiting and not self.running:
                 self._wake.clear()
                 await self._wake.wait()
-                clock = loop.time()  # idle time does not count against later iterations
+                clock = time.perf_counter()  # idle time does not count against later iterations
             self._drop_cancelled()
             decoding = [s for s in self.running if s.emitted >= 1]
             admitted: list[Seq] = []
@@ -118,11 +118,14 @@ class Scheduler:
                 step += decode_step_ms(cfg, len(decoding))
             if step > 0:
                 clock += step * self.scale
-                delay = clock - loop.time()
+                delay = clock - time.perf_counter()
                 if delay > 0:
-                    await asyncio.sleep(delay)
+                    # uvloop rounds timers down to whole milliseconds: sleep again until the step is really over
+                    while delay > 0:
+                        await asyncio.sleep(delay)
+                        delay = clock - time.perf_counter()
                 else:
-                    clock = loop.time()  # overloaded: do not try to catch up
+                    clock = time.perf_counter()  # overloaded: do not try to catch up
                     await asyncio.sleep(0)
             else:
                 await asyncio.sleep(0)
