@@ -1,0 +1,314 @@
+"""One upstream HTTP/1.1 connection as a callback-driven state machine, and the watchdog for its deadlines.
+
+``send(data, owner)`` writes a request; the response is reported to the owner's ``on_head(conn)`` and
+``on_done(conn, error)``; body pieces collect in ``parts`` or go to ``sink`` as they arrive (a byte relay).
+Timeouts (first byte, idle gap, whole request) are enforced by one watchdog per event loop instead of a
+timer per request. The pool that owns these connections is in client.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Protocol
+
+from hpcserve.http.parse import MAX_HEAD_BYTES, ChunkedDecoder, HttpParseError
+from hpcserve.http.server import (
+    H_CONNECTION, H_CONTENT_LENGTH, H_CONTENT_TYPE, H_TRANSFER_ENCODING, find_header, set_nodelay,
+)
+
+log = logging.getLogger("hpcserve.http")
+
+
+class UpstreamError(Exception):
+    """The worker could not be reached, broke off, or answered with something that is not HTTP.
+
+    ``retryable``: no byte reached the worker. ``redispatch``: the worker is gone or stalled, so a request
+    whose client has received nothing yet may be sent again elsewhere (the router decides what may)."""
+
+    retryable = False
+    redispatch = False
+
+
+class ConnectError(UpstreamError):
+    """No connection was made, so no byte of the request reached the worker: safe to try another."""
+
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    pass
+
+
+class ConnectionLost(UpstreamError):
+    """The worker closed or reset the connection before its response was complete (it died or restarted)."""
+
+    redispatch = True
+
+
+class WorkerStalled(UpstreamError):
+    """The router gave up on the request because health probes found the worker stalled (no answer at all)."""
+
+    redispatch = True
+
+
+class Owner(Protocol):
+    def on_head(self, conn: "UpstreamConn") -> None: ...
+    def on_done(self, conn: "UpstreamConn", err: UpstreamError | None) -> None: ...
+
+
+_HEAD, _BODY_CL, _BODY_CHUNKED, _BODY_EOF, _DONE, _IDLE = range(6)
+
+
+class Watchdog:
+    """Checks the deadlines of all in-flight upstream requests of one loop every ``tick`` seconds."""
+
+    _by_loop: dict[int, "Watchdog"] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = 0.1) -> None:
+        self.active: set[UpstreamConn] = set()
+        self.tick = tick
+        self.task = loop.create_task(self._run())
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "Watchdog":
+        dog = cls._by_loop.get(id(loop))
+        if dog is None or dog.task.done() or dog.task.get_loop() is not loop:
+            dog = cls._by_loop[id(loop)] = cls(loop)
+        return dog
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            if self.active:
+                now = time.monotonic()
+                for conn in [c for c in self.active if c.deadline_passed(now)]:
+                    conn.timed_out(now)
+
+
+class UpstreamConn(asyncio.Protocol):
+    def __init__(self, pool: "UpstreamPool") -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.reusable = True
+        self.idle_since = 0.0
+        self._state = _IDLE
+        self._buf = b""
+        self._left = 0
+        self._dec: ChunkedDecoder | None = None
+        self.owner: Owner | None = None
+        self.status = 0
+        self._head_raw = self._head_lower = b""
+        self.parts: list[bytes] = []
+        self.sink: Callable[[bytes], None] | None = None
+        self.relay_to = None  # the client connection a relay writes to (corked per received batch)
+        self.receiving = False
+        self.corked = None  # who to uncork when this batch of received bytes is handled
+        self.sent_at = self.last = 0.0
+        self.limits = (0.0, 0.0, 0.0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        set_nodelay(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._state == _BODY_EOF:
+            self._finish()
+        elif self._state != _IDLE and self._state != _DONE:
+            self._fail(ConnectionLost(f"{self.pool.name} closed the connection mid-response"))
+
+    @property
+    def complete(self) -> bool:
+        return self._state == _DONE
+
+    @property
+    def in_flight(self) -> bool:
+        return self._state != _DONE and self._state != _IDLE
+
+    def send(self, data: bytes, owner: Owner, first_byte_timeout: float, idle_timeout: float,
+             total_timeout: float) -> None:
+        self.owner = owner
+        self.status = 0
+        self.parts = []
+        self.sink = None
+        self.relay_to = None
+        self._buf = b""
+        self._state = _HEAD
+        self.sent_at = self.last = time.monotonic()
+        self.limits = (first_byte_timeout, idle_timeout, total_timeout)
+        self.pool.watchdog.active.add(self)
+        self.transport.write(data)
+
+    def body(self) -> bytes:
+        parts = self.parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)  # the common case needs no copy
+
+    def deadline_passed(self, now: float) -> bool:
+        first, idle, total = self.limits
+        return (now - self.sent_at >= total or (self._state == _HEAD and now - self.sent_at >= first)
+                or (self._state != _HEAD and now - self.last >= idle))
+
+    def timed_out(self, now: float) -> None:
+        first, idle, total = self.limits
+        if self._state == _HEAD and now - self.sent_at >= first:
+            why = f"sent no response within the first-byte timeout ({first:g} s)"
+        elif now - self.sent_at >= total:
+            why = f"did not finish within the request timeout ({total:g} s)"
+        else:
+            why = f"sent nothing for {idle:g} s (idle timeout)"
+        self._fail(UpstreamTimeout(f"{self.pool.name} {why}"))
+
+    def data_received(self, data: bytes) -> None:
+        st = self._state
+        if st == _IDLE or st == _DONE:  # bytes nobody asked for: the connection is unusable
+            self.close()
+            return
+        relay = self.relay_to
+        if relay is not None:  # a relay's writes of this batch of bytes leave as one
+            relay.cork()
+            self.corked = relay
+        self.receiving = True
+        self.last = time.monotonic()
+        try:
+            if st == _HEAD:
+                buf = self._buf + data if self._buf else data
+                end = buf.find(b"\r\n\r\n")
+                while end >= 0 and buf[9:10] == b"1":  # skip 1xx interim responses
+                    buf = buf[end + 4:]
+                    end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEAD_BYTES:
+                        raise HttpParseError("response head too large")
+                    self._buf = buf
+                    return
+                self._buf = b""
+                self._head(buf[:end])
+                if self.owner is not None:
+                    self.owner.on_head(self)
+                if self._state == _BODY_CL and self._left == 0:
+                    self._finish()
+                    return
+                data = buf[end + 4:]
+                if not data or self._state == _DONE:
+                    return
+                st = self._state
+            if st == _BODY_CL:
+                if len(data) >= self._left:
+                    piece = data[:self._left] if len(data) > self._left else data
+                    self._left = 0
+                    if self.sink is not None:
+                        self.sink(piece)
+                    else:
+                        self.parts.append(piece)
+                    self._finish()
+                else:
+                    self._left -= len(data)
+                    self._emit(data)
+            elif st == _BODY_CHUNKED:
+                dec = self._dec
+                for piece in dec.feed(data):
+                    self._emit(piece)
+                if dec.done:
+                    self._finish()
+            elif st == _BODY_EOF:
+                self._emit(data)
+        except HttpParseError as err:
+            self._fail(UpstreamError(f"{self.pool.name} sent malformed HTTP: {err}"))
+        except Exception:  # a bug in an owner callback must not leave the client hanging
+            log.exception("upstream response handling failed")
+            owner, self.owner = self.owner, None
+            self._fail(UpstreamError("router error"))
+            crashed = getattr(owner, "crashed", None)
+            if crashed is not None:
+                crashed()
+        finally:
+            self.receiving = False
+            corked = self.corked
+            if corked is not None:
+                self.corked = None
+                corked.uncork()
+
+    @property
+    def ctype(self) -> bytes:
+        return find_header(self._head_raw, self._head_lower, H_CONTENT_TYPE) or b"application/json"
+
+    def _head(self, head: bytes) -> None:
+        # bytes.find, not ``in``: on CPython the ``in`` operator costs about twice as much here
+        code = head[9:12]
+        if head[:7] != b"HTTP/1." or not code.isdigit():
+            raise HttpParseError("malformed status line")
+        self.status = status = int(code)
+        lower = head.lower()
+        if lower.find(H_CONNECTION) >= 0:
+            conn = find_header(lower, lower, H_CONNECTION)
+            self.reusable = (b"close" not in conn) if head[7:8] == b"1" else (b"keep-alive" in conn)
+        else:
+            self.reusable = head[7:8] == b"1"
+        self._head_raw, self._head_lower = head, lower
+        if status == 204 or status == 304:
+            self._state, self._left = _BODY_CL, 0
+        elif lower.find(H_TRANSFER_ENCODING) >= 0 and find_header(lower, lower, H_TRANSFER_ENCODING).endswith(
+                b"chunked"):
+            self._dec = ChunkedDecoder()
+            self._state = _BODY_CHUNKED
+        else:
+            i = lower.find(H_CONTENT_LENGTH)
+            if i < 0:
+                self._state = _BODY_EOF
+                self.reusable = False
+            else:
+                j = lower.find(b"\r\n", i + 17)
+                cl = (lower[i + 17:j] if j > 0 else lower[i + 17:]).strip()
+                if not cl.isdigit():
+                    raise HttpParseError("invalid Content-Length")
+                self._state, self._left = _BODY_CL, int(cl)
+
+    def _emit(self, piece: bytes) -> None:
+        if self.sink is not None:
+            self.sink(piece)
+        else:
+            self.parts.append(piece)
+
+    def _finish(self) -> None:
+        if self._state == _DONE:
+            return
+        self._state = _DONE
+        self.pool.watchdog.active.discard(self)
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.on_done(self, None)
+
+    def _fail(self, err: UpstreamError) -> None:
+        self._state = _DONE
+        self.reusable = False
+        self.pool.watchdog.active.discard(self)
+        self.close()
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.on_done(self, err)
+
+    def abort(self, reason: str = "request cancelled", err: UpstreamError | None = None) -> None:
+        """Drop an in-flight request (the worker sees the disconnect and cancels its work); the owner is
+        told (with ``err``, default a plain UpstreamError) unless it detached itself first (``owner = None``)."""
+        if self._state not in (_DONE, _IDLE):
+            self._fail(err or UpstreamError(reason))
+        else:
+            self.close()
+
+    def pause_reading(self) -> None:
+        if not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.reusable = False
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
