@@ -42,7 +42,21 @@ def prepare_run(recipe: str | Path, overrides: list[str] = (), cluster: str | No
     from hpcserve.backends.base import new_run_dir
     plans = load_plans(recipe, overrides, cluster)
     out = Path(run_dir).resolve() if run_dir else new_run_dir(plans[0][1].name)
-    return list(zip(write_plans(plans, out), (p for _, p in plans)))
+    dirs = list(zip(write_plans(plans, out), (p for _, p in plans)))
+    lr, first = plans[0]
+    if first.handover_seconds and first.backend == "slurm":   # odd successor generations: other ports
+        from hpcserve.agent.handover import ALT_PLAN
+        [alt] = load_plans(recipe, list(overrides) + shifted_ports(lr.recipe, first, 1), cluster)
+        atomic_write(out / ALT_PLAN, alt[1].to_json())
+    return dirs
+
+
+def shifted_ports(recipe, first: Plan, i: int) -> list[str]:
+    """--set overrides giving copy ``i`` of a deployment its own ports (shards, successor generations):
+    ports.base moved past the whole range the first copy uses, router.port + i."""
+    used = [port for pr in first.processes for port in pr.ports.values()]
+    span = (max(used, default=recipe.ports.base) - recipe.ports.base) // 100 * 100 + 100
+    return [f"ports.base={recipe.ports.base + i * span}"] + ([f"router.port={recipe.router.port + i}"] if i else [])
 
 
 def up(recipe: str | Path, overrides: list[str] = (), run_dir: str | Path | None = None, timeout: float | None = None):
@@ -120,22 +134,27 @@ def cancel(run: "Run", wait: float = 60.0) -> str:
     ``wait`` seconds. Returns the final Slurm state."""
     import time as _t
 
+    from hpcserve.agent.handover import generations
     from hpcserve.backends.slurm import SlurmBackend, query_jobs
-    from hpcserve.render import atomic_write
-    atomic_write(run.run_dir / "cancel.json", '{"requested": true}\n')
-    info = query_jobs([run.job_id])[run.job_id]
-    if info.state in ("PENDING", "REQUEUED"):
-        SlurmBackend.kill(run.job_id)
-    elif info.state in ("RUNNING", "CONFIGURING"):
-        SlurmBackend.signal(run.job_id, "TERM")
+    atomic_write(run.run_dir / "cancel.json", '{"requested": true}\n')   # also stops a continuous chain
+    gens = generations(run.run_dir)["jobs"]
+    jobs = [run.job_id] + [gens[k] for k in sorted(gens, key=int)]
+    live = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED")
+    for job, info in query_jobs(jobs).items():
+        if info.state in ("PENDING", "REQUEUED"):
+            SlurmBackend.kill(job)
+        elif info.state in ("RUNNING", "CONFIGURING"):
+            SlurmBackend.signal(job, "TERM")
     deadline = _t.monotonic() + wait
     while _t.monotonic() < deadline:
-        info = query_jobs([run.job_id])[run.job_id]
-        if info.state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"):
-            return info.state
+        states = query_jobs(jobs)
+        if all(i.state not in live for i in states.values()):
+            return states[jobs[-1]].state
         _t.sleep(1.0)
-    SlurmBackend.kill(run.job_id)
-    return query_jobs([run.job_id])[run.job_id].state
+    for job, info in query_jobs(jobs).items():
+        if info.state in live:
+            SlurmBackend.kill(job)
+    return query_jobs(jobs)[jobs[-1]].state
 
 
 def prepare_batch(recipe: str | Path, overrides: list[str] = (), cluster: str | None = None,
@@ -154,13 +173,9 @@ def prepare_batch(recipe: str | Path, overrides: list[str] = (), cluster: str | 
         p = plan(lr.recipe)
         return out, [(write_run_dir(out, lr.raw, p), p)]
     first = plan(lr.recipe, shard=(0, n))
-    used = [port for pr in first.processes for port in pr.ports.values()]
-    span = (max(used) - lr.recipe.ports.base) // 100 * 100 + 100
     shards = []
     for i in range(n):   # shard i: ports shifted by i*span, router port by i
-        extra = [f"ports.base={lr.recipe.ports.base + i * span}"] + ([f"router.port={lr.recipe.router.port + i}"]
-                                                                     if i else [])
-        [lri] = load_recipe(recipe, list(overrides) + extra, cluster)
+        [lri] = load_recipe(recipe, list(overrides) + shifted_ports(lr.recipe, first, i), cluster)
         p = plan(lri.recipe, shard=(i, n))
         shards.append((write_run_dir(out / f"shard-{i:04d}", lri.raw, p), p))
     array_plan = shards[0][1].model_copy(update={"slurm": shards[0][1].slurm.model_copy(update={"array": n})})

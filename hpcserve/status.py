@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hpcserve import registry
+from hpcserve.agent.handover import generation_dir, generations, root_of
 from hpcserve.agent.redis_server import read_url
 from hpcserve.backends.base import Run, read_json
 from hpcserve.errors import BackendError
@@ -35,6 +36,7 @@ class RunStatus:
     worker_list: list = field(default_factory=list)
     failure: str | None = None
     progress: dict = field(default_factory=dict)       # batch_* fields the batch driver writes to Redis
+    generation: int = 0                                # serve.continuous: which successor job serves now
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +84,12 @@ def _phase(st: RunStatus, run_dir: Path | None, redis_status: dict | None) -> st
     return FINAL_PHASE.get(s, s.lower() if s else "unknown")
 
 
+def _current_generation(run: Run) -> Run:
+    """A continuous deployment is reported by the generation that serves now (see agent/handover.py)."""
+    cur = generations(run.run_dir)["current"]
+    return Run.open(generation_dir(run.run_dir, cur)) if cur else run
+
+
 def collect(targets: list[str]) -> list[RunStatus]:
     """Status for run dirs and/or job ids, with exactly one squeue call for all Slurm jobs."""
     from hpcserve.backends.slurm import query_jobs
@@ -89,7 +97,7 @@ def collect(targets: list[str]) -> list[RunStatus]:
     for t in targets:
         p = Path(t)
         if p.is_dir():
-            run = Run.open(p)
+            run = _current_generation(Run.open(p))
             runs.append((run, run.job_id))
         elif t.replace("_", "").isdigit():
             runs.append((None, t))
@@ -104,7 +112,7 @@ def collect(targets: list[str]) -> list[RunStatus]:
         if run is None and run_dir is not None and not (run_dir / "job.json").exists():
             run_dir = None
         st = RunStatus(run_dir=str(run_dir) if run_dir else None, job_id=job_id,
-                       backend=run.backend if run else "slurm")
+                       backend=run.backend if run else "slurm", generation=root_of(run_dir)[1] if run_dir else 0)
         if info:
             st.slurm_state, st.reason, st.nodes, st.elapsed = info.state, info.reason, info.nodes, info.elapsed
         redis_status = None

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 
 from hpcserve import registry
+from hpcserve.agent import handover
 from hpcserve.plan.model import Plan
 from hpcserve.render import atomic_write
 
@@ -70,6 +71,7 @@ class HeadWatch:
     def _publish_endpoint(self, startup_s: float) -> None:
         info = {"url": self.router_url, "host": self.addr, "port": self.plan.router_port,
                 "run_id": self.run_id, "ready_at": time.time(), "startup_seconds": round(startup_s, 2)}
+        handover.promote(self.run_dir, info)   # a successor generation: the run's endpoint first
         atomic_write(self.run_dir / ENDPOINT_JSON, json.dumps(info, indent=1) + "\n")
         log.info("ready: %s (startup %.1fs)", self.router_url, startup_s)
 

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 from hpcserve import aio, registry
 from hpcserve.agent import hosts, redis_server, stages
+from hpcserve.agent.handover import Handover
 from hpcserve.agent.head import HeadWatch
 from hpcserve.agent.procs import child_env
 from hpcserve.agent.supervisor import Managed, Supervisor
@@ -72,14 +73,21 @@ def record_failure(run_dir: Path, rank: int, message: str) -> None:
 async def _start_redis(plan: Plan, run_dir: Path, addr: str, managed: list[Managed]) -> str:
     if plan.redis_url:   # external Redis: publish it like our own so other nodes and `status` find it
         u = urlparse(plan.redis_url)
-        redis_server.publish(run_dir, u.hostname or "", u.port or 6379, u.password, plan.redis_url)
-        return plan.redis_url
+        password = None
+        if plan.redis_password_env:
+            password = os.environ.get(plan.redis_password_env)
+            if not password:
+                raise HpcserveError(f"redis.password_env: {plan.redis_password_env} is not set on the head node; "
+                                    f"export it before submitting (sbatch passes the environment on)")
+        url = redis_server.url_of(u.hostname or "", u.port or 6379, password, u.path.lstrip("/") or "0")
+        redis_server.publish(run_dir, u.hostname or "", u.port or 6379, password, url)
+        return url
     spec = next(p for p in plan.processes if p.kind == "redis")
     port = spec.ports["redis"]
     hosts.check_port_free(addr, port, "redis")
     password = redis_server.new_password()
     binary = redis_server.find_redis_server(os.environ.get("HPCSERVE_REDIS_SERVER"))
-    conf = redis_server.write_conf(run_dir, addr, port, password)
+    conf = redis_server.write_conf(run_dir, hosts.fill([plan.bind], addr, {}, {})[0], port, password)
     m = Managed(spec, [binary, str(conf)], child_env(), run_dir, addr, plan.head_node)
     await m.start()
     managed.append(m)
@@ -172,6 +180,9 @@ async def _wait_outcome(plan, run_dir, run_id, client, addr, is_head, stop, sup)
                     sup.add(m)
         head = HeadWatch(plan, run_dir, run_id, client, addr, on_ready=start_stages)
         waits[asyncio.ensure_future(head.run())] = "head"
+        job = os.environ.get("SLURM_JOB_ID")
+        if plan.handover_seconds and job:   # serve.continuous (the local backend has no time limit)
+            waits[asyncio.ensure_future(Handover(run_dir, plan.handover_seconds, job).run())] = "handover"
     else:
         waits[asyncio.ensure_future(_job_over(client, run_id, run_dir))] = "over"
     done, _ = await asyncio.wait(list(waits), return_when=asyncio.FIRST_COMPLETED)
@@ -190,6 +201,8 @@ async def _wait_outcome(plan, run_dir, run_id, client, addr, is_head, stop, sup)
         return {"failure": failure} if failure else {"phase": "done", "why": f"{stage} complete"}
     if kind == "over":
         return {"phase": "done", "why": f"head node says {fut.result()}"}
+    if kind == "handover":
+        return {"phase": "done", "why": fut.result()}
     return {"phase": "draining", "why": stop.signal_name}
 
 

@@ -12,7 +12,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import redis.asyncio as aioredis
 
@@ -54,9 +54,9 @@ def new_password() -> str:
     return secrets.token_urlsafe(24)
 
 
-def url_of(host: str, port: int, password: str | None) -> str:
-    auth = f":{password}@" if password else ""
-    return f"redis://{auth}{host}:{port}/0"
+def url_of(host: str, port: int, password: str | None, db: str = "0") -> str:
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{port}/{db}"
 
 
 def publish(run_dir: Path, host: str, port: int, password: str | None, url: str) -> None:

