@@ -21,11 +21,13 @@ def test_snapshots_add_up():
          "workers": {"w0": ["both", 1, 1, 0]}}
     b = {"requests": [["/generate", 200, 4], ["/generate", 502, 1]], "latency": {"/generate": [0, 5, 1.5]},
          "retries": {"prefill": 2}, "upstream_errors": [["w0", "io", 1]], "rejected": {"queue_full": 2},
-         "inflight": 2, "queued": 1, "ejections_total": 1, "workers": {"w0": ["both", 2, 0, 1]}}
+         "inflight": 2, "queued": 1, "ejections_total": 1, "workers": {"w0": ["both", 2, 0, 1]},
+         "redispatches": [["decode", "worker_lost", 2]]}
     _add(a, b)
     assert sorted(a["requests"]) == [["/generate", 200, 7], ["/generate", 502, 1]]
     assert a["latency"]["/generate"] == [1, 7, 2.0]
     assert a["retries"] == {"prefill": 3} and a["rejected"] == {"queue_full": 2}
+    assert a["redispatches"] == [["decode", "worker_lost", 2]]
     assert (a["inflight"], a["queued"], a["ejections_total"]) == (3, 1, 1)
     assert a["workers"]["w0"] == ["both", 3, 0, 1]  # unhealthy in any process shows unhealthy
 

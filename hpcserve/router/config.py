@@ -53,8 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--first-byte-timeout", type=float, default=None, help="default: --request-timeout")
     g.add_argument("--idle-timeout", type=float, default=600.0, help="longest silence inside a response")
     g.add_argument("--max-retries", type=int, default=2, help="other workers tried after a connect failure")
-    g.add_argument("--health-interval", type=float, default=2.0, help="seconds between active probes")
-    g.add_argument("--health-timeout", type=float, default=5.0)
+    g.add_argument("--max-redispatch", type=int, default=2,
+                   help="times a request is sent again to another worker after its worker died or stalled "
+                        "before the client got a byte (0: never)")
+    g.add_argument("--health-interval", type=float, default=2.0,
+                   help="seconds between probe rounds; a stalled worker is ejected within two of them")
+    g.add_argument("--health-timeout", type=float, default=None,
+                   help="probe timeout (default and maximum: --health-interval); no answer in time = stalled")
     g.add_argument("--eject-after", type=int, default=3, help="consecutive failures that eject a worker")
     g.add_argument("--readmit-after", type=int, default=2, help="consecutive probe successes that readmit it")
     g = p.add_argument_group("processes")
@@ -95,11 +100,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ns.api_key = os.environ.get(ns.api_key_env)
         if not ns.api_key:
             raise ConfigError(f"--api-key-env {ns.api_key_env}: that environment variable is empty or unset")
-    for name in ("max_body_bytes", "queue_size", "max_concurrency", "max_retries"):
+    for name in ("max_body_bytes", "queue_size", "max_concurrency", "max_retries", "max_redispatch"):
         if getattr(ns, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("request_timeout", "connect_timeout", "idle_timeout", "health_interval", "health_timeout"):
-        if getattr(ns, name) <= 0:
+        if getattr(ns, name) is not None and getattr(ns, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
     if ns.processes < 1:
         raise ConfigError("--processes must be >= 1")

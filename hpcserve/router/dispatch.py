@@ -5,16 +5,25 @@ the common path). PD follows SGLang's protocol (DESIGN section 4): the same JSON
 bootstrap_host/port/room added, goes to both servers at once and the decode's answer is returned.
 Connections are obtained before any byte is sent, so a connect failure can be retried on another worker;
 once a request was written to a prefill it is never sent again (an orphan would wait for a decode).
+
+Re-dispatch: when the worker of a request dies (connection lost) or is ejected as stalled before the
+client got any byte, the request is sent again to another worker, at most ``max_redispatch`` times. In PD
+mode only a failed decode leads to that, and the retry is a new PD request (fresh bootstrap room, any
+prefill the policy picks): the prefill side may see the same text twice, as a new room, never a replay of
+a room it holds. A failed prefill is never replayed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Callable
 
 import orjson
 
-from hpcserve.http import ConnectError, HttpConnection, UpstreamConn, UpstreamError, UpstreamTimeout
+from hpcserve.http import (
+    ConnectError, HttpConnection, UpstreamConn, UpstreamError, UpstreamTimeout, WorkerStalled,
+)
 from hpcserve.router.metrics import RouterMetrics
 from hpcserve.router.policies import Policy
 from hpcserve.router.workers import Worker, WorkerSet
@@ -70,13 +79,35 @@ class Leg:
 class Dispatcher:
     def __init__(self, workers: WorkerSet, metrics: RouterMetrics, policies: dict[str, Policy], *,
                  first_byte_timeout: float, idle_timeout: float, request_timeout: float, max_retries: int = 2,
-                 on_finished: Callable[[str, int, float], None] | None = None) -> None:
+                 max_redispatch: int = 2, on_finished: Callable[[str, int, float], None] | None = None) -> None:
         self.workers = workers
         self.metrics = metrics
         self.policies = policies
         self.timeouts = (first_byte_timeout, idle_timeout, request_timeout)
         self.max_retries = max_retries
+        self.max_redispatch = max_redispatch
         self.on_finished = on_finished or (lambda label, status, t0: None)
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro) -> None:
+        """Run a re-dispatch that must connect first (a reference is kept until it ends)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def worker_stalled(self, w: Worker) -> int:
+        """Health probes ejected ``w`` as stalled: abort its in-flight requests that can be re-dispatched
+        (their exchanges send them elsewhere); the rest (relayed streams, prefill legs) keep waiting, so a
+        false alarm never fails a request. Returns how many were moved."""
+        moved = 0
+        for conn in [c for c in w.pool.watchdog.active if c.pool is w.pool]:
+            movable = getattr(conn.owner, "movable", None)
+            if movable is not None and movable(conn):
+                conn.abort(err=WorkerStalled(f"{w.pool.name} stalled (no answer to health probes)"))
+                moved += 1
+        if moved:
+            log.warning("worker %s stalled: %d request(s) moved to other workers", w.id, moved)
+        return moved
 
     def take(self, role: str, key: str | None, exclude: set[str] | None = None) -> Leg:
         candidates = self.workers.healthy[role]
@@ -121,7 +152,9 @@ class Dispatcher:
             w.pool.release(conn)
         if leg.innocent:
             return
-        if err is not None:
+        if isinstance(err, WorkerStalled):  # already ejected by the probes; counted, not blamed twice
+            self.metrics.upstream_error(w.id, "stalled")
+        elif err is not None:
             self.workers.record_failure(w, str(err))
             self.metrics.upstream_error(w.id, kind or ("timeout" if isinstance(err, UpstreamTimeout) else "io"))
         elif complete and conn.status >= 500:
@@ -147,7 +180,7 @@ class Dispatcher:
 class Exchange:
     """One client request in flight. Subclasses implement ``legs``, ``begin`` and the conn callbacks."""
 
-    __slots__ = ("d", "client", "path", "extra", "stream", "label", "t0", "key", "done")
+    __slots__ = ("d", "client", "path", "extra", "stream", "label", "t0", "key", "done", "redispatched", "avoid")
 
     def __init__(self, d: Dispatcher, client: HttpConnection, path: bytes, extra: bytes, stream: bool,
                  label: str, t0: float, key: str | None) -> None:
@@ -160,6 +193,8 @@ class Exchange:
         self.t0 = t0
         self.key = key
         self.done = False
+        self.redispatched = 0
+        self.avoid: set[str] | None = None  # workers that failed this request (not picked again)
 
     def finish(self, status: int) -> None:
         if not self.done:
@@ -248,6 +283,50 @@ class Exchange:
     async def connect_missing(self) -> None:
         raise NotImplementedError
 
+    # ---- re-dispatch after a worker died or stalled
+    def can_move(self) -> bool:
+        """Nothing reached the client yet and the re-dispatch budget is not spent."""
+        client = self.client
+        return (not self.done and not client.started and not client.closed
+                and self.redispatched < self.d.max_redispatch)
+
+    def movable(self, conn: UpstreamConn) -> bool:
+        """Whether the request on ``conn`` may be re-dispatched if that worker is given up on."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the (settled) legs and per-attempt state before a re-dispatch."""
+        raise NotImplementedError
+
+    def redispatch(self, failed: Leg, err: UpstreamError) -> bool:
+        """Send the request again to other workers after ``failed`` (settled) died or stalled; False when
+        that is not allowed (the caller then reports ``err``)."""
+        if not (err.redispatch and self.can_move()):
+            return False
+        d = self.d
+        self.redispatched += 1
+        if self.avoid is None:
+            self.avoid = set()
+        self.avoid.add(failed.w.id)
+        d.metrics.redispatch(failed.w.role, "stalled" if isinstance(err, WorkerStalled) else "worker_lost")
+        log.warning("re-dispatching a request after %s (attempt %d of %d)", err, self.redispatched,
+                    d.max_redispatch)
+        self.reset()
+        self.client.on_close = None  # until the new legs exist; _connect_then_begin checks ``closed``
+        try:
+            self.take()
+        except RouteError as route_err:
+            for leg in self.legs():
+                d.unuse(leg)
+            self.fail(504 if isinstance(err, UpstreamTimeout) else 502, f"{err} (not re-dispatched: {route_err})")
+            return True
+        if self.ready():
+            self.client.on_close = self.client_gone
+            self.begin()
+        else:
+            d.spawn(self._connect_then_begin())
+        return True
+
     def crashed(self) -> None:
         for leg in self.legs():
             self.d.cancel(leg, "router error")
@@ -277,7 +356,13 @@ class Single(Exchange):
         return [self.leg] if self.leg is not None else []
 
     def take(self) -> None:
-        self.leg = self.d.take("both", self.key)
+        self.leg = self.d.take("both", self.key, self.avoid)
+
+    def movable(self, conn: UpstreamConn) -> bool:
+        return self.leg is not None and conn is self.leg.conn and self.can_move()
+
+    def reset(self) -> None:
+        self.leg = None
 
     def ready(self) -> bool:
         return self.leg.conn is not None
@@ -294,8 +379,10 @@ class Single(Exchange):
 
     def on_done(self, conn: UpstreamConn, err: UpstreamError | None) -> None:
         if err is not None:
-            self.d.settle(self.leg, err)
-            self.upstream_failed(err)
+            leg = self.leg
+            self.d.settle(leg, err)
+            if not self.redispatch(leg, err):
+                self.upstream_failed(err)
             return
         if self.client.started:
             self.client.end()

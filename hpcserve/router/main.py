@@ -49,7 +49,7 @@ def build(ns) -> tuple[RouterApp, HealthChecker, RegistryFollower | None]:
     metrics = RouterMetrics(workers, getattr(ns, "share_dir", None))
     dispatcher = Dispatcher(workers, metrics, policies, first_byte_timeout=ns.first_byte_timeout,
                             idle_timeout=ns.idle_timeout, request_timeout=ns.request_timeout,
-                            max_retries=ns.max_retries)
+                            max_retries=ns.max_retries, max_redispatch=ns.max_redispatch)
     follower = RegistryFollower(workers, ns.redis_url, ns.run_id, rescan_interval=ns.registry_rescan) \
         if ns.redis_url else None
     app = RouterApp(mode=ns.mode, workers=workers, dispatcher=dispatcher, metrics=metrics,
@@ -57,7 +57,10 @@ def build(ns) -> tuple[RouterApp, HealthChecker, RegistryFollower | None]:
                                     ns.queue_timeout), policies=policies,
                     api_key=ns.api_key, served_model_name=ns.served_model_name, follower=follower)
     dispatcher.on_finished = app.finished
-    health = HealthChecker(workers, interval=ns.health_interval, timeout=ns.health_timeout)
+    if ns.health_timeout is not None and ns.health_timeout > ns.health_interval:
+        log.info("--health-timeout %g capped at --health-interval %g", ns.health_timeout, ns.health_interval)
+    health = HealthChecker(workers, interval=ns.health_interval, timeout=ns.health_timeout,
+                           on_stalled=dispatcher.worker_stalled)
     return app, health, follower
 
 

@@ -24,6 +24,7 @@ class RouterMetrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.latency: dict[str, list] = {}  # route -> [bucket counts..., +Inf count, sum]
         self.retries: dict[str, int] = {}
+        self.redispatches: dict[tuple[str, str], int] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
         self.rejected: dict[str, int] = {}
         self.inflight = 0
@@ -43,6 +44,10 @@ class RouterMetrics:
     def retry(self, role: str) -> None:
         self.retries[role] = self.retries.get(role, 0) + 1
 
+    def redispatch(self, role: str, reason: str) -> None:
+        key = (role, reason)
+        self.redispatches[key] = self.redispatches.get(key, 0) + 1
+
     def upstream_error(self, worker_id: str, kind: str) -> None:
         key = (worker_id, kind)
         self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
@@ -58,6 +63,7 @@ class RouterMetrics:
         return {
             "requests": [[r, s, n] for (r, s), n in self.requests.items()],
             "latency": self.latency, "retries": self.retries,
+            "redispatches": [[r, why, n] for (r, why), n in self.redispatches.items()],
             "upstream_errors": [[w, k, n] for (w, k), n in self.upstream_errors.items()],
             "rejected": self.rejected, "inflight": self.inflight, "queued": self.queued,
             "ejections_total": self.workers.ejections_total,
@@ -131,6 +137,12 @@ class RouterMetrics:
         for role, n in sorted(m["retries"].items()):
             r.add_metric([role], n)
         yield r
+        rd = CounterMetricFamily("hpcserve_router_redispatches", "Requests sent again to other workers after "
+                                 "their worker died or stalled before the client got a byte.",
+                                 labels=["role", "reason"])
+        for role, reason, n in sorted(m["redispatches"]):
+            rd.add_metric([role, reason], n)
+        yield rd
         u = CounterMetricFamily("hpcserve_router_upstream_errors", "Failed upstream calls by worker and kind.",
                                 labels=["worker", "kind"])
         for wid, kind, n in sorted(m["upstream_errors"]):
@@ -145,13 +157,14 @@ class RouterMetrics:
 def _add(into: dict, other: dict) -> None:
     """Sum another process's snapshot into ``into`` (counters, histograms, gauges; healthy: all must be)."""
     def add_rows(key: str) -> None:
-        rows = {tuple(r[:-1]): r[-1] for r in into[key]}
+        rows = {tuple(r[:-1]): r[-1] for r in into.get(key, [])}
         for r in other.get(key, []):
             rows[tuple(r[:-1])] = rows.get(tuple(r[:-1]), 0) + r[-1]
         into[key] = [[*k, n] for k, n in rows.items()]
 
     add_rows("requests")
     add_rows("upstream_errors")
+    add_rows("redispatches")
     for key in ("retries", "rejected"):
         for k, n in other.get(key, {}).items():
             into[key][k] = into[key].get(k, 0) + n

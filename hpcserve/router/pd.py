@@ -60,7 +60,17 @@ class Pair(Exchange):
 
     def take(self) -> None:
         self.pre = self.d.take("prefill", self.key)
-        self.dec = self.d.take("decode", self.key)
+        self.dec = self.d.take("decode", self.key, self.avoid)
+
+    def movable(self, conn: UpstreamConn) -> bool:
+        # only a decode leg: bytes that reached a prefill are never replayed
+        return self.dec is not None and conn is self.dec.conn and self.can_move()
+
+    def reset(self) -> None:
+        self.pre = self.dec = None
+        self.prefill_items = None
+        self.merger = None
+        self.head_waiting = self.decode_waiting = False
 
     def ready(self) -> bool:
         return self.pre.conn is not None and self.dec.conn is not None
@@ -150,8 +160,8 @@ class Pair(Exchange):
             return
         if err is not None:
             d.settle(dec, err)
-            d.cancel(pre, f"decode worker {dec.w.id} failed")
-            if not self.done:
+            d.cancel(pre, f"decode worker {dec.w.id} failed")  # its room's KV has nowhere to go now
+            if not self.done and not self.redispatch(dec, err):  # a new PD request: fresh room, new pair
                 self.upstream_failed(err)
             return
         if self.done:

@@ -36,7 +36,8 @@ class Worker:
     """One engine server. ``circuit`` is closed (serving), open (ejected) or half_open (recovering)."""
 
     __slots__ = ("id", "role", "url", "host", "port", "bootstrap_host", "bootstrap_port", "source", "pool",
-                 "inflight", "fails", "oks", "circuit", "ejections", "last_error", "last_change", "served")
+                 "inflight", "fails", "oks", "circuit", "ejections", "last_error", "last_change", "served",
+                 "fail_round", "last_ejection")
 
     def __init__(self, wid: str, role: str, url: str, *, bootstrap_port: int | None = None,
                  bootstrap_host: str | None = None, source: str = "static", connect_timeout: float = 5.0) -> None:
@@ -56,6 +57,8 @@ class Worker:
         self.served = 0
         self.last_error = ""
         self.last_change = time.time()
+        self.fail_round: int | None = None  # probe round in which the current run of failures began
+        self.last_ejection: dict | None = None
 
     def same_address(self, other: "Worker") -> bool:
         return (self.url, self.role, self.bootstrap_host, self.bootstrap_port) == (
@@ -65,7 +68,8 @@ class Worker:
         return {"id": self.id, "role": self.role, "url": self.url, "bootstrap_host": self.bootstrap_host,
                 "bootstrap_port": self.bootstrap_port, "source": self.source, "healthy": self.circuit == CLOSED,
                 "circuit": self.circuit, "inflight": self.inflight, "served": self.served,
-                "consecutive_failures": self.fails, "ejections": self.ejections, "last_error": self.last_error}
+                "consecutive_failures": self.fails, "ejections": self.ejections, "last_error": self.last_error,
+                "first_failed_round": self.fail_round, "last_ejection": self.last_ejection}
 
 
 class WorkerSet:
@@ -80,6 +84,7 @@ class WorkerSet:
         self.workers: dict[str, Worker] = {}
         self.healthy: dict[str, list[Worker]] = {r: [] for r in self.roles}
         self.ejections_total = 0
+        self.probe_round = 0  # advanced by the health checker: ejection timing is recorded in rounds
         self.on_removed: list[Callable[[Worker], None]] = []
         self._warned_bootstrap: set[str] = set()
 
@@ -165,24 +170,36 @@ class WorkerSet:
     def record_success(self, w: Worker) -> None:
         if w.circuit == CLOSED:
             w.fails = 0
+            w.fail_round = None
             return
         w.oks += 1
         if w.oks >= self.readmit_after:
             self._set(w, CLOSED, f"readmitted after {w.oks} successes")
             w.fails = w.oks = 0
+            w.fail_round = None
         elif w.circuit == OPEN:
             self._set(w, HALF_OPEN, "first success after ejection")
 
-    def record_failure(self, w: Worker, reason: str) -> None:
+    def record_failure(self, w: Worker, reason: str, stalled: bool = False, probe_round: int | None = None) -> bool:
+        """Count a failure; True when it ejected the worker. ``stalled`` (no answer to a probe within the
+        probe timeout) ejects at once: a stall is not a blip that N tries would filter out. ``probe_round``:
+        the round a failed probe was sent in (default: now)."""
         w.last_error = reason[:300]
         w.oks = 0
         w.fails += 1
-        if w.circuit == CLOSED and w.fails >= self.eject_after:
+        if w.fail_round is None:
+            w.fail_round = self.probe_round if probe_round is None else probe_round
+        if w.circuit == CLOSED and (stalled or w.fails >= self.eject_after):
             w.ejections += 1
             self.ejections_total += 1
-            self._set(w, OPEN, f"ejected after {w.fails} consecutive failures: {reason}")
-        elif w.circuit == HALF_OPEN:
+            w.last_ejection = {"round": self.probe_round, "first_failed_round": w.fail_round,
+                               "stalled": stalled, "reason": w.last_error}
+            why = "stalled" if stalled else f"ejected after {w.fails} consecutive failures"
+            self._set(w, OPEN, f"{why}: {reason}")
+            return True
+        if w.circuit == HALF_OPEN:
             self._set(w, OPEN, f"failed while recovering: {reason}")
+        return False
 
     def _set(self, w: Worker, circuit: str, why: str) -> None:
         w.circuit = circuit
