@@ -54,7 +54,7 @@ def prepare_run(recipe: str | Path, overrides: list[str] = (), cluster: str | No
 def shifted_ports(recipe, first: Plan, i: int) -> list[str]:
     """--set overrides giving copy ``i`` of a deployment its own ports (shards, successor generations):
     ports.base moved past the whole range the first copy uses, router.port + i."""
-    used = [port for pr in first.processes for port in pr.ports.values()]
+    used = [port for pr in first.processes if pr.kind in ("engine", "redis") for port in pr.ports.values()]
     span = (max(used, default=recipe.ports.base) - recipe.ports.base) // 100 * 100 + 100
     return [f"ports.base={recipe.ports.base + i * span}"] + ([f"router.port={recipe.router.port + i}"] if i else [])
 

@@ -112,3 +112,26 @@ def wait_job_state(job_id: str, states: str | Iterable[str], timeout: float = 60
 
 def scancel(job_id: str) -> None:
     run_slurm("scancel", str(job_id), check=False)
+
+
+def pd_recipe(tmp_path, extra: str = "", prefill_nodes: int = 1, span: int = 120):
+    """A PD recipe on the local cluster profile: head (Redis + router) on its own node, one prefill and one
+    decode replica of the mock engine, on a free port block of ``span`` ports (router on its last port)."""
+    from proc_util import REPO, free_port_block
+    base = free_port_block(span)
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    text = f"""\
+name: slurm-pd
+model: {{path: {model}, served_name: demo}}
+engine: {{kind: mock, mock: {{time-scale: 0}}}}
+cluster: {REPO / "slurm/clusters/local.yaml"}
+prefill: {{replicas: 1, nodes: {prefill_nodes}, tp: {8 * prefill_nodes}}}
+decode: {{replicas: 1, tp: 8}}
+router: {{port: {base + span - 1}, dedicated_node: true}}
+ports: {{base: {base}}}
+timeouts: {{startup: 90}}
+{extra}"""
+    p = tmp_path / "recipe.yaml"
+    p.write_text(text)
+    return p

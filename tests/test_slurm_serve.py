@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from proc_util import REPO, free_port_block
+from slurm_util import pd_recipe as _recipe
 from slurm_util import requires_slurm, run_slurm
 
 from hpcserve.api import cancel, submit, wait_ready
@@ -21,27 +21,6 @@ from hpcserve.errors import BackendError
 from hpcserve.status import collect
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
-LOCAL = str(REPO / "slurm/clusters/local.yaml")
-
-
-def _recipe(tmp_path: Path, extra: str = "", prefill_nodes: int = 1) -> Path:
-    base = free_port_block()
-    model = tmp_path / "model"
-    model.mkdir(exist_ok=True)
-    text = f"""\
-name: slurm-pd
-model: {{path: {model}, served_name: demo}}
-engine: {{kind: mock, mock: {{time-scale: 0}}}}
-cluster: {LOCAL}
-prefill: {{replicas: 1, nodes: {prefill_nodes}, tp: {8 * prefill_nodes}}}
-decode: {{replicas: 1, tp: 8}}
-router: {{port: {base + 119}, dedicated_node: true}}
-ports: {{base: {base}}}
-timeouts: {{startup: 90}}
-{extra}"""
-    p = tmp_path / "recipe.yaml"
-    p.write_text(text)
-    return p
 
 
 def _hpcserve(*args: str, env=None) -> subprocess.CompletedProcess:
