@@ -134,7 +134,7 @@ class Outcome:
     started: float
     ended: float
     status: int | None          # None: transport error (connection refused, timeout)
-    detail: str = ""
+    detail: str = ""            # the error body, or the generated text of a 200
 
 
 @dataclass
@@ -160,7 +160,8 @@ class Load:
                 t0 = time.monotonic()
                 try:
                     r = c.post(self.url + "/generate", json=self.body)
-                    o = Outcome(t0, time.monotonic(), r.status_code, "" if r.status_code == 200 else r.text[:300])
+                    detail = r.json().get("text", "") if r.status_code == 200 else r.text[:300]
+                    o = Outcome(t0, time.monotonic(), r.status_code, detail)
                 except httpx.HTTPError as e:
                     o = Outcome(t0, time.monotonic(), None, f"{type(e).__name__}: {e}")
                 self.outcomes.append(o)
@@ -180,6 +181,10 @@ class Load:
 
     def failures(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.status != 200]
+
+    def texts(self) -> set[str]:
+        """The distinct texts of the successful answers (the body is fixed, so one is expected)."""
+        return {o.detail for o in self.outcomes if o.status == 200}
 
 
 def sse_read(url: str, path: str, body: dict, on_first=None, timeout: float = 10.0) -> tuple[list[str], str]:

@@ -80,22 +80,30 @@ def test_kill_decode_worker_under_load(deploy, tmp_path):
 
     payloads, ended = sse_read(url, "/generate", stream_body, on_first=kill_stream_worker, timeout=10)
     loads = victim["loads"]
-    failures = [f for ld in loads for f in ld.failures()]
-    victim_id = wid_of(victim["port"])
-    # the stream on the killed worker ended early, visibly: an SSE error event or a closed stream
+    # the stream on the killed worker ended early, visibly: an SSE error event or a closed stream, no hang
     assert ended in ("error-event", "closed"), (ended, payloads[-2:])
     if ended == "error-event":
-        assert json.loads(payloads[-1])["error"]["message"]
+        assert wid_of(victim["port"]) in json.loads(payloads[-1])["error"]["message"]
     assert total(loads) > victim["before"] + 30
-    # Non-streaming requests: connect failures to the dead worker are retried on the other one. Only a
-    # request already sent to the killed worker (at most one per client) fails, with a clean JSON 502 naming
-    # it. (Known gap: the issue wants those re-dispatched too; see docs/chaos.md.)
-    assert len(failures) <= len(loads), failures
-    for f in failures:
-        assert f.status == 502 and victim_id in json.loads(f.detail)["error"]["message"], f
-    for ld, k in zip(loads, victim["at_kill"]):
-        assert [o.status for o in ld.outcomes[k + 2:]].count(200) == len(ld.outcomes[k + 2:]), ld.failures()
+    # Every non-streaming request succeeded with the right text: connect failures were retried, and the
+    # requests already on the killed worker were re-dispatched to the other one (nothing had reached the
+    # client yet). The router counted those re-dispatches.
+    assert [f for ld in loads for f in ld.failures()] == []
+    assert set().union(*(ld.texts() for ld in loads)) == {expected_text(url)}
+    assert redispatch_count(url, "decode", "worker_lost") >= 1
     assert ok_generate(url)
+
+
+def expected_text(url: str) -> str:
+    return httpx.post(url + "/generate", json=GEN_BODY, timeout=10).json()["text"]
+
+
+def redispatch_count(url: str, role: str, reason: str) -> float:
+    needle = f'hpcserve_router_redispatches_total{{reason="{reason}",role="{role}"}} '
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(needle):
+            return float(line[len(needle):])
+    return 0.0
 
 
 def test_kill_prefill_worker_under_load(deploy, tmp_path):
@@ -125,25 +133,34 @@ HEALTH_INTERVAL = 0.5
 
 
 def test_sigstop_worker_is_ejected_then_readmitted(deploy, tmp_path):
-    recipe = write_recipe(tmp_path, decode=2, router_args=("--health-interval", str(HEALTH_INTERVAL),
-                                                          "--health-timeout", "0.4"))
+    # 5 ms decode steps: requests take ~40 ms, so some are on the worker when it stops
+    recipe = write_recipe(tmp_path, decode=2, mock={"time-scale": 1, "decode-step-ms": 5},
+                          router_args=("--health-interval", str(HEALTH_INTERVAL)))
     run, backend = deploy(recipe)
     url = run.endpoint["url"]
     port = plan_workers(run)["decode-0"]["port"]
     pid = engine_pid(backend, port)
     assert healthy_by_port(url, port) is True
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        # the wait is generous for a shared machine; measured ~2.6 s (3 probe timeouts), see docs/chaos.md
-        wait_for(lambda: healthy_by_port(url, port) is False, 10, "stopped worker ejected")
-        # while it is out, requests go to the other decode worker
-        assert all(ok_generate(url) for _ in range(5))
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    wait_for(lambda: healthy_by_port(url, port) is True, 10, "worker readmitted after SIGCONT")
+    with chaos_util.loads(url, 2, max_requests=400, max_seconds=20) as loads:
+        wait_for(lambda: total(loads) >= 10, 10, "load running before the stop")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # the wait is generous for a shared machine; the timing is asserted in probe rounds below
+            wait_for(lambda: healthy_by_port(url, port) is False, 10, "stopped worker ejected")
+            n = total(loads)
+            wait_for(lambda: total(loads) >= n + 20, 10, "20 more requests while it is stopped")
+            view = next(w for w in router_workers(url) if w["url"].endswith(f":{port}"))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: healthy_by_port(url, port) is True, 10, "worker readmitted after SIGCONT")
+    ej = view["last_ejection"]
+    # ejected as stalled in the probe round of its first failed probe or the next one (2x the interval)
+    assert ej["stalled"] is True and 0 <= ej["round"] - ej["first_failed_round"] <= 1, view
+    # no request failed: those already on the stopped worker were moved to the other one when it was ejected
+    assert [f for ld in loads for f in ld.failures()] == []
+    assert set().union(*(ld.texts() for ld in loads)) == {expected_text(url)}
     assert pid in pids_alive([pid])       # the agent did not restart it: same process
     assert ok_generate(url)
-
 
 
 def test_router_killed_is_restarted_and_rebuilds_view_from_redis(deploy, tmp_path):

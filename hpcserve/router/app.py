@@ -11,8 +11,9 @@ import orjson
 
 from hpcserve.http import HttpConnection, Request, UpstreamError
 from hpcserve.http.server import needle
-from hpcserve.router.dispatch import Dispatcher, Single, error_body
+from hpcserve.router.dispatch import Dispatcher, error_body
 from hpcserve.router.pd import Pair
+from hpcserve.router.single import Single
 from hpcserve.router.follower import RegistryFollower, redact_url
 from hpcserve.router.limiter import Limiter, Overloaded
 from hpcserve.router.metrics import RouterMetrics
