@@ -103,12 +103,18 @@ def submit(recipe: str | Path, overrides: list[str] = (), cluster: str | None = 
 
 
 def sweep_fits_one_allocation(plans: list[Plan]) -> bool:
-    """Points run back to back in one job when each ends on its own (benchmark stage) and all ask Slurm for
-    the same thing apart from the node count."""
+    """Points run back to back in one job (one `hpcserve node --sweep` agent per node, restarting only the
+    processes that change) when each ends on its own (benchmark stage), all ask Slurm for the same thing apart
+    from the node count, and share what lives for the whole sweep: the head node and its Redis, the address
+    setting and the agents' Python."""
     if not all(any(p.kind == "bench" for p in plan.processes) for plan in plans):
         return False
-    same = {plan.slurm.model_copy(update={"nodes": 0}).model_dump_json() for plan in plans}
-    return len(same) == 1
+
+    def lasting(plan: Plan) -> tuple:
+        redis = tuple(p.model_dump_json() for p in plan.processes if p.kind == "redis")
+        return (plan.slurm.model_copy(update={"nodes": 0}).model_dump_json(), plan.head_node, plan.address,
+                plan.python, plan.redis_url, plan.redis_port, redis)
+    return len({lasting(plan) for plan in plans}) == 1
 
 
 def wait_ready(run: "Run", timeout: float) -> dict:

@@ -34,7 +34,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hpcserve node")
-    p.add_argument("--plan", required=True, type=Path)
+    p.add_argument("--plan", type=Path, help="the plan.json of one deployment (or --sweep)")
+    p.add_argument("--sweep", type=Path, default=None, metavar="RUN_DIR",
+                   help="walk every point of a sweep (RUN_DIR/sweep.json) in one allocation")
     p.add_argument("--run-dir", type=Path, default=None, help="default: the plan's folder")
     p.add_argument("--node-rank", type=int, default=None, help="default: SLURM_NODEID")
     p.add_argument("--run-id", default=None, help="default: the run dir's name")
@@ -235,6 +237,12 @@ class StopEvent(asyncio.Event):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(list(sys.argv[1:] if argv is None else argv))
+    if args.sweep is not None:
+        from hpcserve.agent.sweep import main as sweep_main
+        return sweep_main(args.sweep, args.node_rank, args.run_id)
+    if args.plan is None:
+        print("error: give --plan PLAN.json (or --sweep RUN_DIR)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         plan = Plan.from_json(args.plan.read_bytes())
     except OSError as e:
