@@ -53,7 +53,8 @@ def register(app: typer.Typer) -> None:
             p = s.progress
             batch = (f"{p.get('batch_done', 0)}/{p.get('batch_total', '?')} done, {p.get('batch_failed', 0)} failed, "
                      f"{p.get('batch_rows_per_s', 0)} rows/s" if p else "-")
-            t.add_row(s.job_id or "-", s.phase, s.slurm_state or "-", s.failure or s.reason or "",
+            job = (s.job_id or "-") + (f" (gen {s.generation})" if s.generation else "")
+            t.add_row(job, s.phase, s.slurm_state or "-", s.failure or s.reason or "",
                       workers or "-", batch, s.endpoint or "-", s.run_dir or "-")
         console.print(t)
 
@@ -62,8 +63,10 @@ def register(app: typer.Typer) -> None:
     def logs(run: Path, role: Optional[str] = typer.Option(None, help="prefill|decode|both|router|redis"),
              node: Optional[int] = typer.Option(None, help="Node index"),
              follow: bool = typer.Option(False, "-f", "--follow"), lines: int = typer.Option(40, "-n")):
-        """Show the logs of a run's processes (filtered by role or node)."""
+        """Show the logs of a run's processes (filtered by role or node); a continuous run's current generation."""
+        from hpcserve.agent.handover import generation_dir, generations
         from hpcserve.plan.model import Plan
+        run = generation_dir(run, generations(run)["current"])
         plan = Plan.from_json((run / "plan.json").read_bytes())
         files = [(p.name, run / p.log) for p in plan.processes
                  if (role is None or role in (p.role, p.kind)) and (node is None or p.node == node)]
