@@ -23,5 +23,23 @@ def chdir_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture
+def deployment(tmp_path):
+    """start(recipe=local-demo, extra=[--set ...]) -> (run, backend) of a local deployment on a free port
+    block; every deployment is stopped at teardown."""
+    from proc_util import demo_overrides
+
+    from hpcserve.api import up
+    started = []
+
+    def start(recipe=REPO / "recipes/local-demo.yaml", extra=()):
+        run, backend = up(recipe, demo_overrides(list(extra)), run_dir=tmp_path / f"run{len(started)}")
+        started.append(backend)
+        return run, backend
+    yield start
+    for b in started:
+        b.stop()
+
+
 def pytest_configure(config):
     os.environ.setdefault("HPCSERVE_TEST", "1")

@@ -12,27 +12,13 @@ import sys
 
 import httpx
 import pytest
-from proc_util import REPO, demo_overrides, descendants
+from proc_util import REPO, descendants
 
-from hpcserve.api import up
 from hpcserve.errors import RecipeError
 from hpcserve.recipe.load import load_recipe
 
 DEMO = REPO / "recipes/local-demo.yaml"
 API_KEY = "sk-test-7f3a9c1e55d04b2f"
-
-
-@pytest.fixture
-def deployment(tmp_path):
-    started = []
-
-    def start(extra=()):
-        run, backend = up(DEMO, demo_overrides(list(extra)), run_dir=tmp_path / f"run{len(started)}")
-        started.append(backend)
-        return run, backend
-    yield start
-    for b in started:
-        b.stop()
 
 
 def _listening(ports: set[int]) -> dict[int, str]:
@@ -61,7 +47,7 @@ def _hpcserve(*args, env=None) -> subprocess.CompletedProcess:
 
 def test_secrets_never_leave_their_0600_files(deployment, tmp_path, monkeypatch):
     monkeypatch.setenv("HPCSERVE_TEST_API_KEY", API_KEY)
-    run, backend = deployment(["router.api_key_env=HPCSERVE_TEST_API_KEY"])
+    run, backend = deployment(extra=["router.api_key_env=HPCSERVE_TEST_API_KEY"])
     url = run.endpoint["url"]
     redis_info = json.loads((run.run_dir / "redis.json").read_text())
     password = redis_info["password"]
@@ -114,7 +100,7 @@ def test_servers_listen_on_the_node_address_unless_asked(deployment):
     ports = _server_ports(run)
     got = _listening(ports)
     assert got == {p: "127.0.0.1" for p in ports}, got      # redis, router, engines and bootstrap servers
-    run2, _ = deployment(["serve.bind=all"])
+    run2, _ = deployment(extra=["serve.bind=all"])
     ports2 = _server_ports(run2)
     got2 = _listening(ports2)
     assert got2 == {p: "0.0.0.0" for p in ports2}, got2

@@ -15,7 +15,6 @@ import redis
 from proc_util import REPO, demo_overrides, descendants, pids_alive
 
 from hpcserve import registry
-from hpcserve.api import up
 from hpcserve.mock.model import SamplingParams, complete
 from hpcserve.mock.tokenizer import Prompt
 
@@ -38,20 +37,6 @@ cluster: {{backend: local, gpus_per_node: 0, address: 127.0.0.1}}
 workers: {{replicas: {replicas}, restart: {restart}}}
 """)
     return p
-
-
-@pytest.fixture
-def deployment(request, tmp_path):
-    """(run, backend) of a local deployment; stopped (and checked for leftovers) at teardown."""
-    started = []
-
-    def start(recipe=DEMO, extra=()):
-        run, backend = up(recipe, demo_overrides(list(extra)), run_dir=tmp_path / f"run{len(started)}")
-        started.append(backend)
-        return run, backend
-    yield start
-    for b in started:
-        b.stop()
 
 
 def _sse_text(url: str, body: dict) -> tuple[str, list[str]]:
