@@ -173,15 +173,16 @@ class HttpConnection(asyncio.Protocol):
             parts = (head if eol < 0 else head[:eol]).split(b" ")
             if len(parts) != 3:
                 raise HttpParseError("malformed request line")
+            # 400, not RFC 9110's 505/501: a client's mistake must not count as a server error on dashboards
             if parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-                raise HttpParseError("unsupported HTTP version", 505)
+                raise HttpParseError("unsupported HTTP version: send HTTP/1.1 (or HTTP/1.0)")
             lower = head.lower()
             limit = self.server.max_body_bytes
             # bytes.find, not ``in``: on CPython the ``in`` operator costs about twice as much here
             te = find_header(head, lower, H_TRANSFER_ENCODING) if lower.find(H_TRANSFER_ENCODING) >= 0 else None
             if te is not None:
                 if te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
-                    raise HttpParseError("unsupported Transfer-Encoding", 501)
+                    raise HttpParseError("unsupported Transfer-Encoding: only chunked is understood")
                 need = -1
                 self._chunks = ChunkedDecoder(limit)
                 self._parts = []
