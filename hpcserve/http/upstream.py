@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from hpcserve.http.parse import MAX_HEAD_BYTES, ChunkedDecoder, HttpParseError
 from hpcserve.http.server import (
     H_CONNECTION, H_CONTENT_LENGTH, H_CONTENT_TYPE, H_TRANSFER_ENCODING, find_header, set_nodelay,
 )
+
+if TYPE_CHECKING:
+    from hpcserve.http.client import UpstreamPool
 
 log = logging.getLogger("hpcserve.http")
 
