@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
+import threading
+import time
 
 import httpx
 
+from hpcserve import aio
 from hpcserve.mock.launch import MockProcess
 from test_router_util import RouterProc, start_pd, stats, wait_until
 
@@ -132,3 +137,103 @@ def test_passive_successes_reset_the_failure_count(tmp_path):
             router.stop()
         worker.terminate()
         worker.wait(10)
+
+
+# ---- the probe rules in-process, against small servers on 127.0.0.1 (uvloop, as the router runs)
+
+def _checker(handler_answers: bool, **kw):
+    """A WorkerSet with one worker served by an in-process HttpServer that answers /health (or never)."""
+    from hpcserve.router.health import HealthChecker
+    from hpcserve.router.workers import WorkerSet
+
+    async def make():
+        from hpcserve.http import HttpServer
+
+        def handle(req, conn):
+            if handler_answers:
+                conn.respond(200, b"{}")
+                return None
+            return asyncio.sleep(3600)  # accepted, never answered: a stalled server
+        server = HttpServer(handle)
+        port = await server.start("127.0.0.1", 0)
+        ws = WorkerSet("aggregated", eject_after=3)
+        w = ws.add_static("both", f"http://127.0.0.1:{port}")
+        return server, ws, w, HealthChecker(ws, **kw)
+    return make
+
+
+def test_a_probe_timeout_ejects_at_once_as_stalled():
+    stalled = []
+
+    async def run():
+        server, ws, w, hc = await _checker(False, interval=0.2, timeout=5.0)()
+        hc.on_stalled = stalled.append
+        assert hc.timeout == 0.2  # capped at the interval
+        ws.probe_round = 7
+        assert await hc.probe(w) is False
+        await server.stop()
+        return w
+    w = aio.run(run())
+    assert w.circuit == "open" and w.fails == 1 and stalled == [w]  # one timeout, not eject-after (3)
+    assert w.last_ejection["stalled"] is True
+    assert (w.last_ejection["first_failed_round"], w.last_ejection["round"]) == (7, 7)
+
+
+def test_quick_failures_are_reprobed_within_the_round():
+    from hpcserve.router.health import HealthChecker
+    from hpcserve.router.workers import WorkerSet
+    from test_router_util import free_port
+
+    async def run():
+        ws = WorkerSet("aggregated", eject_after=3)
+        w = ws.add_static("both", f"http://127.0.0.1:{free_port()}")  # nothing listens: refused at once
+        hc = HealthChecker(ws, interval=0.6)  # re-probes 0.1 s apart
+        ws.probe_round = 4
+        await hc.check(w)  # one round's check, without waiting 3 intervals
+        return w
+    w = aio.run(run())
+    assert w.circuit == "open" and w.fails == 3 and w.last_ejection["stalled"] is False
+    assert (w.last_ejection["first_failed_round"], w.last_ejection["round"]) == (4, 4)
+
+
+def _slow_health_server(delay: float) -> tuple[int, threading.Thread]:
+    """A thread that answers one /health after ``delay`` s (while the test blocks its own event loop)."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    lsock.settimeout(10)
+
+    def serve() -> None:
+        with lsock:
+            conn, _ = lsock.accept()
+            with conn:
+                conn.settimeout(10)
+                conn.recv(65536)
+                time.sleep(delay)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                conn.recv(1)  # until the client closes
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return lsock.getsockname()[1], t
+
+
+def test_a_late_router_loop_is_not_taken_for_a_stalled_worker():
+    from hpcserve.router.health import HealthChecker
+    from hpcserve.router.workers import WorkerSet
+    port, thread = _slow_health_server(0.1)
+
+    async def run():
+        ws = WorkerSet("aggregated")
+        w = ws.add_static("both", f"http://127.0.0.1:{port}")
+        hc = HealthChecker(ws, interval=0.3)
+        probe = asyncio.ensure_future(hc.probe(w))
+        while not w.pool.watchdog.active:  # until the probe request is sent
+            await asyncio.sleep(0.005)
+        # this loop blocks past the probe timeout (CPU starved, a pause); the answer comes in meanwhile
+        time.sleep(0.6)
+        ok = await probe
+        ws.close()
+        return ok, w
+    ok, w = aio.run(run())
+    thread.join(10)
+    assert ok is True and w.circuit == "closed" and w.fails == 0
