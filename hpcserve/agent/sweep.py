@@ -120,9 +120,7 @@ class SweepAgent:
                 self.current = pt
                 await self._point(pt)
         finally:
-            for t in helpers:
-                t.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await cancel_and_wait(helpers)
             await self._stop_all()
             if self.client is not None:
                 await self.client.aclose()
@@ -176,7 +174,8 @@ class SweepAgent:
         managed = self.base + [m for _, m in self.running.values()] + stage
         if self.is_head:
             await self._status(phase="starting", point=pt.name)
-        async with Supervisor(self.run_id, self.client, managed) as sup:
+        sup = await Supervisor(self.run_id, self.client, managed).__aenter__()
+        try:
             sup.run()
             waits: dict[asyncio.Future, str] = {
                 asyncio.ensure_future(self.stop.wait()): "signal", sup.fatal: "fatal", sup.stage_exit: "stage",
@@ -190,12 +189,12 @@ class SweepAgent:
                 watch = HeadWatch(pt.plan, pt.dir, self.run_id, self.client, self.addr, on_ready=start_stage)
                 waits[asyncio.ensure_future(watch.run())] = "head"
             done, _ = await asyncio.wait(list(waits), return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                if not w.done():
-                    w.cancel()
             fut = next(iter(done))
+            await cancel_and_wait([w for w in waits if w is not fut])
             kind = waits[fut]
             await asyncio.gather(*(m.stop(30.0) for m in stage))
+        finally:
+            await close_supervisor(sup)
         if kind == "signal":
             return {"signal": self.stop.signal_name}
         if kind == "end":
@@ -311,6 +310,26 @@ class SweepAgent:
             await registry.set_status(self.client, self.run_id, **fields)
         except Exception:   # noqa: BLE001 - status is informative only
             pass
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task], tries: int = 40) -> None:
+    """Cancel until done: a cancellation that lands inside a Redis call can be turned into an ordinary error
+    by the client and swallowed by a loop's ``except Exception``; the next cancel lands in its sleep."""
+    for _ in range(tries):
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            return
+        for t in pending:
+            t.cancel()
+        await asyncio.wait(pending, timeout=0.5)
+    log.warning("tasks still running after cancellation: %s", [t.get_name() for t in tasks if not t.done()])
+
+
+async def close_supervisor(sup: Supervisor) -> None:
+    """Supervisor.__aexit__ cancels its loops once and waits for them forever; cancel them until they end
+    first (processes that stay keep running: their watch loops end, the processes do not)."""
+    await cancel_and_wait(sup._tasks)
+    await sup.__aexit__(None, None, None)
 
 
 def _rank(arg: int | None, nodes: int) -> int:
