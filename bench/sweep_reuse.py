@@ -1,11 +1,12 @@
 """One-allocation sweep on the local Slurm: restarting only what changes vs starting every point from scratch.
 
-Both jobs run the same 3-point sweep (decode engine args change, prefill/router/Redis do not) with mock engines
+Both jobs run the same 3-point sweep (--vary decode: decode engine args change, prefill/router/Redis do not;
+--vary router: only the router's decode policy changes, every engine stays) with mock engines
 that take --startup-delay seconds to come up (a stand-in for loading weights). "fresh" is what a sweep did before
 `hpcserve node --sweep`: one srun of per-point agents per point, everything started anew. Prints the job's wall
 time for each (sbatch to COMPLETED, same queue cost in both) and the ratio, from one run.
 
-    eval "$(bash slurm/start-local-slurm.sh)"; python bench/sweep_reuse.py [--startup-delay 3]
+    eval "$(bash slurm/start-local-slurm.sh)"; python bench/sweep_reuse.py [--startup-delay 3] [--vary decode|router]
 """
 
 from __future__ import annotations
@@ -37,14 +38,18 @@ ports: {{base: {base}}}
 timeouts: {{startup: 120}}
 benchmark: {{isl: 32, osl: 8, concurrency: [1, 4], num_prompts: 16, warmup: 1}}
 sweep:
-  decode.args.context-length: [4096, 8192, 16384]
+  {sweep}
 """
+SWEEPS = {   # what changes between the points
+    "decode": "decode.args.context-length: [4096, 8192, 16384]",              # decode restarts each point
+    "router": "router.decode_policy: [least_load, round_robin, power_of_two]",  # only the router restarts
+}
 
 
-def write_job(top: Path, delay: float, base: int, fresh: bool) -> None:
+def write_job(top: Path, delay: float, base: int, fresh: bool, vary: str) -> None:
     recipe = top.parent / f"{top.name}.yaml"
     recipe.write_text(RECIPE.format(delay=delay, cluster=REPO / "slurm/clusters/local.yaml", router=base + 119,
-                                    base=base))
+                                    base=base, sweep=SWEEPS[vary]))
     dirs = prepare_run(recipe, run_dir=top)
     assert sweep_fits_one_allocation([p for _, p in dirs])
     first = dirs[0][1]
@@ -77,6 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--startup-delay", type=float, default=3.0, help="mock engine start-up seconds")
     ap.add_argument("--base-port", type=int, default=27400)
+    ap.add_argument("--vary", choices=sorted(SWEEPS), default="decode", help="what the points change")
     ap.add_argument("--out", type=Path, default=None, help="keep the run dirs here (default: a temp dir)")
     args = ap.parse_args()
     if not os.environ.get("SLURM_CONF"):
@@ -87,11 +93,11 @@ def main() -> None:
         walls = {}
         for name in ("fresh", "reuse"):
             top = Path(tmp) / name
-            write_job(top, args.startup_delay, args.base_port, fresh=name == "fresh")
+            write_job(top, args.startup_delay, args.base_port, fresh=name == "fresh", vary=args.vary)
             walls[name] = run_job(top)
             print(f"{name:6s} 3 points: {walls[name]:6.1f} s job wall time ({walls[name] / 3:.1f} s per point)")
     print(f"reuse / fresh wall time: {walls['reuse'] / walls['fresh']:.2f} "
-          f"(mock engine start-up {args.startup_delay:g} s)")
+          f"(points vary {args.vary}; mock engine start-up {args.startup_delay:g} s)")
 
 
 if __name__ == "__main__":
