@@ -98,6 +98,7 @@ class SweepAgent:
         self.addr = self.url = ""
         self.addrs: dict[int, str] = {}
         self.client = None
+        self.stop_followed = False   # the stop came from another agent's stop.json
 
     # -- the walk -------------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -120,6 +121,7 @@ class SweepAgent:
                 self.current = pt
                 await self._point(pt)
         finally:
+            self._announce_stop()
             await cancel_and_wait(helpers)
             await self._stop_all()
             if self.client is not None:
@@ -223,6 +225,7 @@ class SweepAgent:
             log.info("point %s %s", pt.name, "done" if ok["ok"] else "FAILED")
 
     def _stopped(self, pt: Point) -> None:
+        self._announce_stop()
         if self.is_head:
             atomic_write(pt.dir / "stopped.json", json.dumps(
                 {"signal": self.stop.signal_name, "why": "sweep stopped", "ts": time.time()}) + "\n")
@@ -279,18 +282,20 @@ class SweepAgent:
                 log.debug("heartbeat failed: %s", e)
             await asyncio.sleep(1.0)
 
-    async def _follow_stop(self) -> None:
+    def _announce_stop(self) -> None:
         """A stop signal on one agent stops them all (it could not join the next barrier anyway)."""
+        if self.stop.is_set() and not self.stop_followed:
+            sync_dir(self.top).mkdir(parents=True, exist_ok=True)
+            atomic_write(sync_dir(self.top) / STOP_JSON, json.dumps(
+                {"epoch": hosts.epoch(), "node": self.rank, "signal": self.stop.signal_name}) + "\n")
+
+    async def _follow_stop(self) -> None:
         path = sync_dir(self.top) / STOP_JSON
-        while True:
-            if self.stop.is_set():
-                sync_dir(self.top).mkdir(parents=True, exist_ok=True)
-                atomic_write(path, json.dumps({"epoch": hosts.epoch(), "node": self.rank,
-                                               "signal": self.stop.signal_name}) + "\n")
-                return
+        while not self.stop.is_set():
             try:
                 info = json.loads(path.read_text())
                 if info.get("epoch") == hosts.epoch():
+                    self.stop_followed = True
                     self.stop.signal_name = f"{info['signal']} on node {info['node']}"
                     self.stop.set()
                     return
