@@ -24,12 +24,6 @@ from hpcserve.render import render_sbatch
 LIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "UNKNOWN")
 
 
-@pytest.fixture(autouse=True)
-def importable_in_job(monkeypatch):
-    # the job runs from its run dir: make the package importable there however it was installed
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-
-
 def sweep_recipe(tmp_path: Path, name: str, decode: str, sweep: str) -> Path:
     base = free_port_block()
     path = tmp_path / f"{name}.yaml"

@@ -18,8 +18,7 @@ from hpcserve.backends.slurm import query_jobs
 pytestmark = [pytest.mark.slurm, requires_slurm]
 
 
-def test_three_point_sweep_in_one_allocation(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(REPO))   # the job runs from its run dir: keep the package importable
+def test_three_point_sweep_in_one_allocation(tmp_path):
     base = free_port_block()
     recipe = tmp_path / "sweep.yaml"
     recipe.write_text(f"""\

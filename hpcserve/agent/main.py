@@ -43,15 +43,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _rank(arg: int | None, plan: Plan) -> int:
+def node_rank(arg: int | None, nodes: int) -> int:
+    """This node's index: --node-rank, else SLURM_NODEID; it must be one of the plan's (or sweep's) nodes."""
     rank = arg
     if rank is None:
         env = os.environ.get("SLURM_NODEID")
         if env is None:
             raise HpcserveError("no node rank: pass --node-rank N or run under srun (SLURM_NODEID)")
         rank = int(env)
-    if not 0 <= rank < plan.num_nodes:
-        raise HpcserveError(f"node rank {rank} is outside the plan's {plan.num_nodes} nodes (0-{plan.num_nodes - 1});"
+    if not 0 <= rank < nodes:
+        raise HpcserveError(f"node rank {rank} is outside the plan's {nodes} nodes (0-{nodes - 1});"
                             f" the job has more nodes than the plan: re-render")
     return rank
 
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     run_dir = (args.run_dir or args.plan.parent).resolve()
     try:
-        rank = _rank(args.node_rank, plan)
+        rank = node_rank(args.node_rank, plan.num_nodes)
     except HpcserveError as e:
         print(f"error: {e}", file=sys.stderr)
         record_failure(run_dir, -1, str(e))

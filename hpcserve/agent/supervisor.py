@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from hpcserve import registry
+from hpcserve import aio, registry
 from hpcserve.agent import procs
 from hpcserve.errors import BackendError
 from hpcserve.plan.model import ProcessSpec
@@ -81,9 +81,7 @@ class Supervisor:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await aio.cancel_and_wait(self._tasks)   # once is not always enough: see aio.cancel_and_wait
         if self._session:
             await self._session.close()
 

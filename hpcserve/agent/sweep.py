@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -38,6 +37,7 @@ from hpcserve.agent import hosts, redis_server, stages
 from hpcserve.agent.head import HeadWatch
 from hpcserve.agent.main import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, StopEvent, _setup_logging, _start_redis,
                                  check_model_paths, record_failure)
+from hpcserve.agent.main import node_rank as rank_of
 from hpcserve.agent.procs import child_env
 from hpcserve.agent.supervisor import Managed, Supervisor
 from hpcserve.agent.sweep_sync import (Barrier, mark_point_end, point_end, read_points, sync_dir, wait_point_end,
@@ -122,7 +122,7 @@ class SweepAgent:
                 await self._point(pt)
         finally:
             self._announce_stop()
-            await cancel_and_wait(helpers)
+            await aio.cancel_and_wait(helpers)
             await self._stop_all()
             if self.client is not None:
                 await self.client.aclose()
@@ -192,11 +192,11 @@ class SweepAgent:
                 waits[asyncio.ensure_future(watch.run())] = "head"
             done, _ = await asyncio.wait(list(waits), return_when=asyncio.FIRST_COMPLETED)
             fut = next(iter(done))
-            await cancel_and_wait([w for w in waits if w is not fut])
+            await aio.cancel_and_wait([w for w in waits if w is not fut])
             kind = waits[fut]
             await asyncio.gather(*(m.stop(30.0) for m in stage))
         finally:
-            await close_supervisor(sup)
+            await sup.__aexit__(None, None, None)
         if kind == "signal":
             return {"signal": self.stop.signal_name}
         if kind == "end":
@@ -317,42 +317,12 @@ class SweepAgent:
             pass
 
 
-async def cancel_and_wait(tasks: list[asyncio.Task], tries: int = 40) -> None:
-    """Cancel until done: a cancellation that lands inside a Redis call can be turned into an ordinary error
-    by the client and swallowed by a loop's ``except Exception``; the next cancel lands in its sleep."""
-    for _ in range(tries):
-        pending = [t for t in tasks if not t.done()]
-        if not pending:
-            return
-        for t in pending:
-            t.cancel()
-        await asyncio.wait(pending, timeout=0.5)
-    log.warning("tasks still running after cancellation: %s", [t.get_name() for t in tasks if not t.done()])
-
-
-async def close_supervisor(sup: Supervisor) -> None:
-    """Supervisor.__aexit__ cancels its loops once and waits for them forever; cancel them until they end
-    first (processes that stay keep running: their watch loops end, the processes do not)."""
-    await cancel_and_wait(sup._tasks)
-    await sup.__aexit__(None, None, None)
-
-
-def _rank(arg: int | None, nodes: int) -> int:
-    rank = arg if arg is not None else os.environ.get("SLURM_NODEID")
-    if rank is None:
-        raise HpcserveError("no node rank: pass --node-rank N or run under srun (SLURM_NODEID)")
-    rank = int(rank)
-    if not 0 <= rank < nodes:
-        raise HpcserveError(f"node rank {rank} is outside the sweep's {nodes} nodes; re-render the sweep")
-    return rank
-
-
 def main(top: Path, node_rank: int | None = None, run_id: str | None = None) -> int:
     """Entry point of `hpcserve node --sweep RUN_DIR`."""
     top = top.resolve()
     try:
         points = load_points(top)
-        rank = _rank(node_rank, max(p.plan.num_nodes for p in points))
+        rank = rank_of(node_rank, max(p.plan.num_nodes for p in points))
     except HpcserveError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
