@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 
 import httpx
 
 from hpcserve.mock.launch import MockProcess
-from test_router_util import RouterProc, bootstrap_port, free_port, start_pd, stats, wait_until
+from test_router_util import RouterProc, post_in_thread, bootstrap_port, free_port, start_pd, stats, wait_until
 
 SLOW_PREFILL = ["--mock-time-scale", "1", "--mock-prefill-base-ms", "3000"]
 SLOW_DECODE = ["--mock-time-scale", "1", "--mock-decode-step-ms", "100"]
-
-
-def _post_in_thread(url: str, body: dict, out: dict) -> threading.Thread:
-    def run() -> None:
-        try:
-            r = httpx.post(url + "/generate", json=body, timeout=30)
-            out["status"], out["body"] = r.status_code, r.json()
-        except Exception as err:  # recorded for the assertion message
-            out["error"] = repr(err)
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
 
 
 def test_prefill_killed_after_dispatch_is_not_replayed(tmp_path):
@@ -42,7 +29,7 @@ def test_prefill_killed_after_dispatch_is_not_replayed(tmp_path):
         for _ in range(2):  # round robin: one of two requests lands on the slow prefill
             if stats(slow)["inflight"]:
                 break
-            t = _post_in_thread(router.url, {"text": "doomed", "sampling_params": {"max_new_tokens": 4}}, out)
+            t = post_in_thread(router.url, {"text": "doomed", "sampling_params": {"max_new_tokens": 4}}, out)
             wait_until(lambda: stats(slow)["inflight"] or out, 10, what="dispatch")
         wait_until(lambda: stats(slow)["inflight"] == 1, 10, what="the slow prefill to hold the request")
         other_before = stats(other)["requests"].get("/generate", 0)

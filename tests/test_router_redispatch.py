@@ -9,27 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 
 import httpx
 
 from hpcserve.mock.launch import MockProcess
-from test_router_util import RouterProc, bootstrap_port, free_port, start_pd, stats, wait_until
+from test_router_util import RouterProc, post_in_thread, bootstrap_port, free_port, start_pd, stats, wait_until
 
 SLOW_DECODE = ["--mock-time-scale", "1", "--mock-decode-step-ms", "100"]
 BODY = {"text": "move me", "sampling_params": {"max_new_tokens": 20, "temperature": 0}}
-
-
-def _post_in_thread(url: str, body: dict, out: dict) -> threading.Thread:
-    def run() -> None:
-        try:
-            r = httpx.post(url + "/generate", json=body, timeout=60)
-            out["status"], out["body"] = r.status_code, r.json()
-        except Exception as err:  # recorded for the assertion message
-            out["error"] = repr(err)
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
 
 
 def _busy(procs: list[MockProcess]) -> MockProcess | None:
@@ -55,7 +42,7 @@ def test_aggregated_request_on_killed_worker_is_redispatched(tmp_path):
         router = RouterProc(["--worker", a.url, "--worker", b.url, "--policy", "round_robin",
                              "--health-interval", "30"], tmp_path)
         out: dict = {}
-        t = _post_in_thread(router.url, BODY, out)
+        t = post_in_thread(router.url, BODY, out, timeout=60)
         victim = wait_until(lambda: _busy([a, b]), 10, what="the request running on one worker")
         survivor = b if victim is a else a
         os.kill(victim.pid, signal.SIGKILL)
@@ -79,7 +66,7 @@ def test_pd_decode_killed_request_is_sent_again_as_a_new_pd_request(tmp_path):
         router = RouterProc(["--prefill", prefill.url, bootstrap_port(prefill), "--decode", d1.url, "--decode",
                              d2.url, "--decode-policy", "round_robin", "--health-interval", "30"], tmp_path)
         out: dict = {}
-        t = _post_in_thread(router.url, BODY, out)
+        t = post_in_thread(router.url, BODY, out, timeout=60)
         victim = wait_until(lambda: _busy([d1, d2]), 10, what="the request decoding on one worker")
         survivor = d2 if victim is d1 else d1
         os.kill(victim.pid, signal.SIGKILL)
@@ -198,7 +185,7 @@ def test_stalled_worker_ejected_within_two_rounds_and_its_request_moved(tmp_path
         router = RouterProc(["--worker", a.url, "--worker", b.url, "--policy", "round_robin",
                              "--health-interval", "0.3", "--eject-after", "3"], tmp_path)
         out: dict = {}
-        t = _post_in_thread(router.url, BODY, out)
+        t = post_in_thread(router.url, BODY, out, timeout=60)
         victim = wait_until(lambda: _busy([a, b]), 10, what="the request running on one worker")
         survivor = b if victim is a else a
         os.kill(victim.pid, signal.SIGSTOP)

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -107,3 +108,16 @@ def pd_args(procs: list[MockProcess]) -> list[str]:
 
 def stats(mock: MockProcess) -> dict:
     return httpx.get(mock.url + "/mock/stats", timeout=5).json()
+
+
+def post_in_thread(url: str, body: dict, out: dict, timeout: float = 30) -> threading.Thread:
+    """POST /generate from a thread; status and body (or the error) land in ``out``."""
+    def run() -> None:
+        try:
+            r = httpx.post(url + "/generate", json=body, timeout=timeout)
+            out["status"], out["body"] = r.status_code, r.json()
+        except Exception as err:  # recorded for the assertion message
+            out["error"] = repr(err)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
