@@ -5,26 +5,18 @@ from __future__ import annotations
 from hpcserve import aio
 
 import asyncio
-import signal
 import sys
 
 from hpcserve.http import HttpServer, Request
+from hpcserve.http.listen import StartupError, listen, stop_on_signals
 from hpcserve.mock.bootstrap import BootstrapServer
 from hpcserve.mock.cli import MockConfig, UsageError, parse_args, usage
-from hpcserve.mock.multinode import Ranks, StartupError, run_follower
+from hpcserve.mock.multinode import Ranks, run_follower
 from hpcserve.mock.server import MockServer
 
 
 def _say(msg: str) -> None:
     print(f"mock engine: {msg}", file=sys.stderr, flush=True)
-
-
-async def _listen(server: HttpServer, host: str, port: int, what: str, flag: str) -> None:
-    try:
-        await server.start(host, port)
-    except OSError as err:
-        raise StartupError(f"cannot listen on {host}:{port} ({what}): {err.strerror or err} "
-                           f"(choose another {flag})") from None
 
 
 async def _announce_ready(mock: MockServer, stop: asyncio.Event) -> None:
@@ -37,9 +29,7 @@ async def _announce_ready(mock: MockServer, stop: asyncio.Event) -> None:
 
 async def serve(cfg: MockConfig) -> int:
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     if cfg.nnodes > 1 and cfg.node_rank > 0:
         return await run_follower(cfg, stop)
     ranks = Ranks(cfg)
@@ -49,11 +39,11 @@ async def serve(cfg: MockConfig) -> int:
         # newer HTTP layers take handlers that may answer synchronously (no task per request)
         handler = mock.handle if hasattr(Request, "header") else mock.handle_async
         http = HttpServer(handler, max_body_bytes=256 * 1024 * 1024)
-        await _listen(http, cfg.host, cfg.port, "HTTP", "--port")
+        await listen(http, cfg.host, cfg.port, "HTTP", "--port")
         servers.append(http)
         if cfg.disaggregation_mode == "prefill":
             boot = HttpServer(BootstrapServer(mock.engine.store, cfg.bootstrap_timeout).handle)
-            await _listen(boot, cfg.host, cfg.disaggregation_bootstrap_port, "PD bootstrap",
+            await listen(boot, cfg.host, cfg.disaggregation_bootstrap_port, "PD bootstrap",
                           "--disaggregation-bootstrap-port")
             servers.append(boot)
         if cfg.nnodes > 1:

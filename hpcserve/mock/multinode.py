@@ -16,11 +16,8 @@ import time
 
 import orjson
 
+from hpcserve.http.listen import StartupError
 from hpcserve.mock.cli import MockConfig, dist_host_port
-
-
-class StartupError(Exception):
-    """A startup failure the user can fix (port in use...): one line, exit 2."""
 
 
 def _hello(cfg: MockConfig) -> dict:

@@ -5,16 +5,12 @@ from __future__ import annotations
 from hpcserve import aio
 
 import asyncio
-import signal
 import sys
 from dataclasses import replace
 
 from hpcserve.http import HttpServer
+from hpcserve.http.listen import StartupError, listen, stop_on_signals
 from hpcserve.torchengine.config import EngineConfig, UsageError, parse_args
-
-
-class StartupError(Exception):
-    pass
 
 
 def _say(msg: str) -> None:
@@ -32,14 +28,6 @@ def build_model(cfg: EngineConfig):
         raise StartupError(str(err)) from None
 
 
-async def _listen(server: HttpServer, host: str, port: int, what: str, flag: str) -> None:
-    try:
-        await server.start(host, port)
-    except OSError as err:
-        raise StartupError(f"cannot listen on {host}:{port} ({what}): {err.strerror or err} "
-                           f"(choose another {flag})") from None
-
-
 async def serve(cfg: EngineConfig) -> int:
     import torch
     from hpcserve.torchengine.bootstrap import BinaryBootstrapServer
@@ -48,20 +36,17 @@ async def serve(cfg: EngineConfig) -> int:
     model = build_model(cfg)
     if cfg.context_length > model.cfg.max_seq:
         cfg = replace(cfg, context_length=model.cfg.max_seq)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     engine = TorchServer(cfg, model)
     engine.scheduler.start()
     servers: list[HttpServer] = []
     try:
         http = HttpServer(engine.handle, max_body_bytes=64 * 1024 * 1024)
-        await _listen(http, cfg.host, cfg.port, "HTTP", "--port")
+        await listen(http, cfg.host, cfg.port, "HTTP", "--port")
         servers.append(http)
         if cfg.mode == "prefill":
             boot = HttpServer(BinaryBootstrapServer(engine.store, cfg.bootstrap_timeout).handle)
-            await _listen(boot, cfg.host, cfg.bootstrap_port, "PD bootstrap", "--disaggregation-bootstrap-port")
+            await listen(boot, cfg.host, cfg.bootstrap_port, "PD bootstrap", "--disaggregation-bootstrap-port")
             servers.append(boot)
         m = model.cfg
         _say(f"{cfg.mode} server for {cfg.served_model_name} on http://{cfg.host}:{cfg.port}"
