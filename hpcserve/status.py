@@ -120,7 +120,8 @@ def collect(targets: list[str]) -> list[RunStatus]:
             ep = read_json(run_dir / "endpoint.json")
             st.endpoint = ep["url"] if ep else None
             if st.slurm_state in (None, "RUNNING", "COMPLETING"):
-                redis_status, workers = _redis_view(run_dir, run_dir.name)
+                # the registry's run id: a sweep point's is the sweep's (endpoint.json says which)
+                redis_status, workers = _redis_view(run_dir, (ep or {}).get("run_id") or run_dir.name)
                 st.progress = {k: v for k, v in (redis_status or {}).items() if k.startswith("batch_")}
                 if workers is not None:
                     st.worker_list = workers
