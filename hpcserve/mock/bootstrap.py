@@ -137,7 +137,14 @@ class KVClient:
                                                            connect_timeout=2.0)
         return pool
 
-    async def fetch(self, host: str, port: int, room: int, timeout: float) -> dict:
+    def payload(self, status: int, ctype: bytes, body: bytes):
+        """The room's payload from an answer, or None when it is not one (keep polling)."""
+        return orjson.loads(body) if status == 200 else None
+
+    def refusal(self, status: int, ctype: bytes) -> str:
+        return f"bootstrap server answered {status}"
+
+    async def fetch(self, host: str, port: int, room: int, timeout: float):
         deadline = time.monotonic() + timeout
         pool = self._pool(host, port)
         last = "no answer"
@@ -148,14 +155,16 @@ class KVClient:
                     f"bootstrap timeout: the KV of bootstrap_room {room} did not arrive from the prefill's "
                     f"bootstrap server {host}:{port} within {timeout:g} s ({last})")
             try:
-                status, _, body = await pool.fetch(b"GET", b"/kv/%d?wait=%.3f" % (room, left), timeout=left + 5.0)
+                status, ctype, body = await pool.fetch(b"GET", b"/kv/%d?wait=%.3f" % (room, left),
+                                                       timeout=left + 5.0)
             except UpstreamError as err:
                 last = str(err)
                 await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
                 continue
-            if status == 200:
-                return orjson.loads(body)
-            last = f"bootstrap server answered {status}"
+            payload = self.payload(status, ctype, body)
+            if payload is not None:
+                return payload
+            last = self.refusal(status, ctype)
             if status != 404:
                 await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 

@@ -15,9 +15,10 @@ import time
 import orjson
 
 from hpcserve.http import HttpConnection, Request
+from hpcserve.mock.bootstrap import BootstrapTimeout
 from hpcserve.mock.tokenizer import Prompt, decode as detokenize
 from hpcserve.torchengine import kvwire
-from hpcserve.torchengine.bootstrap import BinaryKVStore, BootstrapTimeout, KVFetcher
+from hpcserve.torchengine.bootstrap import BinaryKVStore, KVFetcher
 from hpcserve.torchengine.config import EngineConfig
 from hpcserve.torchengine.errors import RequestError, error_body
 from hpcserve.torchengine.openai_shell import OpenAIShell
@@ -143,12 +144,7 @@ class TorchServer:
         if err is not None:
             if not isinstance(err, RequestError):
                 raise err
-            self.counts["errors"] += 1
-            if stream:
-                conn.write(self._event(orjson.loads(error_body(err.status, err.message, err.kind))) + DONE)
-                conn.end()
-            else:
-                conn.respond(err.status, error_body(err.status, err.message, err.kind))
+            self._answer_error(conn, err, stream)
             return
         results = [self._result(rids[i], prompt, sp, outs[i], True, t0) for i, (_, prompt, sp) in enumerate(items)]
         if stream:
@@ -160,6 +156,15 @@ class TorchServer:
     def _fail(self, conn: HttpConnection, err: RequestError) -> None:
         self.counts["errors"] += 1
         conn.respond(err.status, error_body(err.status, err.message, err.kind))
+
+    def _answer_error(self, conn: HttpConnection, err: RequestError, stream: bool) -> None:
+        """A started stream ends with an SSE error event; otherwise a JSON error response."""
+        if not stream:
+            self._fail(conn, err)
+            return
+        self.counts["errors"] += 1
+        conn.write(self._event(orjson.loads(error_body(err.status, err.message, err.kind))) + DONE)
+        conn.end()
 
     async def run(self, body: dict, prompt: list[int], sp: Sampling, on_step=None) -> list[int]:
         """Output tokens of one request in this server's role; raises RequestError."""
@@ -191,12 +196,7 @@ class TorchServer:
         try:
             out = await self.run(body, prompt, sp, on_step)
         except RequestError as err:
-            self.counts["errors"] += 1
-            if stream:
-                conn.write(self._event(orjson.loads(error_body(err.status, err.message, err.kind))) + DONE)
-                conn.end()
-            else:
-                conn.respond(err.status, error_body(err.status, err.message, err.kind))
+            self._answer_error(conn, err, stream)
             return
         result = self._result(rid, prompt, sp, out, True, t0)
         if stream:
