@@ -15,49 +15,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import orjson
+
+from hpcserve.mock.launch import MockProcess
 
 PY = sys.executable
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mock(*extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([PY, "-m", "hpcserve.mock", "--model-path", "m", "--host", "127.0.0.1",
-                             "--port", str(port), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.05)
-    stop(proc)
-    sys.exit("mock engine did not start (python -m hpcserve.mock)")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+def start_mock(*extra: str) -> tuple[MockProcess, str]:
+    mock = MockProcess.start(["--model-path", "m", *extra], wait="ready")
+    return mock, mock.url
 
 
 def write_input(path: str, rows: int, tokens: int) -> None:
@@ -97,7 +69,7 @@ def bench_capacity(tmp: str, rows: int, step_ms: float, max_running: int, tokens
         write_input(inp, rows, tokens)
         summary, cpu, _, wall = drive(url, inp, out, concurrency=2 * max_running)
     finally:
-        stop(proc)
+        proc.stop()
     achieved = summary["rows_per_s"]
     with open(out, "rb") as f:
         tok = [orjson.loads(line)["usage"]["completion_tokens"] for line in f]
@@ -119,7 +91,7 @@ def bench_overhead(tmp: str, small: int, large: int, concurrency: int) -> None:
             summary, cpu, rss, wall = drive(url, inp, out, concurrency)
             runs.append((n, cpu, summary["rows_per_s"]))
     finally:
-        stop(proc)
+        proc.stop()
     (n1, c1, _), (n2, c2, rate) = runs
     per_row_ms = (c2 - c1) / (n2 - n1) * 1000
     print(f"overhead: driver CPU {c1:.2f} s for {n1} rows, {c2:.2f} s for {n2} rows -> "
@@ -147,7 +119,7 @@ def bench_rss(tmp: str, rows: int, concurrency: int) -> None:
         print(f"  merge into input order: exit {os.waitstatus_to_exitcode(status)} in "
               f"{time.monotonic() - t0:.1f} s, peak RSS {usage.ru_maxrss / 1e3:.0f} MB")
     finally:
-        stop(proc)
+        proc.stop()
 
 
 def main() -> None:

@@ -7,62 +7,30 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import orjson
 import pytest
+
+from hpcserve.mock.launch import MockProcess
 
 PY = sys.executable
 ROWS = 2000
 MALFORMED = {7, 250, 1999}  # 1-based line numbers of broken lines
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mock(*extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([PY, "-m", "hpcserve.mock", "--model-path", "m", "--host", "127.0.0.1",
-                             "--port", str(port), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError(f"mock engine did not start: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    if proc.stderr:
-        proc.stderr.close()
+def start_mock(*extra: str) -> tuple[MockProcess, str]:
+    mock = MockProcess.start(["--model-path", "m", *extra], wait="ready")
+    return mock, mock.url
 
 
 @pytest.fixture(scope="module")
 def mock_url():
     proc, url = start_mock("--mock-time-scale", "0")
     yield url
-    stop(proc)
+    proc.stop()
 
 
 def make_input(path, rows: int = ROWS) -> None:
@@ -231,7 +199,7 @@ def test_sigusr2_stops_gracefully_and_the_output_resumes(tmp_path, baseline, moc
         proc.send_signal(signal.SIGUSR2)
         stdout, stderr = proc.communicate(timeout=30)
     finally:
-        stop(slow)
+        slow.stop()
     assert proc.returncode == 3, stderr.decode()[-2000:]
     summary = orjson.loads(stdout.splitlines()[-1])
     assert summary["stopped"] and not summary["complete"] and summary["abandoned"] == 0  # grace sufficed

@@ -7,10 +7,6 @@ within 10%; a 0-token run and an error-heavy run are invalid with their reason; 
 from __future__ import annotations
 
 import csv
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import orjson
@@ -18,6 +14,7 @@ import pytest
 
 from hpcserve.bench import main as bench_main
 from hpcserve.bench.runner import BenchConfig, run
+from hpcserve.mock.launch import MockProcess
 
 # Model times large enough that scheduling noise on a busy 2-core machine stays well under 10%.
 PREFILL_BASE_MS, PREFILL_PER_TOKEN_MS = 40.0, 0.05
@@ -25,42 +22,13 @@ DECODE_STEP_MS, DECODE_PER_SEQ_MS = 25.0, 5.0
 ISL, OSL = 400, 12
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mock(tmp_path: Path, *extra: str, time_scale: float = 1.0) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = (tmp_path / f"mock-{port}.log").open("wb")
-    argv = [sys.executable, "-m", "hpcserve.mock", "--model-path", "m", "--host", "127.0.0.1", "--port", str(port),
-            "--mock-time-scale", str(time_scale), "--mock-prefill-base-ms", str(PREFILL_BASE_MS),
-            "--mock-prefill-per-token-ms", str(PREFILL_PER_TOKEN_MS), "--mock-decode-step-ms", str(DECODE_STEP_MS),
-            "--mock-decode-step-per-seq-ms", str(DECODE_PER_SEQ_MS), "--mock-max-running", "8", *extra]
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mock exited with {proc.returncode}: {(tmp_path / f'mock-{port}.log').read_text()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, url
-        except OSError:
-            time.sleep(0.1)
-    stop(proc)
-    pytest.fail("mock engine did not listen within 30 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+def start_mock(tmp_path: Path, *extra: str, time_scale: float = 1.0) -> tuple[MockProcess, str]:
+    mock = MockProcess.start(
+        ["--model-path", "m", "--mock-time-scale", str(time_scale), "--mock-prefill-base-ms", str(PREFILL_BASE_MS),
+         "--mock-prefill-per-token-ms", str(PREFILL_PER_TOKEN_MS), "--mock-decode-step-ms", str(DECODE_STEP_MS),
+         "--mock-decode-step-per-seq-ms", str(DECODE_PER_SEQ_MS), "--mock-max-running", "8", *extra],
+        log_dir=tmp_path, wait="listen")
+    return mock, mock.url
 
 
 @pytest.fixture
@@ -69,7 +37,7 @@ def mock_url(tmp_path):
     try:
         yield url
     finally:
-        stop(proc)
+        proc.stop()
 
 
 def test_measured_ttft_and_itl_match_the_mock_timing_model(mock_url, tmp_path):
@@ -119,7 +87,7 @@ def test_partly_failing_dataset_run_is_invalid_with_reason(tmp_path, capsys):
         rc = bench_main([url, "--dataset", str(data), "--concurrency", "2", "--num-prompts", "8", "--warmup", "0",
                          "-o", str(tmp_path / "mixed")])
     finally:
-        stop(proc)
+        proc.stop()
     err = capsys.readouterr().err
     assert rc == 1
     assert "INVALID c=2: error rate 38% above 5% (3 of 8 failed; first: HTTP 400" in err
@@ -134,7 +102,7 @@ def test_decode_only_engine_without_bootstrap_is_invalid(tmp_path, capsys):
         rc = bench_main([url, "--isl", "16", "--osl", "4", "--concurrency", "2", "--warmup", "0",
                          "-o", str(tmp_path / "decode")])
     finally:
-        stop(proc)
+        proc.stop()
     err = capsys.readouterr().err
     assert rc == 1
     assert "INVALID c=2: error rate 100% above 5% (8 of 8 failed" in err
@@ -146,7 +114,7 @@ def test_sweep_of_levels_then_report_pngs(tmp_path, capsys):
     try:
         _two_runs(mock_url, tmp_path, capsys)
     finally:
-        stop(proc)
+        proc.stop()
     rc = bench_main(["report", str(tmp_path / "mock-a"), str(tmp_path / "mock-b"), "-o", str(tmp_path / "rep")])
     assert rc == 0
     for name in ("throughput_vs_tpot.png", "throughput_vs_user.png", "pareto.png"):
