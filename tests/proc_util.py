@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,3 +82,47 @@ def run_pids(run_dir: Path) -> list[int]:
             except OSError:
                 pass
     return pids_alive(out)
+
+
+class RedisProcess:
+    """A redis-server of the test's own on 127.0.0.1 (binary found like the node agent finds it): start,
+    SIGKILL, start again. ``password`` sets requirepass."""
+
+    def __init__(self, tmp_path: Path, port: int | None = None, password: str | None = None,
+                 name: str = "redis-ext") -> None:
+        from hpcserve.agent.redis_server import url_of
+        from hpcserve.mock.launch import free_port
+        self.port = port or free_port()
+        self.url = url_of("127.0.0.1", self.port, password)
+        self.conf = tmp_path / f"{name}.conf"
+        self.conf.write_text(f"bind 127.0.0.1\nport {self.port}\nsave \"\"\nappendonly no\ndir {tmp_path}\n"
+                             + (f"requirepass {password}\n" if password else ""))
+        self.log = tmp_path / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "RedisProcess":
+        import redis
+
+        from hpcserve.agent.redis_server import find_redis_server
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([find_redis_server(), str(self.conf)], stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        r = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    if r.ping():
+                        return self
+                except redis.RedisError:
+                    pass
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} did not answer: {self.log.read_text()[-500:]}")
+                time.sleep(0.05)
+        finally:
+            r.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

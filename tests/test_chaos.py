@@ -6,17 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 
 import chaos_util
 import httpx
 import pytest
 from chaos_util import (
-    GEN_BODY, Load, RedisProcess, engine_pid, find_pids, healthy_by_port, one_pid, plan_workers, registry_view, router_workers,
+    GEN_BODY, Load, engine_pid, find_pids, healthy_by_port, one_pid, plan_workers, registry_view, router_workers,
     sse_read, total, wait_for, write_recipe,
 )
-from proc_util import demo_overrides, pids_alive
+from proc_util import RedisProcess, demo_overrides, pids_alive
 
 from hpcserve.api import up
 
@@ -233,11 +232,7 @@ def test_run_redis_killed_agent_restarts_it_workers_reregister(deploy, tmp_path)
 def test_external_redis_killed_and_restarted_workers_reregister(deploy, tmp_path):
     # An external Redis (recipe redis.url) is not the agent's to restart: the test restarts it.
     # One aggregated worker: one node (an external Redis is not yet usable by other nodes' agents).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        rport = s.getsockname()[1]
-    ext = RedisProcess(tmp_path, rport)
-    ext.start()
+    ext = RedisProcess(tmp_path).start()
     try:
         run, backend = deploy(write_recipe(tmp_path, aggregated=1, redis_url=ext.url))
         url = run.endpoint["url"]

