@@ -17,12 +17,8 @@ import orjson
 from hpcserve.http import HttpConnection, Request
 from hpcserve.mock.engine import Boot, EngineError, Job, new_rid
 from hpcserve.mock.model import SamplingParams, output_logprobs
-from hpcserve.mock.server import DONE, SSE, SSE_HEADERS, run_all
+from hpcserve.mock.server import DONE, SSE, SSE_HEADERS, oai_error, run_all
 from hpcserve.mock.tokenizer import Prompt, apply_chat_template, token_text
-
-
-def oai_error(status: int, message: str, kind: str = "BadRequestError") -> bytes:
-    return orjson.dumps({"object": "error", "message": message, "type": kind, "param": None, "code": status})
 
 
 def _finish(job: Job) -> str:
@@ -100,17 +96,8 @@ class OpenAIApi:
 
     async def _wait(self, conn: HttpConnection, body: dict, jobs: list[Job], chat: bool, rid: str, model: str,
                     created: int) -> None:
-        stats = self.stats
-        stats.inflight += 1
-        try:
-            await run_all(self.engine, jobs)
-        except EngineError as err:
-            stats.errors += 1
-            conn.respond(err.status, oai_error(err.status, err.message, err.kind))
-            return
-        finally:
-            stats.inflight -= 1
-        self._respond(conn, body, jobs, chat, rid, model, created)
+        if await self.server.run_whole(conn, jobs, oai_error):
+            self._respond(conn, body, jobs, chat, rid, model, created)
 
     def _respond(self, conn: HttpConnection, body: dict, jobs: list[Job], chat: bool, rid: str, model: str,
                  created: int) -> None:

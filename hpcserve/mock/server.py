@@ -30,7 +30,13 @@ _GENERATE_PATHS = {b"/generate", b"/v1/completions", b"/v1/chat/completions"}
 
 
 def error_body(status: int, message: str, kind: str = "BadRequestError") -> bytes:
+    """SGLang's native error object."""
     return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
+
+
+def oai_error(status: int, message: str, kind: str = "BadRequestError") -> bytes:
+    """SGLang's OpenAI-style error object."""
+    return orjson.dumps({"object": "error", "message": message, "type": kind, "param": None, "code": status})
 
 
 async def run_all(engine: Engine, jobs: list[Job], make_cb=None, on_done=None) -> None:
@@ -222,17 +228,23 @@ class MockServer:
 
     async def _generate_wait(self, conn: HttpConnection, jobs: list[Job], batch: bool, lp: bool,
                              lp_text: bool) -> None:
+        if await self.run_whole(conn, jobs, error_body):
+            self._respond_native(conn, jobs, batch, lp, lp_text)
+
+    async def run_whole(self, conn: HttpConnection, jobs: list[Job], error) -> bool:
+        """Run the jobs of a request answered in one piece; an engine error is answered with ``error``'s
+        body shape (native or OpenAI) and False returned."""
         stats = self.stats
         stats.inflight += 1
         try:
             await run_all(self.engine, jobs)
         except EngineError as err:
             stats.errors += 1
-            conn.respond(err.status, error_body(err.status, err.message, err.kind))
-            return
+            conn.respond(err.status, error(err.status, err.message, err.kind))
+            return False
         finally:
             stats.inflight -= 1
-        self._respond_native(conn, jobs, batch, lp, lp_text)
+        return True
 
     def _native_chunk(self, job: Job, index: int, k: int | None, sent: list[int], batch: bool, lp: bool,
                       lp_text: bool) -> bytes:

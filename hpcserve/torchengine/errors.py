@@ -1,20 +1,8 @@
-"""Request errors of the torch engine's HTTP API."""
+"""Request errors of the torch engine's HTTP API: the mock engine's, since both answer in SGLang's shapes."""
 
 from __future__ import annotations
 
-import orjson
+from hpcserve.mock.engine import EngineError as RequestError
+from hpcserve.mock.server import error_body, oai_error
 
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "BadRequestError") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-def error_body(status: int, message: str, kind: str) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
-
-
-def oai_error(status: int, message: str, kind: str = "BadRequestError") -> bytes:
-    """SGLang's OpenAI-style error object."""
-    return orjson.dumps({"object": "error", "message": message, "type": kind, "param": None, "code": status})
+__all__ = ["RequestError", "error_body", "oai_error"]
