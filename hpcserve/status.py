@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hpcserve import registry
-from hpcserve.agent.handover import generation_dir, generations, root_of
+from hpcserve.agent.handover import current_dir, root_of
 from hpcserve.agent.redis_server import read_url
-from hpcserve.backends.base import Run, read_json
+from hpcserve.backends.base import ENDPOINT_JSON, Run, read_json
 from hpcserve.errors import BackendError
 
 # Pending reasons that will never resolve by waiting: report them instead of sitting in the queue.
@@ -84,12 +84,6 @@ def _phase(st: RunStatus, run_dir: Path | None, redis_status: dict | None) -> st
     return FINAL_PHASE.get(s, s.lower() if s else "unknown")
 
 
-def _current_generation(run: Run) -> Run:
-    """A continuous deployment is reported by the generation that serves now (see agent/handover.py)."""
-    cur = generations(run.run_dir)["current"]
-    return Run.open(generation_dir(run.run_dir, cur)) if cur else run
-
-
 def collect(targets: list[str]) -> list[RunStatus]:
     """Status for run dirs and/or job ids, with exactly one squeue call for all Slurm jobs."""
     from hpcserve.backends.slurm import query_jobs
@@ -97,7 +91,7 @@ def collect(targets: list[str]) -> list[RunStatus]:
     for t in targets:
         p = Path(t)
         if p.is_dir():
-            run = _current_generation(Run.open(p))
+            run = Run.open(current_dir(p))   # a continuous run: the generation that serves now
             runs.append((run, run.job_id))
         elif t.replace("_", "").isdigit():
             runs.append((None, t))
@@ -117,7 +111,7 @@ def collect(targets: list[str]) -> list[RunStatus]:
             st.slurm_state, st.reason, st.nodes, st.elapsed = info.state, info.reason, info.nodes, info.elapsed
         redis_status = None
         if run_dir:
-            ep = read_json(run_dir / "endpoint.json")
+            ep = read_json(run_dir / ENDPOINT_JSON)
             st.endpoint = ep["url"] if ep else None
             if st.slurm_state in (None, "RUNNING", "COMPLETING"):
                 # the registry's run id: a sweep point's is the sweep's (endpoint.json says which)

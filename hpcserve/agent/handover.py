@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from hpcserve.backends.base import ENDPOINT_JSON, FAILURE_JSON
+from hpcserve.backends.base import ENDPOINT_JSON, FAILURE_JSON, read_json
 from hpcserve.render import atomic_write
 
 log = logging.getLogger("hpcserve.agent")
@@ -28,16 +28,9 @@ GENERATIONS_JSON, GENERATION_MARK, ALT_PLAN = "generations.json", "generation.js
 CHECK_EVERY = 30.0       # seconds between asking Slurm for the time left (the limit can be changed)
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def root_of(run_dir: Path) -> tuple[Path, int]:
     """(R, k): the run dir clients know, and which generation ``run_dir`` is."""
-    mark = _read(run_dir / GENERATION_MARK)
+    mark = read_json(run_dir / GENERATION_MARK)
     return (Path(mark["root"]), int(mark["gen"])) if mark else (run_dir, 0)
 
 
@@ -47,16 +40,18 @@ def generation_dir(root: Path, gen: int) -> Path:
 
 def generations(root: Path) -> dict:
     """{"current": k, "jobs": {"k": job id}}; a run that never handed over has only generation 0."""
-    return _read(root / GENERATIONS_JSON) or {"current": 0, "jobs": {}}
+    return read_json(root / GENERATIONS_JSON) or {"current": 0, "jobs": {}}
 
 
-def _update(root: Path, **changes) -> None:
+def current_dir(root: Path) -> Path:
+    """The run dir of the generation that serves now (``root`` itself unless a successor took over)."""
+    return generation_dir(root, generations(root)["current"])
+
+
+def _update(root: Path, jobs: dict[int, str] | None = None, **fields) -> None:
     info = generations(root)
-    for k, v in changes.items():
-        if k == "job":
-            info["jobs"][str(v[0])] = v[1]
-        else:
-            info[k] = v
+    info["jobs"].update({str(gen): job for gen, job in (jobs or {}).items()})
+    info.update(fields)
     atomic_write(root / GENERATIONS_JSON, json.dumps(info, indent=1) + "\n")
 
 
@@ -83,7 +78,7 @@ def submit_successor(root: Path, gen: int) -> str:
     from hpcserve.backends.slurm import SlurmBackend
     d = prepare_successor(root, gen)
     run = SlurmBackend().submit(d, None, env=_sbatch_env())
-    _update(root, job=(gen, run.job_id))
+    _update(root, jobs={gen: run.job_id})
     return run.job_id
 
 
@@ -143,7 +138,7 @@ class Handover:
             await asyncio.sleep(self.poll)
             if (d / ENDPOINT_JSON).exists():
                 return f"handed over to job {job} (generation {nxt})"
-            fail = _read(d / FAILURE_JSON)
+            fail = read_json(d / FAILURE_JSON)
             if fail:
                 log.error("successor job %s failed: %s; serving until the time limit", job, fail.get("message"))
                 _update(self.root, error=f"generation {nxt}: {fail.get('message')}")

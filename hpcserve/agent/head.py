@@ -13,11 +13,11 @@ import aiohttp
 
 from hpcserve import registry
 from hpcserve.agent import handover
+from hpcserve.backends.base import ENDPOINT_JSON
 from hpcserve.plan.model import Plan
 from hpcserve.render import atomic_write
 
 log = logging.getLogger("hpcserve.agent")
-ENDPOINT_JSON = "endpoint.json"
 
 
 class HeadWatch:

@@ -64,9 +64,9 @@ def register(app: typer.Typer) -> None:
              node: Optional[int] = typer.Option(None, help="Node index"),
              follow: bool = typer.Option(False, "-f", "--follow"), lines: int = typer.Option(40, "-n")):
         """Show the logs of a run's processes (filtered by role or node); a continuous run's current generation."""
-        from hpcserve.agent.handover import generation_dir, generations
+        from hpcserve.agent.handover import current_dir
         from hpcserve.plan.model import Plan
-        run = generation_dir(run, generations(run)["current"])
+        run = current_dir(run)
         plan = Plan.from_json((run / "plan.json").read_bytes())
         files = [(p.name, run / p.log) for p in plan.processes
                  if (role is None or role in (p.role, p.kind)) and (node is None or p.node == node)]
