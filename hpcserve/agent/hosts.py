@@ -86,3 +86,10 @@ def check_port_free(addr: str, port: int, what: str) -> None:
         except OSError:
             raise BackendError(f"{what}: port {port} on {addr} is already in use (another run?); "
                                f"change ports.base or router.port") from None
+
+
+def check_ports_free(addr: str, specs) -> None:
+    """Every port of these process specs is free on this node (one clear error for the first that is not)."""
+    for spec in specs:
+        for what, port in spec.ports.items():
+            check_port_free(addr, port, f"{spec.name} {what}")

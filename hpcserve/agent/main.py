@@ -99,6 +99,16 @@ async def _start_redis(plan: Plan, run_dir: Path, addr: str, managed: list[Manag
     return url
 
 
+def managed_process(plan: Plan, spec, run_dir: Path, run_id: str, redis_url: str, addr: str,
+                    addrs: dict[int, str], rank: int) -> Managed:
+    """A plan process ready to start on this node: placeholders filled, environment built (the Redis URL with
+    its password reaches the router and stages through the environment, never argv)."""
+    env = child_env(plan.env, spec.env, {"HPCSERVE_REDIS_URL": redis_url, "HPCSERVE_RUN_ID": run_id}
+                    if spec.kind in ("router", "batch", "bench") else {})
+    argv = hosts.fill(spec.argv, addr, addrs, {"run_dir": str(run_dir), "run_id": run_id})
+    return Managed(spec, argv, env, run_dir, addr, rank)
+
+
 def check_model_paths(procs: list, rank: int) -> None:
     """An absolute model path must exist on the node: fail in seconds, not after a GPU-hour of queueing."""
     for p in procs:
@@ -130,14 +140,8 @@ async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: "St
     client = await redis_server.connect(url, timeout=min(30.0, startup))
     mine = [p for p in plan.on_node(rank) if p.kind != "redis"]
     addrs = await hosts.wait_addresses(run_dir, hosts.needed_hosts([p.argv for p in mine]) | {rank}, startup)
-    for p in mine:
-        for what, port in p.ports.items():
-            hosts.check_port_free(addr, port, f"{p.name} {what}")
-    extra = {"run_dir": str(run_dir), "run_id": run_id}
-    for p in mine:
-        env = child_env(plan.env, p.env, {"HPCSERVE_REDIS_URL": url, "HPCSERVE_RUN_ID": run_id}
-                        if p.kind in ("router", "batch", "bench") else {})
-        managed.append(Managed(p, hosts.fill(p.argv, addr, addrs, extra), env, run_dir, addr, rank))
+    hosts.check_ports_free(addr, mine)
+    managed += [managed_process(plan, p, run_dir, run_id, url, addr, addrs, rank) for p in mine]
     if is_head:
         await registry.set_status(client, run_id, phase="starting", started_at=f"{time.time():.3f}")
     async with Supervisor(run_id, client, managed) as sup:

@@ -36,9 +36,8 @@ from hpcserve import aio, registry
 from hpcserve.agent import hosts, redis_server, stages
 from hpcserve.agent.head import HeadWatch
 from hpcserve.agent.main import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, StopEvent, _setup_logging, _start_redis,
-                                 check_model_paths, record_failure)
+                                 check_model_paths, managed_process, record_failure)
 from hpcserve.agent.main import node_rank as rank_of
-from hpcserve.agent.procs import child_env
 from hpcserve.agent.supervisor import Managed, Supervisor
 from hpcserve.agent.sweep_sync import (Barrier, mark_point_end, point_end, read_points, sync_dir, wait_point_end,
                                        write_node_record)
@@ -147,9 +146,8 @@ class SweepAgent:
         try:
             new = [s for n, s in want.items() if n not in self.running]
             check_model_paths(new, self.rank)
+            hosts.check_ports_free(self.addr, new)
             for s in new:
-                for what, port in s.ports.items():
-                    hosts.check_port_free(self.addr, port, f"{s.name} {what}")
                 m = self._managed(pt, s)
                 await m.start()
                 self.running[s.name] = (keys[s.name], m)
@@ -232,13 +230,10 @@ class SweepAgent:
 
     # -- processes ------------------------------------------------------------------------------------------
     def _managed(self, pt: Point, spec: ProcessSpec) -> Managed:
-        plan = pt.plan
-        extra = {"run_dir": str(pt.dir), "run_id": self.run_id}
-        env = child_env(plan.env, spec.env, {"HPCSERVE_REDIS_URL": self.url, "HPCSERVE_RUN_ID": self.run_id}
-                        if spec.kind in ("router", "batch", "bench") else {})
-        for k in self.env_keys - plan.env.keys() - spec.env.keys():   # set by another point only
-            env.pop(k, None)
-        return Managed(spec, hosts.fill(spec.argv, self.addr, self.addrs, extra), env, pt.dir, self.addr, self.rank)
+        m = managed_process(pt.plan, spec, pt.dir, self.run_id, self.url, self.addr, self.addrs, self.rank)
+        for k in self.env_keys - pt.plan.env.keys() - spec.env.keys():   # set by another point only
+            m.env.pop(k, None)
+        return m
 
     async def _retire(self, names: list[str]) -> None:
         """Deregister and stop processes that change: stages, then engines, then the router."""
