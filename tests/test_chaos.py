@@ -231,7 +231,7 @@ def test_run_redis_killed_agent_restarts_it_workers_reregister(deploy, tmp_path)
 
 def test_external_redis_killed_and_restarted_workers_reregister(deploy, tmp_path):
     # An external Redis (recipe redis.url) is not the agent's to restart: the test restarts it.
-    # One aggregated worker: one node (an external Redis is not yet usable by other nodes' agents).
+    # One aggregated worker on one node keeps the test small (other nodes find an external Redis too).
     ext = RedisProcess(tmp_path).start()
     try:
         run, backend = deploy(write_recipe(tmp_path, aggregated=1, redis_url=ext.url))
