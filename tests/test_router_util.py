@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,13 +13,7 @@ from typing import Callable
 
 import httpx
 
-from hpcserve.mock.launch import MockProcess
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from hpcserve.mock.launch import MockProcess, free_port
 
 
 def wait_until(check: Callable[[], object], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> object:
