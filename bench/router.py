@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,27 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from router_fake import run_load as _run_load, serve_fake  # noqa: E402
 
+from hpcserve.mock.launch import free_port as _free_port, http_status  # noqa: E402
+
 
 API_KEY = "bench-secret-key"
 
 
 # ---------------------------------------------------------------- orchestration
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_http(port: int, path: str = "/health", timeout: float = 60.0, want: int = 200) -> None:
-    import urllib.request
     deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-                if r.status == want:
-                    return
-        except Exception:
-            pass
+        if http_status(f"http://127.0.0.1:{port}{path}") == want:
+            return
         time.sleep(0.1)
     raise RuntimeError(f"nothing answered 200 on 127.0.0.1:{port}{path} within {timeout:g} s")
 
