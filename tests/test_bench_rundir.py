@@ -17,7 +17,7 @@ from hpcserve.bench import main as bench_main
 from hpcserve.bench.rundir import read_run
 from hpcserve.bench.workload import BenchError
 from hpcserve.registry import WorkerRecord, workers_key
-from test_bench_mock import start_mock, stop
+from test_bench_mock import start_mock
 from test_bench_registry import redis_url  # noqa: F401 - fixture
 
 DEMO = "recipes/local-demo.yaml"
@@ -76,7 +76,7 @@ def test_restart_during_a_level_makes_it_invalid(tmp_path, repo, redis_url, caps
                          "--warmup", "0"])
         bumper.join(timeout=35)
     finally:
-        stop(proc)
+        proc.stop()
         client.close()
     assert bumped.is_set()
     err = capsys.readouterr().err
