@@ -80,6 +80,8 @@ def test_deepseek_multinode_prefill_ranks_share_dist_init():
     assert len(addrs) == 1 and addrs.pop() == f"{{host:{ranks[0].node}}}:20040"
     assert ranks[0].node != ranks[1].node
     assert [pr.argv[pr.argv.index("--node-rank") + 1] for pr in ranks] == ["0", "1"]
+    # only rank 0 listens; rank 1 connects, so the agent must not check its dist_init port as "free"
+    assert ranks[0].ports["dist_init"] == 20040 and ranks[1].ports == {}
     assert p.nodes[0].roles == ["head"]          # dedicated head node
     assert p.num_nodes == 9
 

@@ -149,7 +149,8 @@ def _engine_processes(recipe: Recipe, engine, group: GroupSpec, w: WorkerSpec,
         name = w.id if group.nodes == 1 else f"{w.id}-rank{rank}"
         out.append(ProcessSpec(
             name=name, kind="engine", node=node, argv=engine.argv(launch), env=env, gpus=gpus,
-            ports=ports if rank == 0 else ({"dist_init": w.dist_init_port} if w.dist_init_port else {}),
+            # only rank 0 listens (HTTP, bootstrap, dist_init); other ranks connect to its dist_init port
+            ports=ports if rank == 0 else {},
             log=f"logs/{name}.log", worker_id=w.id if rank == 0 else None, group=w.group, role=w.role,
             node_rank=rank, restart=group.restart if group.nodes == 1 else 0, critical=group.critical))
     return out

@@ -25,7 +25,7 @@ class ProcessSpec(Frozen):
     argv: list[str]
     env: dict[str, str] = {}
     gpus: list[int] = []
-    ports: dict[str, int] = {}
+    ports: dict[str, int] = {}       # ports this process listens on (checked free before it starts)
     log: str
     worker_id: str | None = None     # set on the process that serves a worker's HTTP (rank 0)
     group: str | None = None
