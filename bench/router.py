@@ -1,12 +1,19 @@
 """Router benchmark: the same PD load against the workers directly, our router and sglang-router, in one run.
 
     python bench/router.py [--requests 3000] [--concurrency 16] [--rounds 3] [--workers fake|mock]
+                           [--layouts shared,pinned]
 
 Workers: ``fake`` (default) is a purpose-built instant worker below (canned answers, a few microseconds per
 request) so the routers' own cost is what gets measured; ``mock`` uses hpcserve.mock with --mock-time-scale 0.
 "direct" is the load generator doing the PD dual dispatch itself (both POSTs, wait for both), the floor any
 router adds to. Our router runs with every feature on: API key, concurrency limit + queue, metrics, active
 health probes, cache_aware prefill / least_load decode policies, request ids.
+
+Two CPU layouts, each a full pass: ``shared`` lets routers, workers and load generator compete for all CPUs
+(on a 2-core box the harness then takes about half the CPU from the router it measures); ``pinned`` gives
+the router under test CPU 0 to itself and the harness the others, like a head node whose clients and
+workers are elsewhere: req/s there is what one router core sustains. Multi-process variants of our router
+only run in the shared layout.
 """
 
 from __future__ import annotations
@@ -47,11 +54,14 @@ def _wait_http(port: int, path: str = "/health", timeout: float = 60.0, want: in
 class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
+        self.cpus: dict[str, set[int] | None] = {"router": None, "harness": None}
 
-    def start(self, argv: list[str], log: str, env: dict | None = None) -> subprocess.Popen:
+    def start(self, argv: list[str], log: str, env: dict | None = None, part: str = "harness") -> subprocess.Popen:
         f = open(log, "wb")
+        cpus = self.cpus[part]
         p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                             start_new_session=True)
+                             start_new_session=True,
+                             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.procs.append(p)
         return p
 
@@ -92,7 +102,7 @@ def start_ours(procs: Procs, w: dict, logdir: Path, processes: int = 1) -> dict:
                  "--decode", f"http://127.0.0.1:{w['decode_port']}", "--prefill-policy", "cache_aware",
                  "--decode-policy", "least_load", "--api-key-env", "BENCH_ROUTER_KEY", "--max-concurrency", "256",
                  "--queue-size", "1024", "--health-interval", "1", "--log-level", "warning"],
-                str(logdir / f"ours-{processes}.log"), env={"BENCH_ROUTER_KEY": API_KEY})
+                str(logdir / f"ours-{processes}.log"), env={"BENCH_ROUTER_KEY": API_KEY}, part="router")
     _wait_http(port, "/ready")
     return {"kind": "router", "port": port, "key": API_KEY, "pid": procs.procs[-1].pid}
 
@@ -107,7 +117,8 @@ def start_sglang(procs: Procs, w: dict, logdir: Path) -> dict | None:
                  "--pd-disaggregation", "--prefill", f"http://127.0.0.1:{w['prefill_port']}", str(w["bootstrap_port"]),
                  "--decode", f"http://127.0.0.1:{w['decode_port']}", "--prefill-policy", "cache_aware",
                  "--decode-policy", "round_robin", "--prometheus-port", str(_free_port()),
-                 "--prometheus-host", "127.0.0.1", "--log-level", "warn"], str(logdir / "sglang-router.log"))
+                 "--prometheus-host", "127.0.0.1", "--log-level", "warn"], str(logdir / "sglang-router.log"),
+                part="router")
     _wait_http(port, "/health", timeout=120)
     return {"kind": "router", "port": port, "pid": procs.procs[-1].pid}
 
@@ -148,18 +159,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-sglang", action="store_true")
     ap.add_argument("--router-processes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
                     help="our router with these --processes values (default 1,2)")
+    ap.add_argument("--layouts", type=lambda v: v.split(","), default=["shared", "pinned"],
+                    help="CPU layouts to run, comma-separated: shared, pinned (default both)")
     ap.add_argument("--serve-fake", nargs=2, metavar=("ROLE", "PORT"), help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
     if ns.serve_fake:
         serve_fake(ns.serve_fake[0], int(ns.serve_fake[1]))
         return 0
+    bad = [x for x in ns.layouts if x not in ("shared", "pinned")]
+    if bad:
+        print(f"unknown layout {bad[0]!r}: use shared, pinned or both", file=sys.stderr)
+        return 2
+    if "pinned" in ns.layouts and len(os.sched_getaffinity(0)) < 2:
+        print("the pinned layout needs at least 2 CPUs: use --layouts shared", file=sys.stderr)
+        return 2
+    for layout in ns.layouts:
+        results, targets = run_layout(layout, ns)
+        _report(results, ns, targets, layout)
+    return 0
+
+
+def run_layout(layout: str, ns) -> tuple[dict, dict]:
     import tempfile
     logdir = Path(tempfile.mkdtemp(prefix="bench-router-"))
     procs = Procs()
+    mine = os.sched_getaffinity(0)
+    if layout == "pinned":
+        cpus = sorted(mine)
+        procs.cpus = {"router": {cpus[0]}, "harness": set(cpus[1:])}
+        os.sched_setaffinity(0, procs.cpus["harness"])  # the load generator runs in this process
     try:
         w = start_workers(procs, ns.workers, logdir)
         targets = {"direct": {"kind": "direct", **w}}
-        for n in ns.router_processes:
+        for n in ns.router_processes if layout == "shared" else [1]:
             targets["hpcserve" if n == 1 else f"hpcserve-{n}p"] = start_ours(procs, w, logdir, n)
         sg = None if ns.skip_sglang else start_sglang(procs, w, logdir)
         if sg:
@@ -167,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         results = asyncio.run(_measure(targets, ns))
     finally:
         procs.stop()
-    _report(results, ns, targets)
+        os.sched_setaffinity(0, mine)
     shutil.rmtree(logdir, ignore_errors=True)
-    return 0
+    return results, targets
 
 
 async def _measure(targets: dict, ns) -> dict:
@@ -193,9 +225,11 @@ async def _measure(targets: dict, ns) -> dict:
     return results
 
 
-def _report(results: dict, ns, targets: dict) -> None:
-    print(f"\nPD mode, {ns.workers} workers, concurrency {ns.concurrency}, {ns.requests} requests x {ns.rounds} "
-          f"rounds per target, {os.cpu_count()} CPUs shared by load generator, workers and router")
+def _report(results: dict, ns, targets: dict, layout: str) -> None:
+    where = (f"{os.cpu_count()} CPUs shared by load generator, workers and router" if layout == "shared" else
+             "router alone on CPU 0, load generator and workers on the other CPUs")
+    print(f"\n=== layout {layout}: PD mode, {ns.workers} workers, concurrency {ns.concurrency}, {ns.requests} "
+          f"requests x {ns.rounds} rounds per target, {where}")
     for stream in (False, True):
         print(f"\n{'streaming' if stream else 'non-streaming'}:")
         print(f"  {'target':<14}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'errors':>8}"
@@ -214,8 +248,11 @@ def _report(results: dict, ns, targets: dict) -> None:
         for name in [n for n in targets if n.startswith("hpcserve")]:
             ours = results[(stream, name)]
             if (stream, "sglang-router") in results:
-                ratio = ours["median_rps"] / results[(stream, "sglang-router")]["median_rps"]
-                print(f"  {name} / sglang-router req/s: {ratio:.2f}x (goal >= 2.0x)")
+                theirs = results[(stream, "sglang-router")]
+                ratio = ours["median_rps"] / theirs["median_rps"]
+                cpu = (theirs["cpu"] / len(theirs["lat"])) / (ours["cpu"] / len(ours["lat"]))
+                print(f"  {name} / sglang-router req/s: {ratio:.2f}x (goal >= 2.0x); sglang-router uses "
+                      f"{cpu:.2f}x the router CPU per request")
             print(f"  {name} / direct req/s: {ours['median_rps'] / base['median_rps']:.2f}x; added p50 "
                   f"{(pct(ours['lat'], 0.5) - b50) * 1e3:.3f} ms at concurrency {ns.concurrency}, "
                   f"{(pct(ours['lat1'], 0.5) - l50) * 1e3:.3f} ms at concurrency 1 (goal <= 0.5 ms)")
