@@ -114,7 +114,7 @@ class UpstreamPool:
         """One whole request/response for coroutine callers: (status, content type, body)."""
         conn = await self.acquire()
         fut = self.loop.create_future()
-        conn.send(self.request_bytes(method, path, body, extra), _FutureOwner(fut), timeout, timeout, timeout)
+        conn.send(self.request_bytes(method, path, body, extra), _FutureOwner(fut), (timeout, timeout, timeout))
         try:
             await fut
         except BaseException:

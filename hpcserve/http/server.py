@@ -134,7 +134,7 @@ class HttpConnection(asyncio.Protocol):
         self._drain = None
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
+        # last_active moves when a response completes (below), not per read: idle keep-alive is what counts
         self._buf = self._buf + data if self._buf else data
         if self.busy:  # hold the bytes of a next request until this one is answered
             if len(self._buf) > MAX_HEAD_BYTES + self.server.max_body_bytes:
@@ -252,6 +252,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _complete(self) -> None:
         """The response is fully written: close, or go on with the next request."""
+        self.last_active = time.monotonic()
         self.finished = True
         self.busy = False
         self.on_close = self.on_pause = self.on_resume = None

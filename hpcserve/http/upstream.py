@@ -131,8 +131,8 @@ class UpstreamConn(asyncio.Protocol):
     def in_flight(self) -> bool:
         return self._state != _DONE and self._state != _IDLE
 
-    def send(self, data: bytes, owner: Owner, first_byte_timeout: float, idle_timeout: float,
-             total_timeout: float) -> None:
+    def send(self, data: bytes, owner: Owner, limits: tuple[float, float, float]) -> None:
+        """Write a request; ``limits`` are its (first byte, idle gap, whole request) timeouts in seconds."""
         self.owner = owner
         self.status = 0
         self.parts = []
@@ -141,7 +141,7 @@ class UpstreamConn(asyncio.Protocol):
         self._buf = b""
         self._state = _HEAD
         self.sent_at = self.last = time.monotonic()
-        self.limits = (first_byte_timeout, idle_timeout, total_timeout)
+        self.limits = limits
         self.pool.watchdog.active.add(self)
         self.transport.write(data)
 

@@ -64,8 +64,9 @@ class RouterApp:
         rid = req.header(H_REQUEST_ID) if req.lower.find(H_REQUEST_ID) >= 0 else None
         if rid is None or not _rid_ok(rid):
             self._rid_n += 1
-            rid = b"%b-%d" % (self._rid_prefix, self._rid_n)
-        extra = b"x-request-id: %b\r\n" % rid
+            extra = b"x-request-id: %b-%d\r\n" % (self._rid_prefix, self._rid_n)
+        else:
+            extra = b"x-request-id: %b\r\n" % rid
         path = req.path
         route = self.routes.get(path)
         if route is None:

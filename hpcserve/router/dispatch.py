@@ -229,10 +229,9 @@ class Exchange:
         client.on_resume = conn.resume_reading
 
     def request(self, leg: Leg, raw: bytes) -> None:
-        first, idle, total = self.d.timeouts
         data = b"POST %b HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%b\r\n%b" % (
             self.path, leg.w.pool.host_header, len(raw), self.extra, raw)  # UpstreamPool.request_bytes, inlined
-        leg.conn.send(data, self, first, idle, total)
+        leg.conn.send(data, self, self.d.timeouts)
 
     def legs(self) -> list[Leg]:
         raise NotImplementedError
