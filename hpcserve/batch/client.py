@@ -1,5 +1,5 @@
-"""Sending one row to the router: a pooled keep-alive HTTP/1.1 client (batch/http.py), per-attempt
-timeouts, bounded retries.
+"""Sending one row to the router: the router's own pooled keep-alive HTTP/1.1 client (hpcserve.http
+UpstreamPool.exchange), per-attempt timeouts, bounded retries.
 
 Outcomes of a row:
 - ``Answer``: the output line to write (a result, or an error row for a definitive failure: a 4xx other
@@ -24,7 +24,7 @@ import orjson
 
 from hpcserve.batch.rows import CHAT, Request, error_row, ok_row, parse_response
 from hpcserve.errors import HpcserveError
-from hpcserve.batch.http import HttpError, HttpPool
+from hpcserve.http import UpstreamError, UpstreamPool
 
 log = logging.getLogger("hpcserve.batch")
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
@@ -71,13 +71,13 @@ class RouterClient:
         self.backoff_max = backoff_max
         self.model = model
         self.extra = f"authorization: Bearer {api_key}\r\n".encode() if api_key else b""
-        self.pool: HttpPool | None = None
+        self.pool: UpstreamPool | None = None
         self._model_lock = asyncio.Lock()
         self.stopping = False  # set by the driver: no new attempts, no more backoff sleeps
 
     async def __aenter__(self) -> "RouterClient":
-        self.pool = HttpPool(self.host, self.port, connect_timeout=self.connect_timeout,
-                             max_idle=self.concurrency + 8)
+        self.pool = UpstreamPool(self.host, self.port, connect_timeout=self.connect_timeout,
+                                 max_idle=self.concurrency + 8)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -92,12 +92,12 @@ class RouterClient:
             if self.model is None:
                 name = "default"
                 try:
-                    status, _, raw = await self.pool.request(b"GET", self.prefix + b"/v1/models",
-                                                             timeout=10, headers=self.extra)
-                    if status == 200:
-                        data = orjson.loads(raw).get("data") or []
+                    reply = await self.pool.exchange(b"GET", self.prefix + b"/v1/models", timeout=10,
+                                                     extra=self.extra)
+                    if reply.status == 200:
+                        data = orjson.loads(reply.body).get("data") or []
                         name = data[0]["id"] if data else name
-                except (HttpError, ValueError, KeyError, TypeError, AttributeError) as e:
+                except (UpstreamError, ValueError, KeyError, TypeError, AttributeError) as e:
                     log.warning("could not read the model name from /v1/models (%s); using %r", e, name)
                     return name  # not cached: ask again for the next row
                 self.model = name
@@ -119,12 +119,13 @@ class RouterClient:
                 if self.stopping:
                     return ABANDONED
             try:
-                status, headers, raw = await self.pool.request(b"POST", path, data, timeout=self.request_timeout,
-                                                               headers=self.extra)
-            except HttpError as e:  # could not connect, timed out, or the connection broke off
+                reply = await self.pool.exchange(b"POST", path, data, timeout=self.request_timeout,
+                                                 extra=self.extra)
+            except UpstreamError as e:  # could not connect, timed out, or the connection broke off
                 reason, hint = f"{type(e).__name__}: {e}", None
                 continue
-            hint = _seconds(headers.get(b"retry-after"))
+            status, raw = reply.status, reply.body
+            hint = _seconds(reply.header(b"retry-after"))
             if status == 200:
                 try:
                     payload = orjson.loads(raw)

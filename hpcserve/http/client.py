@@ -1,7 +1,8 @@
 """Upstream HTTP/1.1 client: keep-alive connection pools, one per worker, over ``UpstreamConn``.
 
 ``take_idle``/``connect`` hand out connections, ``release`` takes them back after a complete response,
-``fetch`` wraps a whole request for coroutine callers (health probes, admin calls).
+``exchange``/``fetch`` wrap a whole request for coroutine callers (health probes, admin calls, the batch
+driver).
 """
 
 from __future__ import annotations
@@ -9,12 +10,33 @@ from __future__ import annotations
 import asyncio
 import time
 
+from hpcserve.http.server import H_CONTENT_TYPE, find_header, needle
 from hpcserve.http.upstream import (  # re-exported: callers import the errors from here or hpcserve.http
-    _DONE, _IDLE, ConnectError, ConnectionLost, UpstreamConn, UpstreamError, UpstreamTimeout, Watchdog, WorkerStalled,
+    _DONE, _IDLE, ConnectError, ConnectionLost, NoAnswer, UpstreamConn, UpstreamError, UpstreamTimeout, Watchdog,
+    WorkerStalled,
 )
 
-__all__ = ["ConnectError", "ConnectionLost", "UpstreamConn", "UpstreamError", "UpstreamPool", "UpstreamTimeout",
-           "WorkerStalled"]
+__all__ = ["ConnectError", "ConnectionLost", "NoAnswer", "Reply", "UpstreamConn", "UpstreamError", "UpstreamPool",
+           "UpstreamTimeout", "WorkerStalled"]
+
+
+class Reply:
+    """A whole response: status, body, and its head for header lookups."""
+
+    __slots__ = ("status", "body", "_head", "_lower")
+
+    def __init__(self, status: int, body: bytes, head: bytes, lower: bytes) -> None:
+        self.status = status
+        self.body = body
+        self._head = head
+        self._lower = lower
+
+    def header(self, name: bytes) -> bytes | None:
+        return find_header(self._head, self._lower, needle(name))
+
+    @property
+    def ctype(self) -> bytes:
+        return find_header(self._head, self._lower, H_CONTENT_TYPE) or b"application/json"
 
 
 class _FutureOwner:
@@ -76,9 +98,6 @@ class UpstreamPool:
             raise ConnectError(f"cannot connect to {self.name}: {err.strerror or err}") from None
         return conn
 
-    async def acquire(self) -> UpstreamConn:
-        return self.take_idle() or await self.connect()
-
     def release(self, conn: UpstreamConn) -> None:
         """Return a connection whose response is complete (or that was never used); else close it."""
         st = conn._state
@@ -109,17 +128,35 @@ class UpstreamPool:
         return b"%b %b HTTP/1.1\r\nhost: %b\r\ncontent-type: %b\r\ncontent-length: %d\r\n%b\r\n%b" % (
             method, path, self.host_header, content_type, len(body), extra, body)
 
-    async def fetch(self, method: bytes, path: bytes, body: bytes = b"", *, timeout: float = 10.0,
-                    extra: bytes = b"") -> tuple[int, bytes, bytes]:
-        """One whole request/response for coroutine callers: (status, content type, body)."""
-        conn = await self.acquire()
+    async def exchange(self, method: bytes, path: bytes, body: bytes = b"", *, timeout: float = 10.0,
+                       extra: bytes = b"") -> Reply:
+        """One whole request and its response; ``timeout`` bounds the wait for the first byte, any gap and the
+        whole. A reused socket that closes without answering is tried once more on a new socket (the server
+        had dropped it); any other failure raises an UpstreamError (ConnectError when nothing was sent)."""
+        data = self.request_bytes(method, path, body, extra)
+        conn = self.take_idle()
+        try:
+            return await self._exchange(conn or await self.connect(), data, timeout)
+        except NoAnswer:
+            if conn is None:
+                raise
+            return await self._exchange(await self.connect(), data, timeout)
+
+    async def _exchange(self, conn: UpstreamConn, data: bytes, timeout: float) -> Reply:
         fut = self.loop.create_future()
-        conn.send(self.request_bytes(method, path, body, extra), _FutureOwner(fut), (timeout, timeout, timeout))
+        conn.send(data, _FutureOwner(fut), (timeout, timeout, timeout))
         try:
             await fut
-        except BaseException:
+        except BaseException:  # includes cancellation: the server sees the disconnect
             conn.owner = None
             conn.abort()
             raise
+        reply = Reply(conn.status, conn.body(), conn._head_raw, conn._head_lower)
         self.release(conn)
-        return conn.status, conn.ctype, conn.body()
+        return reply
+
+    async def fetch(self, method: bytes, path: bytes, body: bytes = b"", *, timeout: float = 10.0,
+                    extra: bytes = b"") -> tuple[int, bytes, bytes]:
+        """``exchange`` for callers that need (status, content type, body)."""
+        reply = await self.exchange(method, path, body, timeout=timeout, extra=extra)
+        return reply.status, reply.ctype, reply.body

@@ -50,6 +50,11 @@ class ConnectionLost(UpstreamError):
     redispatch = True
 
 
+class NoAnswer(ConnectionLost):
+    """The connection closed before any byte of the answer. On a reused keep-alive socket this is usually the
+    server dropping the idle socket just as the request arrived, so whole-request callers try once more."""
+
+
 class WorkerStalled(UpstreamError):
     """The router gave up on the request because health probes found the worker stalled (no answer at all)."""
 
@@ -120,6 +125,8 @@ class UpstreamConn(asyncio.Protocol):
         self.closed = True
         if self._state == _BODY_EOF:
             self._finish()
+        elif self._state == _HEAD and not self._buf:
+            self._fail(NoAnswer(f"{self.pool.name} closed the connection without answering"))
         elif self._state != _IDLE and self._state != _DONE:
             self._fail(ConnectionLost(f"{self.pool.name} closed the connection mid-response"))
 
@@ -236,7 +243,11 @@ class UpstreamConn(asyncio.Protocol):
 
     @property
     def ctype(self) -> bytes:
-        return find_header(self._head_raw, self._head_lower, H_CONTENT_TYPE) or b"application/json"
+        return self.header(H_CONTENT_TYPE) or b"application/json"
+
+    def header(self, key: bytes) -> bytes | None:
+        """A response header's value by its ``needle(name)``, or None."""
+        return find_header(self._head_raw, self._head_lower, key)
 
     def _head(self, head: bytes) -> None:
         # bytes.find, not ``in``: on CPython the ``in`` operator costs about twice as much here

@@ -1,4 +1,5 @@
-"""The batch driver's small HTTP client against a raw socket server that answers in every HTTP shape."""
+"""The pooled upstream client's whole-request API (UpstreamPool.exchange: health probes, admin calls, the batch
+driver) against a raw socket server that answers in every HTTP shape."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from hpcserve.batch.http import ConnectFailed, HttpError, HttpPool
+from hpcserve.http import ConnectError, UpstreamError, UpstreamPool, UpstreamTimeout
 
 ANSWERS = {
     b"/length": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
@@ -72,26 +73,26 @@ def test_every_answer_shape_and_keep_alive_reuse():
     async def go():
         srv = RawServer()
         port = await srv.start()
-        pool = HttpPool("127.0.0.1", port)
+        pool = UpstreamPool("127.0.0.1", port)
         try:
-            got = [await pool.request(b"POST", p, b"{}", timeout=5) for p in (b"/length", b"/chunked", b"/continue")]
-            assert [(s, b) for s, _, b in got] == [(200, b"hello"), (200, b"hello"), (201, b"ok")]
+            got = [await pool.exchange(b"POST", p, b"{}", timeout=5) for p in (b"/length", b"/chunked", b"/continue")]
+            assert [(r.status, r.body) for r in got] == [(200, b"hello"), (200, b"hello"), (201, b"ok")]
             assert srv.connections == 1  # one socket reused for all three
-            status, headers, body = await pool.request(b"POST", b"/eof", b"{}", timeout=5)
-            assert (status, headers[b"retry-after"], body) == (503, b"2", b"bye")
-            with pytest.raises(HttpError, match="not an HTTP answer"):
-                await pool.request(b"POST", b"/garbage", b"{}", timeout=5)
-            with pytest.raises(HttpError, match="no complete answer within 0.2 s"):
-                await pool.request(b"POST", b"/hang", b"{}", timeout=0.2)
+            r = await pool.exchange(b"POST", b"/eof", b"{}", timeout=5)  # HTTP/1.0, body ended by the close
+            assert (r.status, r.header(b"Retry-After"), r.body) == (503, b"2", b"bye")
+            with pytest.raises(UpstreamError, match="malformed HTTP"):
+                await pool.exchange(b"POST", b"/garbage", b"{}", timeout=5)
+            with pytest.raises(UpstreamTimeout, match=r"no response within the first-byte timeout \(0.2 s\)"):
+                await pool.exchange(b"POST", b"/hang", b"{}", timeout=0.2)
             # the server drops the idle socket: the next request goes out again on a fresh one
-            await pool.request(b"POST", b"/drop", b"{}", timeout=5)
+            await pool.exchange(b"POST", b"/drop", b"{}", timeout=5)
             await asyncio.sleep(0.05)
             before = srv.connections
-            assert (await pool.request(b"POST", b"/length", b"{}", timeout=5))[2] == b"hello"
+            assert (await pool.exchange(b"POST", b"/length", b"{}", timeout=5)).body == b"hello"
             assert srv.connections == before + 1
             # a keep-alive race: the reused socket closes without answering; sent again on a new one
-            assert (await pool.request(b"POST", b"/race", b"{}", timeout=5))[2] == b"hello"
-            assert (await pool.request(b"POST", b"/race", b"{}", timeout=5))[2] == b"hello"
+            assert (await pool.exchange(b"POST", b"/race", b"{}", timeout=5)).body == b"hello"
+            assert (await pool.exchange(b"POST", b"/race", b"{}", timeout=5)).body == b"hello"
             assert srv.connections == before + 3  # each /race met a reused socket and went again
         finally:
             pool.close()
@@ -105,7 +106,7 @@ def test_connect_failure_is_a_connect_error():
         srv = RawServer()
         port = await srv.start()
         await srv.stop()
-        with pytest.raises(ConnectFailed, match="cannot connect to 127.0.0.1"):
-            await HttpPool("127.0.0.1", port).request(b"POST", b"/x", b"", timeout=5)
+        with pytest.raises(ConnectError, match="cannot connect to 127.0.0.1"):
+            await UpstreamPool("127.0.0.1", port).exchange(b"POST", b"/x", b"", timeout=5)
 
     asyncio.run(go())
