@@ -132,3 +132,15 @@ def test_sweep_script_golden():
     assert text == path.read_text(), f"{path} differs; UPDATE_GOLDEN=1 if the change is intended"
     assert subprocess.run(["bash", "-n"], input=text, text=True, timeout=10).returncode == 0
     assert "#SBATCH --nodes=3\n" in text and text.count("\nsrun ") == 1
+
+
+def test_restart_budget_alone_does_not_restart_a_process():
+    from hpcserve.agent.sweep import spec_key
+    from hpcserve.plan.model import ProcessSpec
+    [(_, plan)] = load_plans(REPO / "recipes/local-demo.yaml", python="python3")
+    spec = next(p for p in plan.processes if p.kind == "engine")
+    same = spec_key(plan, spec)
+    budget = ProcessSpec(**{**spec.model_dump(), "restart": spec.restart + 3, "critical": not spec.critical})
+    assert spec_key(plan, budget) == same
+    argv = ProcessSpec(**{**spec.model_dump(), "argv": [*spec.argv, "--max-running-requests", "8"]})
+    assert spec_key(plan, argv) != same

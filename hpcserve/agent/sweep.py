@@ -73,10 +73,15 @@ def load_points(top: Path) -> list[Point]:
     return points
 
 
+# Read by the supervisor only when a process fails: a point that changes just these keeps the process and
+# hands it the new values.
+FOLLOWS_POINT = {"restart", "critical"}
+
+
 def spec_key(plan: Plan, spec: ProcessSpec) -> bytes:
     """Everything that reaches a process. Placeholders ({addr}, {host:N}, {run_id}) stand for values fixed for
     the whole sweep and {run_dir} only for per-point paths, so comparing unfilled specs is comparing processes."""
-    return orjson.dumps([spec.model_dump(mode="json"), plan.env], option=orjson.OPT_SORT_KEYS)
+    return orjson.dumps([spec.model_dump(mode="json", exclude=FOLLOWS_POINT), plan.env], option=orjson.OPT_SORT_KEYS)
 
 
 def _alive(m: Managed) -> bool:
@@ -138,6 +143,8 @@ class SweepAgent:
         keys = {n: spec_key(plan, s) for n, s in want.items()}
         retire = [n for n, (k, m) in self.running.items() if keys.get(n) != k or not _alive(m)]
         await self._retire(retire)
+        for n, (_, m) in self.running.items():
+            m.spec = want[n]  # the same process; its restart budget and criticality follow the point
         self._publish_files(pt)
         if not await self.barrier.wait(f"{pt.index:04d}-stopped", plan.startup_timeout + 60.0, self.stop):
             return self._stopped(pt)
