@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from router_fake import run_load as _run_load, serve_fake  # noqa: E402
+import router_harness  # noqa: E402
+from router_fake import run_load as _py_load, serve_fake  # noqa: E402
 
 from hpcserve.mock.launch import free_port as _free_port, http_status  # noqa: E402
 
@@ -77,10 +78,13 @@ class Procs:
                 p.wait(timeout=10)
 
 
-def start_workers(procs: Procs, kind: str, logdir: Path) -> dict:
+def start_workers(procs: Procs, kind: str, logdir: Path, harness: Path | None) -> dict:
     pp, dp, bp = _free_port(), _free_port(), _free_port()
     py = sys.executable
-    if kind == "fake":
+    if kind == "fake" and harness is not None:
+        procs.start(router_harness.serve_argv(harness, "prefill", pp, logdir), str(logdir / "prefill.log"))
+        procs.start(router_harness.serve_argv(harness, "decode", dp, logdir), str(logdir / "decode.log"))
+    elif kind == "fake":
         procs.start([py, __file__, "--serve-fake", "prefill", str(pp)], str(logdir / "prefill.log"))
         procs.start([py, __file__, "--serve-fake", "decode", str(dp)], str(logdir / "decode.log"))
     else:
@@ -161,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="our router with these --processes values (default 1,2)")
     ap.add_argument("--layouts", type=lambda v: v.split(","), default=["shared", "pinned"],
                     help="CPU layouts to run, comma-separated: shared, pinned (default both)")
+    ap.add_argument("--harness", choices=["c", "python"], default="c",
+                    help="load generator and fake workers: c (bench/harness.c, built with the system compiler; "
+                         "a fraction of the CPU) or python (router_fake.py)")
     ap.add_argument("--serve-fake", nargs=2, metavar=("ROLE", "PORT"), help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
     if ns.serve_fake:
@@ -173,9 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     if "pinned" in ns.layouts and len(os.sched_getaffinity(0)) < 2:
         print("the pinned layout needs at least 2 CPUs: use --layouts shared", file=sys.stderr)
         return 2
-    for layout in ns.layouts:
-        results, targets = run_layout(layout, ns)
-        _report(results, ns, targets, layout)
+    import tempfile
+    build_dir = Path(tempfile.mkdtemp(prefix="bench-harness-"))
+    try:
+        ns.harness_bin = router_harness.build(build_dir) if ns.harness == "c" else None
+        if ns.harness == "c" and ns.harness_bin is None:
+            print("no C compiler (cc/gcc) found: using the Python harness (--harness python)")
+            ns.harness = "python"
+        for layout in ns.layouts:
+            results, targets = run_layout(layout, ns)
+            _report(results, ns, targets, layout)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
     return 0
 
 
@@ -189,14 +205,14 @@ def run_layout(layout: str, ns) -> tuple[dict, dict]:
         procs.cpus = {"router": {cpus[0]}, "harness": set(cpus[1:])}
         os.sched_setaffinity(0, procs.cpus["harness"])  # the load generator runs in this process
     try:
-        w = start_workers(procs, ns.workers, logdir)
+        w = start_workers(procs, ns.workers, logdir, ns.harness_bin)
         targets = {"direct": {"kind": "direct", **w}}
         for n in ns.router_processes if layout == "shared" else [1]:
             targets["hpcserve" if n == 1 else f"hpcserve-{n}p"] = start_ours(procs, w, logdir, n)
         sg = None if ns.skip_sglang else start_sglang(procs, w, logdir)
         if sg:
             targets["sglang-router"] = sg
-        results = asyncio.run(_measure(targets, ns))
+        results = asyncio.run(_measure(targets, ns, logdir))
     finally:
         procs.stop()
         os.sched_setaffinity(0, mine)
@@ -204,7 +220,12 @@ def run_layout(layout: str, ns) -> tuple[dict, dict]:
     return results, targets
 
 
-async def _measure(targets: dict, ns) -> dict:
+async def _measure(targets: dict, ns, workdir: Path) -> dict:
+    async def _run_load(t: dict, n: int, conc: int, stream: bool):
+        if ns.harness_bin is not None:
+            return await router_harness.run_load(ns.harness_bin, t, n, conc, stream, workdir)
+        return await _py_load(t, n, conc, stream)
+
     results: dict = {}
     for stream in (False, True):
         for name, t in targets.items():  # warm-up: connections, caches, JIT-free but allocator-warm
@@ -228,8 +249,8 @@ async def _measure(targets: dict, ns) -> dict:
 def _report(results: dict, ns, targets: dict, layout: str) -> None:
     where = (f"{os.cpu_count()} CPUs shared by load generator, workers and router" if layout == "shared" else
              "router alone on CPU 0, load generator and workers on the other CPUs")
-    print(f"\n=== layout {layout}: PD mode, {ns.workers} workers, concurrency {ns.concurrency}, {ns.requests} "
-          f"requests x {ns.rounds} rounds per target, {where}")
+    print(f"\n=== layout {layout}: PD mode, {ns.workers} workers, {ns.harness} harness, concurrency "
+          f"{ns.concurrency}, {ns.requests} requests x {ns.rounds} rounds per target, {where}")
     for stream in (False, True):
         print(f"\n{'streaming' if stream else 'non-streaming'}:")
         print(f"  {'target':<14}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'errors':>8}"
