@@ -1,8 +1,9 @@
 """A lean HTTP/1.1 layer for the router's hot path: an asyncio.Protocol server and a pooled upstream client."""
 
-from hpcserve.http.client import Reply, UpstreamPool
+from hpcserve.http.client import UpstreamPool
 from hpcserve.http.upstream import (
-    ConnectError, ConnectionLost, NoAnswer, UpstreamConn, UpstreamError, UpstreamTimeout, Watchdog, WorkerStalled,
+    ConnectError, ConnectionLost, NoAnswer, Reply, UpstreamConn, UpstreamError, UpstreamTimeout, Watchdog,
+    WorkerStalled,
 )
 from hpcserve.http.parse import HttpParseError
 from hpcserve.http.server import HttpConnection, HttpServer, Request

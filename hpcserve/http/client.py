@@ -10,33 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from hpcserve.http.server import H_CONTENT_TYPE, find_header, needle
 from hpcserve.http.upstream import (  # re-exported: callers import the errors from here or hpcserve.http
-    _DONE, _IDLE, ConnectError, ConnectionLost, NoAnswer, UpstreamConn, UpstreamError, UpstreamTimeout, Watchdog,
-    WorkerStalled,
+    _DONE, _IDLE, ConnectError, ConnectionLost, NoAnswer, Reply, UpstreamConn, UpstreamError, UpstreamTimeout,
+    Watchdog, WorkerStalled,
 )
 
 __all__ = ["ConnectError", "ConnectionLost", "NoAnswer", "Reply", "UpstreamConn", "UpstreamError", "UpstreamPool",
            "UpstreamTimeout", "WorkerStalled"]
-
-
-class Reply:
-    """A whole response: status, body, and its head for header lookups."""
-
-    __slots__ = ("status", "body", "_head", "_lower")
-
-    def __init__(self, status: int, body: bytes, head: bytes, lower: bytes) -> None:
-        self.status = status
-        self.body = body
-        self._head = head
-        self._lower = lower
-
-    def header(self, name: bytes) -> bytes | None:
-        return find_header(self._head, self._lower, needle(name))
-
-    @property
-    def ctype(self) -> bytes:
-        return find_header(self._head, self._lower, H_CONTENT_TYPE) or b"application/json"
 
 
 class _FutureOwner:
@@ -151,7 +131,7 @@ class UpstreamPool:
             conn.owner = None
             conn.abort()
             raise
-        reply = Reply(conn.status, conn.body(), conn._head_raw, conn._head_lower)
+        reply = conn.reply()
         self.release(conn)
         return reply
 

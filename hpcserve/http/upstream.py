@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 from hpcserve.http.parse import MAX_HEAD_BYTES, ChunkedDecoder, HttpParseError
 from hpcserve.http.server import (
-    H_CONNECTION, H_CONTENT_LENGTH, H_CONTENT_TYPE, H_TRANSFER_ENCODING, find_header, set_nodelay,
+    H_CONNECTION, H_CONTENT_LENGTH, H_CONTENT_TYPE, H_TRANSFER_ENCODING, find_header, needle, set_nodelay,
 )
 
 if TYPE_CHECKING:
@@ -67,6 +67,25 @@ class Owner(Protocol):
 
 
 _HEAD, _BODY_CL, _BODY_CHUNKED, _BODY_EOF, _DONE, _IDLE = range(6)
+
+
+class Reply:
+    """A whole response, kept after its connection went back to the pool: status, body, header lookups."""
+
+    __slots__ = ("status", "body", "_head", "_lower")
+
+    def __init__(self, status: int, body: bytes, head: bytes, lower: bytes) -> None:
+        self.status = status
+        self.body = body
+        self._head = head
+        self._lower = lower
+
+    def header(self, name: bytes) -> bytes | None:
+        return find_header(self._head, self._lower, needle(name))
+
+    @property
+    def ctype(self) -> bytes:
+        return find_header(self._head, self._lower, H_CONTENT_TYPE) or b"application/json"
 
 
 class Watchdog:
@@ -243,11 +262,11 @@ class UpstreamConn(asyncio.Protocol):
 
     @property
     def ctype(self) -> bytes:
-        return self.header(H_CONTENT_TYPE) or b"application/json"
+        return find_header(self._head_raw, self._head_lower, H_CONTENT_TYPE) or b"application/json"
 
-    def header(self, key: bytes) -> bytes | None:
-        """A response header's value by its ``needle(name)``, or None."""
-        return find_header(self._head_raw, self._head_lower, key)
+    def reply(self) -> Reply:
+        """The complete response as a Reply that outlives this connection's reuse."""
+        return Reply(self.status, self.body(), self._head_raw, self._head_lower)
 
     def _head(self, head: bytes) -> None:
         # bytes.find, not ``in``: on CPython the ``in`` operator costs about twice as much here
