@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -180,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     if "pinned" in ns.layouts and len(os.sched_getaffinity(0)) < 2:
         print("the pinned layout needs at least 2 CPUs: use --layouts shared", file=sys.stderr)
         return 2
-    import tempfile
     build_dir = Path(tempfile.mkdtemp(prefix="bench-harness-"))
     try:
         ns.harness_bin = router_harness.build(build_dir) if ns.harness == "c" else None
@@ -196,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_layout(layout: str, ns) -> tuple[dict, dict]:
-    import tempfile
     logdir = Path(tempfile.mkdtemp(prefix="bench-router-"))
     procs = Procs()
     mine = os.sched_getaffinity(0)

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from router_fake import _bodies, fake_answers  # noqa: E402
+from router_fake import fake_answers, http_answer, load_requests  # noqa: E402
 
 from hpcserve.http import HttpConnection, HttpServer  # noqa: E402
 from hpcserve.http.upstream import UpstreamConn  # noqa: E402
@@ -61,14 +61,6 @@ class MemoryTransport(asyncio.Transport):
         pass
 
 
-def _answer(role: str, stream: bool) -> bytes:
-    data = fake_answers(role)[(b"/generate", int(stream))]
-    if stream and role != "prefill":
-        return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-                b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data))
-    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (len(data), data)
-
-
 async def run(requests: int, repeats: int, stream: bool) -> list[float]:
     os.environ["CORE_BENCH_KEY"] = KEY
     ns = parse_args(["--mode", "pd", "--port", "0", "--prefill", "http://127.0.0.1:9", "8998",
@@ -80,15 +72,13 @@ async def run(requests: int, repeats: int, stream: bool) -> list[float]:
     waiting: list[tuple[UpstreamConn, bytes]] = []
     for w in app.workers.all():  # one pooled keep-alive connection per worker
         conn = UpstreamConn(w.pool)
-        answer = _answer(w.role, stream)
+        answer = http_answer(w.role, stream, fake_answers(w.role)[(b"/generate", int(stream))])
         conn.connection_made(MemoryTransport(lambda t, c=conn, a=answer: waiting.append((c, a))))
         w.pool.release(conn)
     client = HttpConnection(server)
     client_t = MemoryTransport()
     client.connection_made(client_t)
-    reqs = [b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"authorization: Bearer %b\r\ncontent-length: %d\r\n\r\n%b" % (KEY.encode(), len(b), b)
-            for b in _bodies(stream, None)]
+    reqs = load_requests({"kind": "router", "key": KEY}, stream)
     want = b"data: [DONE]" if stream else b'"text"'
     gc.collect()  # the collector settings of hpcserve/router/main.py serve()
     gc.freeze()
@@ -103,7 +93,7 @@ async def run(requests: int, repeats: int, stream: bool) -> list[float]:
                 conn.data_received(answer)
         times.append((time.process_time() - t0) / requests * 1e6)
         last = b"".join(client_t.out[-3:])
-        if not last.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 200" not in last or want not in last:
+        if b"HTTP/1.1 200" not in last or want not in last:
             raise SystemExit(f"unexpected answer: {last[:300]!r}")
         client_t.out.clear()
     return times

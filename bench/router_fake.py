@@ -48,6 +48,14 @@ def fake_answers(role: str) -> dict:
             (b"/v1/chat/completions", 0): orjson.dumps(chat), (b"/v1/chat/completions", 1): sse(chat_events)}
 
 
+def http_answer(role: str, stream: bool, data: bytes) -> bytes:
+    """A canned answer framed as the fake worker sends it (streams chunked, except a prefill's)."""
+    if stream and role != "prefill":
+        return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data))
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (len(data), data)
+
+
 class _FakeWorker(asyncio.Protocol):
     """Canned answers with the least work per request: the request is framed by Content-Length only and
     never parsed as JSON (a bytes search tells stream from not, and checks the PD bootstrap fields)."""
@@ -80,8 +88,7 @@ class _FakeWorker(asyncio.Protocol):
 
     def _answer(self, method: bytes, path: bytes, body: bytes) -> bytes:
         if method == b"get":
-            data = orjson.dumps(self.counts) if path == b"/fake/stats" else b"{}"
-            return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (len(data), data)
+            return http_answer(self.role, False, orjson.dumps(self.counts) if path == b"/fake/stats" else b"{}")
         self.counts["requests"] += 1
         if self.role != "both" and b'"bootstrap_room"' not in body:  # a PD router must add it
             self.counts["missing_bootstrap"] += 1
@@ -90,10 +97,7 @@ class _FakeWorker(asyncio.Protocol):
         data = self.answers.get((path, stream))
         if data is None:
             return b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}"
-        if stream and self.role != "prefill":
-            return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-                    b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data))
-        return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (len(data), data)
+        return http_answer(self.role, bool(stream), data)
 
 
 def serve_fake(role: str, port: int) -> None:
@@ -121,6 +125,16 @@ def _bodies(stream: bool, pd_fields: dict | None, count: int = 256) -> list[byte
             body.update(pd_fields, bootstrap_room=random.getrandbits(63))
         out.append(orjson.dumps(body))
     return out
+
+
+def load_requests(target: dict, stream: bool) -> list[bytes]:
+    """The whole HTTP requests the load generator sends to ``target``: with its API key, and with bootstrap
+    fields when the generator itself dispatches PD ("direct")."""
+    direct = target["kind"] == "direct"
+    auth = b"authorization: Bearer %b\r\n" % target["key"].encode() if target.get("key") else b""
+    pd = {"bootstrap_host": "127.0.0.1", "bootstrap_port": target.get("bootstrap_port")} if direct else None
+    return [b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n%bcontent-length: %d\r\n\r\n%b"
+            % (auth, len(b), b) for b in _bodies(stream, pd)]
 
 
 class _Exchange(asyncio.Protocol):
@@ -158,10 +172,7 @@ async def run_load(target: dict, n: int, conc: int, stream: bool) -> tuple[float
     Returns (req/s, latencies in seconds, errors)."""
     loop = asyncio.get_running_loop()
     direct = target["kind"] == "direct"
-    auth = b"authorization: Bearer %b\r\n" % target["key"].encode() if target.get("key") else b""
-    pd = {"bootstrap_host": "127.0.0.1", "bootstrap_port": target.get("bootstrap_port")} if direct else None
-    reqs = [b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n%bcontent-length: %d\r\n\r\n%b"
-            % (auth, len(b), b) for b in _bodies(stream, pd)]
+    reqs = load_requests(target, stream)
     lat: list[float] = []
     state = {"sent": 0, "errors": 0, "left": n}
     finished = loop.create_future()

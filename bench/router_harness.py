@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from router_fake import _bodies, fake_answers
+from router_fake import fake_answers, http_answer, load_requests
 
 SOURCE = Path(__file__).resolve().parent / "harness.c"
 
@@ -22,14 +22,6 @@ def build(workdir: Path) -> Path | None:
     out = workdir / "harness"
     subprocess.run([cc, "-O2", "-o", str(out), str(SOURCE)], check=True)
     return out
-
-
-def http_answer(role: str, stream: bool, body: bytes) -> bytes:
-    """The fake worker's whole response, as router_fake._FakeWorker frames it."""
-    if stream and role != "prefill":
-        return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-                b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
-    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
 
 
 def answers_file(role: str, workdir: Path) -> Path:
@@ -46,14 +38,9 @@ def serve_argv(harness: Path, role: str, port: int, workdir: Path) -> list[str]:
 
 
 def _requests_file(target: dict, stream: bool, workdir: Path) -> Path:
-    direct = target["kind"] == "direct"
-    auth = b"authorization: Bearer %b\r\n" % target["key"].encode() if target.get("key") else b""
-    pd = {"bootstrap_host": "127.0.0.1", "bootstrap_port": target.get("bootstrap_port")} if direct else None
     path = Path(tempfile.mkstemp(prefix="requests-", suffix=".bin", dir=workdir)[1])
     with open(path, "wb") as f:
-        for b in _bodies(stream, pd):
-            req = (b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n%bcontent-length: %d"
-                   b"\r\n\r\n%b" % (auth, len(b), b))
+        for req in load_requests(target, stream):
             f.write(b"%d\n%b" % (len(req), req))
     return path
 
