@@ -24,6 +24,16 @@ def _busy(procs: list[MockProcess]) -> MockProcess | None:
     return running[0] if len(running) == 1 else None
 
 
+def _signal_busy_worker(router: RouterProc, pair: tuple[MockProcess, MockProcess], sig: int):
+    """Send one request, wait until one of ``pair`` runs it and send that worker ``sig``. Returns the
+    request's thread (join it), its outcome dict, the signalled worker and the other one."""
+    out: dict = {}
+    t = post_in_thread(router.url, BODY, out, timeout=60)
+    victim = wait_until(lambda: _busy(list(pair)), 10, what="the request running on one worker")
+    os.kill(victim.pid, sig)
+    return t, out, victim, pair[1] if victim is pair[0] else pair[0]
+
+
 def _redispatches(router: RouterProc) -> dict[tuple[str, str], float]:
     out = {}
     for line in httpx.get(router.url + "/metrics", timeout=5).text.splitlines():
@@ -41,11 +51,7 @@ def test_aggregated_request_on_killed_worker_is_redispatched(tmp_path):
     try:
         router = RouterProc(["--worker", a.url, "--worker", b.url, "--policy", "round_robin",
                              "--health-interval", "30"], tmp_path)
-        out: dict = {}
-        t = post_in_thread(router.url, BODY, out, timeout=60)
-        victim = wait_until(lambda: _busy([a, b]), 10, what="the request running on one worker")
-        survivor = b if victim is a else a
-        os.kill(victim.pid, signal.SIGKILL)
+        t, out, victim, survivor = _signal_busy_worker(router, (a, b), signal.SIGKILL)
         t.join(60)
         assert out.get("status") == 200, out
         expected = httpx.post(survivor.url + "/generate", json=BODY, timeout=30).json()["text"]
@@ -65,11 +71,7 @@ def test_pd_decode_killed_request_is_sent_again_as_a_new_pd_request(tmp_path):
     try:
         router = RouterProc(["--prefill", prefill.url, bootstrap_port(prefill), "--decode", d1.url, "--decode",
                              d2.url, "--decode-policy", "round_robin", "--health-interval", "30"], tmp_path)
-        out: dict = {}
-        t = post_in_thread(router.url, BODY, out, timeout=60)
-        victim = wait_until(lambda: _busy([d1, d2]), 10, what="the request decoding on one worker")
-        survivor = d2 if victim is d1 else d1
-        os.kill(victim.pid, signal.SIGKILL)
+        t, out, victim, survivor = _signal_busy_worker(router, (d1, d2), signal.SIGKILL)
         t.join(60)
         assert out.get("status") == 200, out
         # the prefill saw the text twice: the first room, then the new PD request's room (never a replay)
@@ -184,11 +186,7 @@ def test_stalled_worker_ejected_within_two_rounds_and_its_request_moved(tmp_path
     try:
         router = RouterProc(["--worker", a.url, "--worker", b.url, "--policy", "round_robin",
                              "--health-interval", "0.3", "--eject-after", "3"], tmp_path)
-        out: dict = {}
-        t = post_in_thread(router.url, BODY, out, timeout=60)
-        victim = wait_until(lambda: _busy([a, b]), 10, what="the request running on one worker")
-        survivor = b if victim is a else a
-        os.kill(victim.pid, signal.SIGSTOP)
+        t, out, victim, survivor = _signal_busy_worker(router, (a, b), signal.SIGSTOP)
         stopped = victim
         t.join(60)
         # answered while the worker is still stopped: the request was moved, not left waiting
