@@ -61,7 +61,7 @@ class UpstreamPool:
             cutoff = time.monotonic() - self.idle_ttl
             while idle:
                 c = idle.pop()
-                if not c.closed and c.idle_since > cutoff:
+                if not c.closed and c.last > cutoff:  # last byte sent or received: idle since then
                     return c
                 c.close()
         return None
@@ -80,17 +80,13 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConn) -> None:
         """Return a connection whose response is complete (or that was never used); else close it."""
-        st = conn._state
-        if st != _DONE and st != _IDLE:
+        if conn._state < _DONE:  # still in flight
             conn.owner = None
             conn.abort()
             return
         if conn.reusable and not conn.closed and not self.closed and len(self.idle) < self.max_idle:
             conn._state = _IDLE
-            conn.sink = None
-            conn.relay_to = None
-            conn.owner = None
-            conn.idle_since = time.monotonic()
+            conn.sink = conn.relay_to = None  # send() relies on these being clear
             self.idle.append(conn)
         else:
             conn.close()

@@ -1,7 +1,7 @@
 """One upstream HTTP/1.1 connection as a callback-driven state machine, and the watchdog for its deadlines.
 
-``send(data, owner)`` writes a request; the response is reported to the owner's ``on_head(conn)`` and
-``on_done(conn, error)``; body pieces collect in ``parts`` or go to ``sink`` as they arrive (a byte relay).
+``send(data, owner)`` writes a request; the response is reported to the owner's ``on_done(conn, error)``
+(and ``on_head(conn)`` when asked for); body pieces collect in ``parts`` or go to ``sink`` as they arrive (a byte relay).
 Timeouts (first byte, idle gap, whole request) are enforced by one watchdog per event loop instead of a
 timer per request. The pool that owns these connections is in client.py.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from time import monotonic
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from hpcserve.http.parse import MAX_HEAD_BYTES, ChunkedDecoder, HttpParseError
@@ -66,7 +67,7 @@ class Owner(Protocol):
     def on_done(self, conn: "UpstreamConn", err: UpstreamError | None) -> None: ...
 
 
-_HEAD, _BODY_CL, _BODY_CHUNKED, _BODY_EOF, _DONE, _IDLE = range(6)
+_HEAD, _BODY_CL, _BODY_CHUNKED, _BODY_EOF, _DONE, _IDLE = range(6)  # in flight: below _DONE
 
 
 class Reply:
@@ -117,15 +118,16 @@ class Watchdog:
 class UpstreamConn(asyncio.Protocol):
     def __init__(self, pool: "UpstreamPool") -> None:
         self.pool = pool
+        self._active = pool.watchdog.active  # the requests whose deadlines the loop's watchdog checks
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reusable = True
-        self.idle_since = 0.0
         self._state = _IDLE
         self._buf = b""
         self._left = 0
         self._dec: ChunkedDecoder | None = None
         self.owner: Owner | None = None
+        self.notify_head = False
         self.status = 0
         self._head_raw = self._head_lower = b""
         self.parts: list[bytes] = []
@@ -138,6 +140,7 @@ class UpstreamConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.last = monotonic()
         set_nodelay(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -157,18 +160,18 @@ class UpstreamConn(asyncio.Protocol):
     def in_flight(self) -> bool:
         return self._state != _DONE and self._state != _IDLE
 
-    def send(self, data: bytes, owner: Owner, limits: tuple[float, float, float]) -> None:
-        """Write a request; ``limits`` are its (first byte, idle gap, whole request) timeouts in seconds."""
+    def send(self, data: bytes, owner: Owner, limits: tuple[float, float, float], notify_head: bool = False) -> None:
+        """Write a request; ``limits`` are its (first byte, idle gap, whole request) timeouts in seconds.
+        The owner's ``on_head`` is called only with ``notify_head`` (a relay needs it; whole answers do not)."""
+        # sink, relay_to and the head buffer are already clear: a new connection, or one the pool took back
         self.owner = owner
+        self.notify_head = notify_head
         self.status = 0
         self.parts = []
-        self.sink = None
-        self.relay_to = None
-        self._buf = b""
         self._state = _HEAD
-        self.sent_at = self.last = time.monotonic()
+        self.sent_at = self.last = monotonic()
         self.limits = limits
-        self.pool.watchdog.active.add(self)
+        self._active.add(self)
         self.transport.write(data)
 
     def body(self) -> bytes:
@@ -192,7 +195,7 @@ class UpstreamConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         st = self._state
-        if st == _IDLE or st == _DONE:  # bytes nobody asked for: the connection is unusable
+        if st >= _DONE:  # bytes nobody asked for (idle, or after the end): the connection is unusable
             self.close()
             return
         relay = self.relay_to
@@ -200,38 +203,45 @@ class UpstreamConn(asyncio.Protocol):
             relay.cork()
             self.corked = relay
         self.receiving = True
-        self.last = time.monotonic()
+        self.last = monotonic()
         try:
             if st == _HEAD:
-                buf = self._buf + data if self._buf else data
-                end = buf.find(b"\r\n\r\n")
-                while end >= 0 and buf[9:10] == b"1":  # skip 1xx interim responses
-                    buf = buf[end + 4:]
-                    end = buf.find(b"\r\n\r\n")
+                if self._buf:
+                    data = self._buf + data
+                    self._buf = b""
+                end = data.find(b"\r\n\r\n")
+                while end > 9 and data[9] == 49:  # skip 1xx interim responses (49 is b"1")
+                    data = data[end + 4:]
+                    end = data.find(b"\r\n\r\n")
                 if end < 0:
-                    if len(buf) > MAX_HEAD_BYTES:
+                    if len(data) > MAX_HEAD_BYTES:
                         raise HttpParseError("response head too large")
-                    self._buf = buf
+                    self._buf = data
                     return
-                self._buf = b""
-                self._head(buf[:end])
-                if self.owner is not None:
+                self._head(data[:end])
+                if self.notify_head:
                     self.owner.on_head(self)
-                if self._state == _BODY_CL and self._left == 0:
-                    self._finish()
-                    return
-                data = buf[end + 4:]
-                if not data or self._state == _DONE:
-                    return
                 st = self._state
+                start = end + 4
+                if st == _BODY_CL:
+                    left = self._left
+                    if left == 0:
+                        self._finish()
+                        return
+                    if left == len(data) - start and self.sink is None:  # the whole body came with the head
+                        self.parts.append(data[start:])
+                        self._finish()
+                        return
+                elif st == _DONE:
+                    return
+                data = data[start:]
+                if not data:
+                    return
             if st == _BODY_CL:
                 if len(data) >= self._left:
                     piece = data[:self._left] if len(data) > self._left else data
                     self._left = 0
-                    if self.sink is not None:
-                        self.sink(piece)
-                    else:
-                        self.parts.append(piece)
+                    self._emit(piece)
                     self._finish()
                 else:
                     self._left -= len(data)
@@ -309,7 +319,7 @@ class UpstreamConn(asyncio.Protocol):
         if self._state == _DONE:
             return
         self._state = _DONE
-        self.pool.watchdog.active.discard(self)
+        self._active.discard(self)
         owner, self.owner = self.owner, None
         if owner is not None:
             owner.on_done(self, None)
@@ -317,7 +327,7 @@ class UpstreamConn(asyncio.Protocol):
     def _fail(self, err: UpstreamError) -> None:
         self._state = _DONE
         self.reusable = False
-        self.pool.watchdog.active.discard(self)
+        self._active.discard(self)
         self.close()
         owner, self.owner = self.owner, None
         if owner is not None:

@@ -146,22 +146,24 @@ class Dispatcher:
         w = leg.w
         w.inflight -= 1
         conn = leg.conn
-        complete = False
+        status = 0  # of a complete response
         if conn is not None:
-            complete = conn.complete
+            if conn.complete:
+                status = conn.status
             w.pool.release(conn)
         if leg.innocent:
             return
-        if isinstance(err, WorkerStalled):  # already ejected by the probes; counted, not blamed twice
+        if err is None:
+            if status >= 500:
+                self.workers.record_failure(w, f"{w.id} answered HTTP {status}")
+                self.metrics.upstream_error(w.id, "http_5xx")
+            elif status and (w.fails or w.circuit != "closed"):
+                self.workers.record_success(w)  # a good answer resets the count of consecutive failures
+        elif isinstance(err, WorkerStalled):  # already ejected by the probes; counted, not blamed twice
             self.metrics.upstream_error(w.id, "stalled")
-        elif err is not None:
+        else:
             self.workers.record_failure(w, str(err))
             self.metrics.upstream_error(w.id, kind or ("timeout" if isinstance(err, UpstreamTimeout) else "io"))
-        elif complete and conn.status >= 500:
-            self.workers.record_failure(w, f"{w.id} answered HTTP {conn.status}")
-            self.metrics.upstream_error(w.id, "http_5xx")
-        elif complete and (w.fails or w.circuit != "closed"):
-            self.workers.record_success(w)  # a good answer resets the count of consecutive failures
 
     def unuse(self, leg: Leg) -> None:
         """Give back a leg whose request was never sent (its pooled socket stays usable)."""
@@ -231,7 +233,7 @@ class Exchange:
     def request(self, leg: Leg, raw: bytes) -> None:
         data = b"POST %b HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%b\r\n%b" % (
             self.path, leg.w.pool.host_header, len(raw), self.extra, raw)  # UpstreamPool.request_bytes, inlined
-        leg.conn.send(data, self, self.d.timeouts)
+        leg.conn.send(data, self, self.d.timeouts, self.stream)  # only a relay needs on_head
 
     def legs(self) -> list[Leg]:
         raise NotImplementedError

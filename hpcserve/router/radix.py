@@ -80,12 +80,11 @@ class PrefixTree:
         pos = 0
         n = len(text)
         while pos < n:
-            key = text[pos]
-            child = node.children.get(key)
+            child = node.children.get(text[pos])
             if child is None:
                 leaf = _Node(text[pos:], node)
                 leaf.tenants[tenant] = now
-                node.children[key] = leaf
+                node.children[text[pos]] = leaf
                 sizes[tenant] += n - pos
                 self.total_chars += n - pos
                 break
@@ -94,15 +93,16 @@ class PrefixTree:
                 cut = _common_len(edge, text, pos)
                 mid = _Node(edge[:cut], node)
                 mid.tenants = dict(child.tenants)
-                node.children[key] = mid
+                node.children[text[pos]] = mid
                 child.edge = edge[cut:]
                 child.parent = mid
                 mid.children[child.edge[0]] = child
-                child = mid
-            if tenant not in child.tenants:
-                sizes[tenant] += len(child.edge)
-            child.tenants[tenant] = now
-            pos += len(child.edge)
+                child, edge = mid, mid.edge
+            tenants = child.tenants
+            if tenant not in tenants:
+                sizes[tenant] += len(edge)
+            tenants[tenant] = now
+            pos += len(edge)
             node = child
         if self.total_chars > self.max_chars:
             self.evict(int(self.max_chars * 0.9))
