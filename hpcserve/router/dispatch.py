@@ -47,6 +47,8 @@ def error_body(status: int, message: str, kind: str) -> bytes:
 def batch_size(body: dict) -> int | None:
     """Number of prompts in a batch request, None for a single prompt."""
     text = body.get("text")
+    if isinstance(text, str):  # the common case of /generate: one prompt
+        return None
     if isinstance(text, list):
         return len(text)
     ids = body.get("input_ids")

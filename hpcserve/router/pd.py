@@ -31,13 +31,9 @@ def splice_bootstrap(raw: bytes, body: dict, host: str, port: int | None, room: 
     """``raw`` with the bootstrap fields added, without re-serialising it; None when that is not safe
     (the client sent bootstrap fields of its own, or ``raw`` does not end in the object's brace)."""
     end = len(raw.rstrip()) - 1
-    if end < 1 or raw[end] != 0x7D:  # b"}"
+    if end < 1 or raw[end] != 0x7D or not body.keys().isdisjoint(BOOTSTRAP_KEYS):  # 0x7D: b"}"
         return None
-    for k in BOOTSTRAP_KEYS:
-        if k in body:
-            return None
-    sep = b"," if body else b""
-    return b"%b%b%b%d}" % (raw[:end], sep, bootstrap_splice(host, port), room)
+    return b"%b%b%b%d}" % (raw[:end], b"," if body else b"", bootstrap_splice(host, port), room)
 
 
 class Pair(Exchange):
