@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; req/s is the median round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds; req/s is the median round, ratios are also printed per round")
     ap.add_argument("--workers", choices=["fake", "mock"], default="fake")
     ap.add_argument("--latency-requests", type=int, default=1000, help="requests at concurrency 1 per target")
     ap.add_argument("--skip-sglang", action="store_true")
@@ -270,9 +271,12 @@ def _report(results: dict, ns, targets: dict, layout: str) -> None:
             if (stream, "sglang-router") in results:
                 theirs = results[(stream, "sglang-router")]
                 ratio = ours["median_rps"] / theirs["median_rps"]
+                # rounds are interleaved, so round i of both ran under the same machine conditions
+                paired = sorted(a / b for a, b in zip(ours["rps"], theirs["rps"]))
                 cpu = (theirs["cpu"] / len(theirs["lat"])) / (ours["cpu"] / len(ours["lat"]))
-                print(f"  {name} / sglang-router req/s: {ratio:.2f}x (goal >= 2.0x); sglang-router uses "
-                      f"{cpu:.2f}x the router CPU per request")
+                print(f"  {name} / sglang-router req/s: {ratio:.2f}x (goal >= 2.0x; per round "
+                      f"{', '.join(f'{x:.2f}' for x in paired)}, median {statistics.median(paired):.2f}x); "
+                      f"sglang-router uses {cpu:.2f}x the router CPU per request")
             print(f"  {name} / direct req/s: {ours['median_rps'] / base['median_rps']:.2f}x; added p50 "
                   f"{(pct(ours['lat'], 0.5) - b50) * 1e3:.3f} ms at concurrency {ns.concurrency}, "
                   f"{(pct(ours['lat1'], 0.5) - l50) * 1e3:.3f} ms at concurrency 1 (goal <= 0.5 ms)")
