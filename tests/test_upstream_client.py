@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from hpcserve.http import ConnectError, UpstreamError, UpstreamPool, UpstreamTimeout
+from hpcserve.http import ConnectError, UpstreamConn, UpstreamError, UpstreamPool, UpstreamTimeout
 
 ANSWERS = {
     b"/length": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
@@ -108,5 +108,76 @@ def test_connect_failure_is_a_connect_error():
         await srv.stop()
         with pytest.raises(ConnectError, match="cannot connect to 127.0.0.1"):
             await UpstreamPool("127.0.0.1", port).exchange(b"POST", b"/x", b"", timeout=5)
+
+    asyncio.run(go())
+
+
+class _Transport(asyncio.Transport):
+    """In-memory transport: the test decides how the answer's bytes arrive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Recorder:
+    """An owner that records what the reader reports; ``relay`` collects the body through a sink instead."""
+
+    def __init__(self, relay: bool) -> None:
+        self.relay = relay
+        self.heads: list[int] = []
+        self.done: list[tuple] = []
+        self.streamed: list[bytes] = []
+
+    def on_head(self, conn) -> None:
+        self.heads.append(conn.status)
+        if self.relay:
+            conn.sink = self.streamed.append
+
+    def on_done(self, conn, err) -> None:
+        body = b"".join(self.streamed) if self.relay else conn.body()
+        self.done.append((conn.status, body, None if err is None else type(err).__name__))
+
+
+SPLIT_ANSWERS = [  # (bytes, status, body, socket reusable afterwards)
+    (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\r\nhello", 200, b"hello", True),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 200, b"", True),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", 204, b"", True),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok", 201, b"ok", True),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", 200, b"abcde", True),
+    (b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 4\r\nconnection: close\r\n\r\nnope", 502, b"nope", False),
+    (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nhi", 200, b"hi", False),
+]
+
+
+@pytest.mark.parametrize("relay", [False, True], ids=["whole", "relay"])
+@pytest.mark.parametrize("answer,status,body,reusable", SPLIT_ANSWERS)
+def test_reader_gives_the_same_answer_however_the_bytes_are_split(answer, status, body, reusable, relay):
+    async def go():
+        pool = UpstreamPool("127.0.0.1", 9)
+        splits = [[answer], [answer[i:i + 1] for i in range(len(answer))]]
+        splits += [[answer[:cut], answer[cut:]] for cut in range(1, len(answer))]
+        for pieces in splits:
+            conn = UpstreamConn(pool)
+            conn.connection_made(_Transport())
+            owner = _Recorder(relay)
+            conn.send(b"GET / HTTP/1.1\r\n\r\n", owner, (5.0, 5.0, 5.0), notify_head=relay)
+            for piece in pieces:
+                conn.data_received(piece)
+            assert owner.done == [(status, body, None)], pieces
+            assert owner.heads == ([status] if relay else [])
+            assert conn.complete and conn.reusable == reusable and conn not in pool.watchdog.active
+            pool.release(conn)
+            assert (pool.take_idle() is conn) == reusable  # a reusable socket goes back to the pool
+        pool.close()
 
     asyncio.run(go())
