@@ -11,7 +11,7 @@ import asyncio
 import time
 
 from hpcserve.http.upstream import (  # re-exported: callers import the errors from here or hpcserve.http
-    _DONE, _IDLE, ConnectError, ConnectionLost, NoAnswer, Reply, UpstreamConn, UpstreamError, UpstreamTimeout,
+    _IDLE, ConnectError, ConnectionLost, NoAnswer, Reply, UpstreamConn, UpstreamError, UpstreamTimeout,
     Watchdog, WorkerStalled,
 )
 
@@ -80,7 +80,7 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConn) -> None:
         """Return a connection whose response is complete (or that was never used); else close it."""
-        if conn._state < _DONE:  # still in flight
+        if conn.in_flight:
             conn.owner = None
             conn.abort()
             return

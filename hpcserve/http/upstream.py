@@ -1,7 +1,8 @@
 """One upstream HTTP/1.1 connection as a callback-driven state machine, and the watchdog for its deadlines.
 
 ``send(data, owner)`` writes a request; the response is reported to the owner's ``on_done(conn, error)``
-(and ``on_head(conn)`` when asked for); body pieces collect in ``parts`` or go to ``sink`` as they arrive (a byte relay).
+(and ``on_head(conn)`` when asked for); body pieces collect in ``parts`` or go to ``sink`` as they arrive
+(a byte relay).
 Timeouts (first byte, idle gap, whole request) are enforced by one watchdog per event loop instead of a
 timer per request. The pool that owns these connections is in client.py.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from time import monotonic
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -70,6 +70,11 @@ class Owner(Protocol):
 _HEAD, _BODY_CL, _BODY_CHUNKED, _BODY_EOF, _DONE, _IDLE = range(6)  # in flight: below _DONE
 
 
+def content_type(head: bytes, lower: bytes) -> bytes:
+    """A response's Content-Type; JSON when it names none (what SGLang's servers send)."""
+    return find_header(head, lower, H_CONTENT_TYPE) or b"application/json"
+
+
 class Reply:
     """A whole response, kept after its connection went back to the pool: status, body, header lookups."""
 
@@ -86,7 +91,7 @@ class Reply:
 
     @property
     def ctype(self) -> bytes:
-        return find_header(self._head, self._lower, H_CONTENT_TYPE) or b"application/json"
+        return content_type(self._head, self._lower)
 
 
 class Watchdog:
@@ -110,7 +115,7 @@ class Watchdog:
         while True:
             await asyncio.sleep(self.tick)
             if self.active:
-                now = time.monotonic()
+                now = monotonic()
                 for conn in [c for c in self.active if c.deadline_passed(now)]:
                     conn.timed_out(now)
 
@@ -149,7 +154,7 @@ class UpstreamConn(asyncio.Protocol):
             self._finish()
         elif self._state == _HEAD and not self._buf:
             self._fail(NoAnswer(f"{self.pool.name} closed the connection without answering"))
-        elif self._state != _IDLE and self._state != _DONE:
+        elif self.in_flight:
             self._fail(ConnectionLost(f"{self.pool.name} closed the connection mid-response"))
 
     @property
@@ -158,7 +163,7 @@ class UpstreamConn(asyncio.Protocol):
 
     @property
     def in_flight(self) -> bool:
-        return self._state != _DONE and self._state != _IDLE
+        return self._state < _DONE
 
     def send(self, data: bytes, owner: Owner, limits: tuple[float, float, float], notify_head: bool = False) -> None:
         """Write a request; ``limits`` are its (first byte, idle gap, whole request) timeouts in seconds.
@@ -272,7 +277,7 @@ class UpstreamConn(asyncio.Protocol):
 
     @property
     def ctype(self) -> bytes:
-        return find_header(self._head_raw, self._head_lower, H_CONTENT_TYPE) or b"application/json"
+        return content_type(self._head_raw, self._head_lower)
 
     def reply(self) -> Reply:
         """The complete response as a Reply that outlives this connection's reuse."""
@@ -336,7 +341,7 @@ class UpstreamConn(asyncio.Protocol):
     def abort(self, reason: str = "request cancelled", err: UpstreamError | None = None) -> None:
         """Drop an in-flight request (the worker sees the disconnect and cancels its work); the owner is
         told (with ``err``, default a plain UpstreamError) unless it detached itself first (``owner = None``)."""
-        if self._state not in (_DONE, _IDLE):
+        if self.in_flight:
             self._fail(err or UpstreamError(reason))
         else:
             self.close()

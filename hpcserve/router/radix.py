@@ -80,11 +80,12 @@ class PrefixTree:
         pos = 0
         n = len(text)
         while pos < n:
-            child = node.children.get(text[pos])
+            key = text[pos]
+            child = node.children.get(key)
             if child is None:
                 leaf = _Node(text[pos:], node)
                 leaf.tenants[tenant] = now
-                node.children[text[pos]] = leaf
+                node.children[key] = leaf
                 sizes[tenant] += n - pos
                 self.total_chars += n - pos
                 break
@@ -93,7 +94,7 @@ class PrefixTree:
                 cut = _common_len(edge, text, pos)
                 mid = _Node(edge[:cut], node)
                 mid.tenants = dict(child.tenants)
-                node.children[text[pos]] = mid
+                node.children[key] = mid
                 child.edge = edge[cut:]
                 child.parent = mid
                 mid.children[child.edge[0]] = child
