@@ -15,7 +15,9 @@
 #   HPCSERVE_SLURM=0           do not start Slurm (Slurm tests skip)
 #   HPCSERVE_SGLANG_CHECK=0    skip installing the sglang parser-check extras
 #   HPCSERVE_SKIP_INSTALL=1    skip apt-get and pip steps entirely
-#   PYTHON                     interpreter to use (default: python3, else python)
+#   HPCSERVE_VENV              virtual environment to install into and run from (default: REPO/.venv;
+#                              created with PYTHON if missing). The machine's own Python is left alone.
+#   PYTHON                     interpreter that creates the venv (default: python3, else python)
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,7 +31,9 @@ if [ "${CI:-}" = true ] || [ "${CI:-}" = 1 ]; then
   export SLURM_LOCAL_PORT_BASE=${SLURM_LOCAL_PORT_BASE:-17910}
 fi
 export SLURM_LOCAL_DIR=${SLURM_LOCAL_DIR:-/tmp/hpcserve-slurm}
-PY=${PYTHON:-$(command -v python3 || command -v python)}
+BASE_PY=${PYTHON:-$(command -v python3 || command -v python)}
+VENV=${HPCSERVE_VENV:-$REPO/.venv}
+PY=$VENV/bin/python
 
 T_ALL=$(date +%s.%N)
 TIMINGS=()
@@ -62,6 +66,17 @@ install_apt_packages() {
   done
   [ "$added_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
   [ "$ok" = 1 ] || fail "apt-get install ${missing[*]} failed"
+}
+
+# ------------------------------------------------------------------ phase: venv
+# Everything is installed into one virtual environment; the machine's Python is never changed.
+make_venv() {
+  if [ -x "$PY" ] && "$PY" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)' 2>/dev/null; then
+    say "using the virtual environment $VENV"; return 0
+  fi
+  say "creating the virtual environment $VENV"
+  "$BASE_PY" -m venv "$VENV" || fail "$BASE_PY -m venv $VENV failed (Debian: apt-get install python3-venv)"
+  "$PY" -m pip install -q --disable-pip-version-check --upgrade pip || fail "pip upgrade in $VENV failed"
 }
 
 # ------------------------------------------------------------------ phase: pip
@@ -116,14 +131,17 @@ install_sglang_check_deps() {
 # ------------------------------------------------------------------ run
 if [ "${HPCSERVE_SKIP_INSTALL:-0}" != 1 ]; then
   t=$(now); install_apt_packages; phase_done apt "$t"
+  t=$(now); make_venv; phase_done venv "$t"
   t=$(now); install_project; phase_done pip "$t"
   if [ "${HPCSERVE_SGLANG_CHECK:-1}" != 0 ]; then
     t=$(now)
-    install_sglang_check_deps || say "WARNING: install_sglang_check_deps failed; sglang parser checks will skip"
+    install_sglang_check_deps || fail "install_sglang_check_deps failed: the sglang parser checks need it (HPCSERVE_SGLANG_CHECK=0 skips them on purpose)"
     phase_done sglang-deps "$t"
   fi
 fi
 
+[ -x "$PY" ] || fail "no virtual environment at $VENV (run without HPCSERVE_SKIP_INSTALL=1 once)"
+export PATH=$VENV/bin:$PATH VIRTUAL_ENV=$VENV
 STARTED_SLURM=0
 stop_cluster() {
   local rc=$?
