@@ -77,7 +77,7 @@ def mock_engine(ctx: typer.Context):
 
 @app.command(context_settings=PASSTHROUGH)
 def router(ctx: typer.Context):
-    """The head-node router (see docs in README)."""
+    """The head-node router (see docs/router.md)."""
     from hpcserve.router import main
     raise typer.Exit(main(list(ctx.args)))
 

@@ -84,7 +84,7 @@ def _scalar(v: Any) -> str:
 
 
 def sglang_server_flags(w: WorkerLaunch) -> list[str]:
-    """The flags both sglang and the mock take (DESIGN section 4)."""
+    """The flags both sglang and the mock take (docs/design.md, "SGLang PD protocol")."""
     out = ["--model-path", w.model_path, "--served-model-name", w.served_name,
            "--host", w.host, "--port", str(w.port), "--tp-size", str(w.tp)]
     if w.dp > 1:

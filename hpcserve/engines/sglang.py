@@ -1,4 +1,4 @@
-"""SGLang: `python -m sglang.launch_server` with the flags of DESIGN section 4 (pinned to 0.5.x names)."""
+"""SGLang: `python -m sglang.launch_server` with the flags of docs/design.md "SGLang PD protocol" (0.5.x names)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The recipe reference in README, generated from the schema (a test keeps README in sync with it)."""
+"""The recipe reference in docs/recipes.md, generated from the schema (a test keeps the page in sync with it)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Sending a generation request to workers: one worker (aggregated) or a prefill + decode pair (PD).
 
 Each request is an exchange object driven by the upstream connections' callbacks (no task, no future on
-the common path). PD follows SGLang's protocol (DESIGN section 4): the same JSON body, with
+the common path). PD follows SGLang's protocol (docs/design.md, "SGLang PD protocol"): the same JSON body, with
 bootstrap_host/port/room added, goes to both servers at once and the decode's answer is returned.
 Connections are obtained before any byte is sent, so a connect failure can be retried on another worker;
 once a request was written to a prefill it is never sent again (an orphan would wait for a decode).
