@@ -12,6 +12,8 @@ import time
 from typing import Any, Awaitable, Callable
 
 from hpcserve.mock.bootstrap import BootstrapTimeout, KVClient, KVStore
+from hpcserve.mock.kv_events import make_publisher
+from hpcserve.mock.kvcache import make_kvcache
 from hpcserve.mock.model import SamplingParams, complete, decode_step_ms, kv_digest, prefill_ms
 from hpcserve.mock.scheduler import Scheduler, Seq
 from hpcserve.mock.tokenizer import Prompt
@@ -42,7 +44,7 @@ class Job:
     """A planned item: what this server will emit, plus the timing and latency once executed."""
 
     __slots__ = ("prompt", "sp", "boot", "rid", "comp", "ids", "text", "finish_reason", "timing", "e2e",
-                 "t0", "first")
+                 "t0", "first", "cached", "lease")
 
     def __init__(self, prompt: Prompt, sp: SamplingParams, boot: Boot | None, rid: str | None) -> None:
         self.prompt = prompt
@@ -52,6 +54,8 @@ class Job:
         self.timing: dict | None = None
         self.e2e = 0.0
         self.t0 = time.perf_counter()
+        self.cached = 0     # prompt tokens found in the KV cache
+        self.lease = None   # the KV cache blocks held while it runs
 
     @property
     def n_out(self) -> int:
@@ -78,6 +82,10 @@ class Engine:
         self.scheduler = Scheduler(cfg) if cfg.time_scale > 0 else None
         self.store = KVStore(stats) if self.mode == "prefill" else None
         self.kv = KVClient() if self.mode == "decode" else None
+        self.kvcache = make_kvcache(cfg)
+        self.kv_events = make_publisher(cfg.extra_args, self.kvcache.block_size) if self.kvcache else None
+        if self.kv_events is not None:
+            self.kvcache.publish = self.kv_events.publish
 
     def start(self) -> None:
         if self.scheduler is not None:
@@ -88,6 +96,8 @@ class Engine:
             await self.scheduler.stop()
         if self.kv is not None:
             self.kv.close()
+        if self.kv_events is not None:
+            self.kv_events.close()
 
     @property
     def running(self) -> int:
@@ -128,6 +138,7 @@ class Engine:
 
     def execute_now(self, job: Job) -> Job:
         """``execute`` for an instant job (see ``is_instant``), without a coroutine."""
+        self._admit(job)
         job.timing = self._model_timing(job)
         return self._finish(job)
 
@@ -138,9 +149,10 @@ class Engine:
             await self._fetch_kv(job)
         needs_prefill = mode != "decode"
         steps = max(n_out, 1) if needs_prefill else n_out
+        self._admit(job)
         if self.scheduler is not None and steps > 0:
             sched = self.scheduler
-            seq = Seq(job.prompt.n_tokens, steps, needs_prefill)
+            seq = Seq(job.prompt.n_tokens - job.cached, steps, needs_prefill)
             sched.submit(seq)
             try:
                 while seq.emitted < steps:
@@ -150,6 +162,7 @@ class Engine:
             finally:
                 if seq.emitted < steps:
                     sched.cancel(seq)
+                    self._release(job, job.prompt.ids)
             job.timing = seq.timing(cfg.time_scale)
         else:
             job.timing = self._model_timing(job)
@@ -157,7 +170,11 @@ class Engine:
                 for k in range(1, n_out + 1):
                     await on_tokens(k)
         if mode == "prefill" and job.boot is not None and job.boot.room is not None:
-            await self._hand_over_kv(job)
+            try:
+                await self._hand_over_kv(job)
+            except BaseException:
+                self._release(job, job.prompt.ids)
+                raise
         return self._finish(job)
 
     def _model_timing(self, job: Job) -> dict:
@@ -165,11 +182,28 @@ class Engine:
         cfg = self.cfg
         needs_prefill = self.mode != "decode"
         decode_steps = max(job.n_out - 1, 0)
-        return {"queue_ms": 0.0, "prefill_ms": prefill_ms(cfg, job.prompt.n_tokens) if needs_prefill else 0.0,
+        prefill = prefill_ms(cfg, job.prompt.n_tokens - job.cached) if needs_prefill else 0.0
+        return {"queue_ms": 0.0, "prefill_ms": prefill,
                 "decode_ms": decode_steps * decode_step_ms(cfg, 1), "decode_steps": decode_steps,
                 "time_scale": cfg.time_scale}
 
+    def _admit(self, job: Job) -> None:
+        """Look the prompt up in the KV cache: only uncached tokens are prefilled (kvcache.py)."""
+        if self.kvcache is not None and self.mode != "decode":
+            job.lease = self.kvcache.start(job.prompt.ids)
+            job.cached = job.lease.cached_tokens
+
+    def _release(self, job: Job, ids: list[int]) -> None:
+        if job.lease is not None:
+            self.kvcache.finish(job.lease, ids)
+            job.lease = None
+
+    def flush_cache(self) -> None:
+        if self.kvcache is not None:
+            self.kvcache.flush()
+
     def _finish(self, job: Job) -> Job:
+        self._release(job, job.prompt.ids + job.ids)
         self.stats.prompt_tokens += job.prompt.n_tokens
         self.stats.generation_tokens += job.n_out
         job.e2e = time.perf_counter() - job.t0

@@ -233,8 +233,9 @@ class _Stream:
 def _usage(jobs: list[Job]) -> dict:
     p = sum(j.prompt.n_tokens for j in jobs)
     c = sum(j.n_out for j in jobs)
+    cached = sum(j.cached for j in jobs)  # reported once the KV cache saved something (kvcache.py)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": None}
+            "prompt_tokens_details": {"cached_tokens": cached} if cached else None}
 
 
 def _completion_logprobs(ids: list[int], start: int, end: int) -> dict:

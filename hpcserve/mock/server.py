@@ -180,7 +180,7 @@ class MockServer:
         if prev:
             text = text[len(job.text if prev >= job.n_out else job.comp.text_upto(prev)):]
         meta = {"id": job.rid, "finish_reason": job.finish_reason if final else None,
-                "prompt_tokens": job.prompt.n_tokens, "completion_tokens": k, "cached_tokens": 0,
+                "prompt_tokens": job.prompt.n_tokens, "completion_tokens": k, "cached_tokens": job.cached,
                 "e2e_latency": round(job.e2e if final else time.perf_counter() - job.t0, 6)}
         if final:
             meta["mock_timing"] = job.timing
@@ -338,6 +338,7 @@ class MockServer:
 
     def flush_cache(self, req: Request, conn: HttpConnection) -> None:
         self.stats.count("/flush_cache")
+        self.engine.flush_cache()
         conn.respond(200, b"Cache flushed.\n", b"text/plain")
 
     def abort_request(self, req: Request, conn: HttpConnection) -> None:
@@ -356,4 +357,7 @@ class MockServer:
         conn.respond(200, body, b"text/plain; version=0.0.4; charset=utf-8")
 
     def mock_stats(self, req: Request, conn: HttpConnection) -> None:
-        conn.respond(200, orjson.dumps(self.stats.snapshot(self.engine.running, self.engine.queued)))
+        snap = self.stats.snapshot(self.engine.running, self.engine.queued)
+        if self.engine.kvcache is not None:
+            snap["kv_cache"] = self.engine.kvcache.view()
+        conn.respond(200, orjson.dumps(snap))
