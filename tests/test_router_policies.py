@@ -94,7 +94,7 @@ def test_prefix_tree_matches_and_is_bounded():
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown policy 'fastest'"):
         make_policy("fastest")
-    assert sorted(POLICIES) == ["cache_aware", "least_load", "power_of_two", "random", "round_robin"]
+    assert sorted(POLICIES) == ["cache_aware", "kv_aware", "least_load", "power_of_two", "random", "round_robin"]
 
 
 @pytest.mark.parametrize("body,key", [

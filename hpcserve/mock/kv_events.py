@@ -107,6 +107,7 @@ class ZmqPublisher:
         import zmq  # only servers started with --kv-events-config need it
 
         self.block_size = block_size
+        self.cfg = cfg
         self._zmq = zmq
         self._ctx = zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
@@ -132,6 +133,16 @@ class ZmqPublisher:
         self._running = True
         self._thread = threading.Thread(target=self._run, name="kv-events", daemon=True)
         self._thread.start()
+
+    def describe(self) -> dict[str, Any]:
+        """The ``kv_events`` block of /server_info, in SGLang's shape: a router dials
+        tcp://<worker host>:<endpoint_port_base> (the worker URL's host replaces a wildcard)."""
+        out: dict[str, Any] = {"publisher": "zmq", "endpoint_host": _host(self.cfg.endpoint),
+                               "endpoint_port_base": _port(self.cfg.endpoint), "topic": self.cfg.topic,
+                               "block_size": self.block_size, "dp_size": 1}
+        if self.cfg.replay_endpoint:
+            out["replay_endpoint_port_base"] = _port(self.cfg.replay_endpoint)
+        return out
 
     def publish(self, events: list[tuple]) -> None:
         if self._running:
@@ -176,6 +187,17 @@ class ZmqPublisher:
             if seq >= first:
                 self._replay.send_multipart((ident, b"", self._topic, seq.to_bytes(8, "big"), payload))
         self._replay.send_multipart((ident, b"", b"", END_SEQ, b""))
+
+
+def _host(endpoint: str) -> str:
+    return endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+
+
+def _port(endpoint: str) -> int | None:
+    try:
+        return int(endpoint.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None
 
 
 def make_publisher(extras: dict[str, Any], block_size: int) -> ZmqPublisher | None:

@@ -327,6 +327,8 @@ class MockServer:
                 "internal_states": [{"last_gen_throughput": 0.0, "avg_spec_accept_length": None}],
                 "max_total_num_tokens": cfg.context_length * cfg.max_running,
                 "bootstrap_port": cfg.disaggregation_bootstrap_port if cfg.disaggregation_mode == "prefill" else None}
+        if self.engine.kv_events is not None:  # where KV-aware routers subscribe (SGLang's /server_info key)
+            info["kv_events"] = self.engine.kv_events.describe()
         conn.respond(200, orjson.dumps(info, default=str))
 
     def models(self, req: Request, conn: HttpConnection) -> None:

@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--balance-rel-threshold", type=float, default=1.5,
                    help="cache_aware: ... and max > min * this")
     g.add_argument("--max-tree-chars", type=int, default=8_000_000, help="cache_aware: prefix tree size bound")
+    g.add_argument("--kv-overlap-weight", type=float, default=1.0,
+                   help="kv_aware: weight of blocks to prefill against blocks held (docs/kv-routing.md)")
+    g.add_argument("--kv-block-size", type=int, default=None,
+                   help="kv_aware: tokens per KV block (default: the workers' /server_info kv_events)")
+    g.add_argument("--kv-tokenizer", default=None, metavar="TOKENIZER_JSON",
+                   help="kv_aware: the model's tokenizer.json (default: the mock's byte tokenizer)")
     g = p.add_argument_group("limits and auth")
     g.add_argument("--api-key-env", metavar="NAME", help="require 'Authorization: Bearer $NAME'")
     g.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)

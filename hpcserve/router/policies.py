@@ -1,7 +1,8 @@
 """Load-balancing policies behind one interface, looked up by name in POLICIES.
 
 A policy picks one worker from a non-empty list of healthy candidates; ``key`` is the request's prompt
-text (only computed when ``needs_key``). ``forget`` is called when a worker leaves.
+text (only computed when ``needs_key``). ``forget`` is called when a worker leaves. ``kv_aware`` lives in
+kv_policy.py (it routes on the engines' KV events).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
+from hpcserve.router.kv_policy import KVAware
 from hpcserve.router.radix import PrefixTree
 from hpcserve.router.workers import Worker
 
@@ -141,7 +143,7 @@ class CacheAware(Policy):
 
 
 POLICIES: dict[str, Callable[..., Policy]] = {
-    p.name: p for p in (RoundRobin, Random, LeastLoad, PowerOfTwo, CacheAware)
+    p.name: p for p in (RoundRobin, Random, LeastLoad, PowerOfTwo, CacheAware, KVAware)
 }
 
 

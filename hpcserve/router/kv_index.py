@@ -1,0 +1,118 @@
+"""The router's index of which worker holds which KV blocks, built from the engines' KV events.
+
+Engines name blocks with their own hashes (SGLang, vLLM and the mock each hash differently), so the index
+does not trust them for matching: a BlockStored event carries the blocks' token ids, and the index names
+each block by its own chained hash of those tokens (``prefix_hashes``), which the router can also compute
+from a request's prompt. Per worker it keeps engine hash -> own hash, so BlockRemoved (engine hashes only)
+can be applied. ``match`` walks a prompt's chain and returns, per candidate worker, how many leading
+blocks it holds.
+"""
+
+from __future__ import annotations
+
+from array import array
+from hashlib import blake2b
+
+_ROOT = b"root"
+BYTE_OFFSET = 3  # the mock's byte tokenizer: token id = byte + 3
+
+
+class ByteCodec:
+    """Tokens of the mock's byte tokenizer as the bytes they stand for (1 byte per token)."""
+
+    width = 1
+
+    @staticmethod
+    def pack(ids: list[int]) -> bytes:
+        return bytes((i - BYTE_OFFSET) & 0xFF for i in ids)
+
+
+class IdCodec:
+    """Tokens of any other tokenizer as 4-byte ids."""
+
+    width = 4
+
+    @staticmethod
+    def pack(ids: list[int]) -> bytes:
+        return array("I", [i & 0xFFFFFFFF for i in ids]).tobytes()
+
+
+def prefix_hashes(data: bytes, block_size: int, width: int = 1, parent: int | None = None) -> list[int]:
+    """Chained hashes of the full blocks of packed tokens (``width`` bytes per token)."""
+    step = block_size * width
+    prev = _ROOT if parent is None else parent.to_bytes(8, "little", signed=True)
+    out: list[int] = []
+    for start in range(0, len(data) - step + 1, step):
+        h = blake2b(prev, digest_size=8)
+        h.update(data[start:start + step])
+        prev = h.digest()
+        out.append(int.from_bytes(prev, "little", signed=True))
+    return out
+
+
+class KVIndex:
+    def __init__(self, codec=ByteCodec) -> None:
+        self.codec = codec
+        self.owners: dict[int, set[str]] = {}           # own block hash -> workers holding it
+        self.by_worker: dict[str, dict[int, int]] = {}  # worker -> engine hash -> own hash
+        self.orphans = 0                                 # stored blocks whose parent we never saw
+
+    def blocks(self, wid: str) -> int:
+        return len(self.by_worker.get(wid, ()))
+
+    def stored(self, wid: str, engine_hashes: list[int], parent: int | None, token_ids: list[int],
+               block_size: int) -> None:
+        mine = self.by_worker.setdefault(wid, {})
+        own_parent = None
+        if parent is not None:
+            own_parent = mine.get(parent)
+            if own_parent is None:  # its prefix is unknown here (missed events): it can never be matched
+                self.orphans += len(engine_hashes)
+                return
+        data = self.codec.pack(token_ids[:len(engine_hashes) * block_size])
+        for eh, oh in zip(engine_hashes, prefix_hashes(data, block_size, self.codec.width, own_parent)):
+            mine[eh] = oh
+            s = self.owners.get(oh)
+            if s is None:
+                self.owners[oh] = {wid}
+            else:
+                s.add(wid)
+
+    def removed(self, wid: str, engine_hashes: list[int]) -> None:
+        mine = self.by_worker.get(wid)
+        if not mine:
+            return
+        for eh in engine_hashes:
+            oh = mine.pop(eh, None)
+            if oh is not None:
+                self._drop(oh, wid)
+
+    def clear(self, wid: str) -> None:
+        """The worker's cache is empty (AllBlocksCleared, restart, unrecoverable gap) or it left."""
+        mine = self.by_worker.pop(wid, None)
+        if mine:
+            for oh in mine.values():
+                self._drop(oh, wid)
+
+    def _drop(self, oh: int, wid: str) -> None:
+        s = self.owners.get(oh)
+        if s is not None:
+            s.discard(wid)
+            if not s:
+                del self.owners[oh]
+
+    def match(self, hashes: list[int], candidates: set[str]) -> dict[str, int]:
+        """Leading blocks of ``hashes`` held by each candidate (absent = 0)."""
+        out: dict[str, int] = {}
+        live = candidates
+        owners = self.owners
+        for i, h in enumerate(hashes, 1):
+            s = owners.get(h)
+            if s is None:
+                break
+            live = live & s
+            if not live:
+                break
+            for wid in live:
+                out[wid] = i
+        return out

@@ -1,0 +1,159 @@
+"""Policy ``kv_aware``: route on the workers' own KV events, weighing cached prefix against load.
+
+For each candidate worker w, with the prompt cut into B blocks of ``block_size`` tokens:
+
+    overlap(w)  = leading prompt blocks w holds, from KVIndex (0 while w's events are not live or stale)
+    prefill(w)  = B - overlap(w) + queued_prefill(w)    blocks w would still have to prefill
+    active(w)   = B + active_blocks(w)                  KV blocks w would hold while decoding
+    cost(w)     = overlap_weight * prefill(w) + active(w)
+
+and the lowest cost wins (ties rotate). This is the cost Dynamo's KV router minimises (its
+``--kv-overlap-score-weight``, default 1, at router temperature 0). queued_prefill and active_blocks are the
+router's own books: the uncached and total blocks of the requests it sent to w that are still in flight
+(trimmed to the worker's in-flight count, oldest first, so no completion hook is needed).
+
+A worker counts as stale, and is scored on load only, when ``stale_after`` requests that should have
+stored new blocks went to it without any event arriving from it (its event stream is not reaching us).
+
+Tokenization: a model directory's tokenizer.json through the ``tokenizers`` package (option
+``kv_tokenizer``), else the mock's byte tokenizer; chat routing keys are rendered with the mock's template.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from hpcserve.router.kv_feed import Feeds
+from hpcserve.router.kv_index import ByteCodec, IdCodec, KVIndex, prefix_hashes
+
+
+def chat_text(key: str) -> str:
+    """A chat routing key (role \\x1f content \\x1e ...) in the mock's chat template."""
+    parts = []
+    for msg in key.split("\x1e"):
+        if msg:
+            role, _, content = msg.partition("\x1f")
+            parts.append(f"<|{role}|>\n{content}\n")
+    parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+class _Books:
+    """In-flight requests the router sent to one worker: (uncached blocks, total blocks), oldest first."""
+
+    __slots__ = ("q", "prefill", "active", "unanswered", "seen")
+
+    def __init__(self) -> None:
+        self.q: deque[tuple[int, int]] = deque()
+        self.prefill = 0
+        self.active = 0
+        self.unanswered = 0
+        self.seen = 0
+
+    def trim(self, inflight: int) -> None:
+        q = self.q
+        while len(q) > inflight:
+            p, a = q.popleft()
+            self.prefill -= p
+            self.active -= a
+
+    def add(self, prefill: int, total: int) -> None:
+        self.q.append((prefill, total))
+        self.prefill += prefill
+        self.active += total
+
+
+class KVAware:
+    name = "kv_aware"
+    needs_key = True
+
+    def __init__(self, *, overlap_weight: float = 1.0, kv_block_size: int | None = None,
+                 kv_tokenizer: str | None = None, stale_after: int = 16, **_: object) -> None:
+        self.overlap_weight = float(overlap_weight)
+        self.block_size = kv_block_size
+        self.stale_after = stale_after
+        self.codec = ByteCodec
+        self._tok = None
+        if kv_tokenizer:
+            from tokenizers import Tokenizer  # only routers given a tokenizer need the package
+
+            self._tok = Tokenizer.from_file(kv_tokenizer)
+            self.codec = IdCodec
+        self.index = KVIndex(self.codec)
+        self.feeds = Feeds(self.index)
+        self.books: dict[str, _Books] = {}
+        self._start = 0
+        self.picks = self.overlap_blocks = 0
+
+    def pack(self, key: str) -> bytes:
+        text = chat_text(key) if "\x1e" in key else key
+        if self._tok is not None:
+            return IdCodec.pack(self._tok.encode(text, add_special_tokens=False).ids)
+        return text.encode("utf-8", "surrogatepass")
+
+    def _block_size(self) -> int | None:
+        if self.block_size is None:
+            for f in self.feeds.feeds.values():
+                if f.block_size:
+                    self.block_size = int(f.block_size)
+                    break
+        return self.block_size
+
+    def _live(self, wid: str, books: _Books) -> bool:
+        feed = self.feeds.feeds.get(wid)
+        if feed is None or feed.state != "live":
+            return False
+        if feed.batches != books.seen:
+            books.seen, books.unanswered = feed.batches, 0
+        return books.unanswered < self.stale_after
+
+    def pick(self, workers: list, key: str | None):
+        feeds, all_books = self.feeds, self.books
+        live: set[str] = set()
+        for w in workers:
+            b = all_books.get(w.id)
+            if b is None:
+                b = all_books[w.id] = _Books()
+            if w.id not in feeds.feeds:
+                feeds.ensure(w)
+            b.trim(w.inflight)
+            if self._live(w.id, b):
+                live.add(w.id)
+        bs = self._block_size() or 16
+        width = self.codec.width
+        data = self.pack(key) if key else b""
+        n_tokens = len(data) // width
+        total = -(-n_tokens // bs)
+        overlap: dict[str, int] = {}
+        if live and n_tokens > bs:
+            reusable = (n_tokens - 1) // bs * bs * width  # the last prompt token is always computed
+            overlap = self.index.match(prefix_hashes(data[:reusable], bs, width), live)
+        n = len(workers)
+        start = self._start = (self._start + 1) % n
+        best = None
+        best_cost = 0.0
+        weight = self.overlap_weight
+        for i in range(n):
+            w = workers[(start + i) % n]
+            b = all_books[w.id]
+            cost = weight * (total - overlap.get(w.id, 0) + b.prefill) + total + b.active
+            if best is None or cost < best_cost:
+                best, best_cost = w, cost
+        hit = overlap.get(best.id, 0)
+        b = all_books[best.id]
+        b.add(total - hit, total)
+        if total - hit > 0:
+            b.unanswered += 1
+        self.picks += 1
+        self.overlap_blocks += hit
+        return best
+
+    def forget(self, worker) -> None:
+        self.books.pop(worker.id, None)
+        self.feeds.drop(worker.id)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "overlap_weight": self.overlap_weight, "block_size": self.block_size,
+                "stale_after": self.stale_after, "indexed_blocks": len(self.index.owners),
+                "picks": self.picks, "overlap_blocks": self.overlap_blocks,
+                "feeds": {wid: f.view() for wid, f in self.feeds.feeds.items()}}
