@@ -3,7 +3,7 @@
 Each worker's endpoint comes from its own /server_info (SGLang's ``kv_events`` block: endpoint host, port
 base, topic, block size, replay port), fetched once when the policy first sees the worker, so nothing
 has to be configured per worker. One asyncio task per worker reads its ZeroMQ SUB socket (pyzmq's asyncio
-sockets: the router's event loop never blocks) and applies batches in sequence order:
+a reader thread per worker hands messages to the loop, which never blocks) and applies batches in sequence order:
 
 - seq == expected: applied.
 - seq < expected: the publisher restarted (its numbering begins at 0 again): the worker's blocks are
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any
 
@@ -87,7 +88,7 @@ class Feed:
         self.batches = self.gaps = self.restarts = self.resyncs = self.drops = 0
         self.last_event = 0.0
         self.task: asyncio.Task | None = None
-        self._sock = None
+        self._stop = threading.Event()
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -95,9 +96,7 @@ class Feed:
     def close(self) -> None:
         if self.task is not None:
             self.task.cancel()
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+        self._stop.set()
 
     def view(self) -> dict[str, Any]:
         return {"endpoint": self.endpoint, "state": self.state, "batches": self.batches, "gaps": self.gaps,
@@ -105,18 +104,19 @@ class Feed:
                 "blocks": self.index.blocks(self.wid)}
 
     async def _run(self) -> None:
-        import zmq
-        import zmq.asyncio
-
-        ctx = zmq.asyncio.Context.instance()
-        sock = self._sock = ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SUBSCRIBE, self.topic.encode())
-        sock.connect(self.endpoint)
+        # A thread owns the SUB socket and hands whole messages to this task through an asyncio queue:
+        # pyzmq's asyncio sockets can miss wake-ups under uvloop (ZeroMQ's descriptor is edge-triggered).
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        self._stop = threading.Event()
+        thread = threading.Thread(target=self._reader, args=(loop, inbox), name=f"kv-feed-{self.wid}", daemon=True)
+        thread.start()
         self.state = "live"
         try:
             while True:
-                frames = await sock.recv_multipart()
+                frames = await inbox.get()
+                if frames is None:
+                    raise OSError("the subscription socket failed")
                 if len(frames) != 3:
                     continue
                 await self.on_batch(int.from_bytes(frames[1], "big", signed=True), frames[2])
@@ -126,6 +126,25 @@ class Feed:
             log.warning("KV events of %s stopped: %s", self.wid, err)
             self.state = "failed"
             self.index.clear(self.wid)
+        finally:
+            self._stop.set()
+
+    def _reader(self, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue) -> None:
+        import zmq
+
+        sock = zmq.Context.instance().socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, self.topic.encode())
+        sock.connect(self.endpoint)
+        try:
+            while not self._stop.is_set():
+                if sock.poll(200):
+                    loop.call_soon_threadsafe(inbox.put_nowait, sock.recv_multipart())
+        except Exception:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(inbox.put_nowait, None)
+        finally:
+            sock.close(linger=0)
 
     async def on_batch(self, seq: int, payload: bytes) -> None:
         exp = self.expected
@@ -159,17 +178,21 @@ class Feed:
             self._apply(seq, payload)
 
     async def _replay(self, first: int, upto: int) -> list[tuple[int, bytes]] | None:
-        import zmq
-        import zmq.asyncio
+        return await asyncio.to_thread(self._replay_sync, first, upto)
 
-        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    def _replay_sync(self, first: int, upto: int) -> list[tuple[int, bytes]] | None:
+        import zmq
+
+        sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.replay)
         out: list[tuple[int, bytes]] = []
         try:
-            await sock.send_multipart((b"", first.to_bytes(8, "big")))
+            sock.send_multipart((b"", first.to_bytes(8, "big")))
             while True:
-                frames = await asyncio.wait_for(sock.recv_multipart(), REPLAY_TIMEOUT)
+                if not sock.poll(int(REPLAY_TIMEOUT * 1000)):
+                    return None
+                frames = sock.recv_multipart()
                 if len(frames) != 4:
                     return None
                 seq = int.from_bytes(frames[2], "big", signed=True)
@@ -177,7 +200,7 @@ class Feed:
                     return out
                 if first <= seq < upto:
                     out.append((seq, frames[3]))
-        except (asyncio.TimeoutError, OSError):
+        except zmq.ZMQError:
             return None
         finally:
             sock.close(linger=0)
