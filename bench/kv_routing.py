@@ -229,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routers", default="round_robin,least_load,cache_aware,kv_aware,sglang")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--cache-fraction", type=float, default=0.6,
+    ap.add_argument("--cache-fraction", type=float, default=0.9,
                     help="the four caches together hold this fraction of the largest working set")
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--kv-weight", type=float, default=1.0, help="kv_aware's --kv-overlap-weight")
+    ap.add_argument("--kv-weight", type=float, default=4.0, help="kv_aware's --kv-overlap-weight")
     ns = ap.parse_args(argv)
     loads = {w: WORKLOADS[w](random.Random(ns.seed)) for w in ns.workloads.split(",")}
     ws = {w: working_set_blocks(s) for w, s in loads.items()}

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--balance-rel-threshold", type=float, default=1.5,
                    help="cache_aware: ... and max > min * this")
     g.add_argument("--max-tree-chars", type=int, default=8_000_000, help="cache_aware: prefix tree size bound")
-    g.add_argument("--kv-overlap-weight", type=float, default=1.0,
-                   help="kv_aware: weight of blocks to prefill against blocks held (docs/kv-routing.md)")
+    g.add_argument("--kv-overlap-weight", type=float, default=4.0,
+                   help="kv_aware: weight of blocks to prefill against in-flight uncached blocks (docs/kv-routing.md)")
     g.add_argument("--kv-block-size", type=int, default=None,
                    help="kv_aware: tokens per KV block (default: the workers' /server_info kv_events)")
     g.add_argument("--kv-tokenizer", default=None, metavar="TOKENIZER_JSON",

@@ -3,14 +3,15 @@
 For each candidate worker w, with the prompt cut into B blocks of ``block_size`` tokens:
 
     overlap(w)  = leading prompt blocks w holds, from KVIndex (0 while w's events are not live or stale)
-    prefill(w)  = B - overlap(w) + queued_prefill(w)    blocks w would still have to prefill
-    active(w)   = B + active_blocks(w)                  KV blocks w would hold while decoding
-    cost(w)     = overlap_weight * prefill(w) + active(w)
+    load(w)     = uncached blocks of the requests the router sent to w that are still in flight
+    cost(w)     = overlap_weight * (B - overlap(w)) + load(w)
 
-and the lowest cost wins (ties rotate). This is the cost Dynamo's KV router minimises (its
-``--kv-overlap-score-weight``, default 1, at router temperature 0). queued_prefill and active_blocks are the
-router's own books: the uncached and total blocks of the requests it sent to w that are still in flight
-(trimmed to the worker's in-flight count, oldest first, so no completion hook is needed).
+and the lowest cost wins (ties rotate). This is the shape of the cost Dynamo's KV router minimises
+(blocks to prefill, weighted by ``--kv-overlap-weight``, plus blocks held by running requests), with the
+load counted as the blocks each in-flight request added to its worker (its uncached part): requests that
+share a cached prefix share its blocks, so co-locating them costs only their own tails. The default weight
+4 was chosen on bench/kv_routing.py (docs/kv-routing.md); weight 0 is pure least-uncached-load. The books
+are trimmed to the worker's in-flight count, oldest first, so no completion hook is needed.
 
 A worker counts as stale, and is scored on load only, when ``stale_after`` requests that should have
 stored new blocks went to it without any event arriving from it (its event stream is not reaching us).
@@ -67,7 +68,7 @@ class KVAware:
     name = "kv_aware"
     needs_key = True
 
-    def __init__(self, *, overlap_weight: float = 1.0, kv_block_size: int | None = None,
+    def __init__(self, *, overlap_weight: float = 4.0, kv_block_size: int | None = None,
                  kv_tokenizer: str | None = None, stale_after: int = 16, **_: object) -> None:
         self.overlap_weight = float(overlap_weight)
         self.block_size = kv_block_size
@@ -136,12 +137,12 @@ class KVAware:
         for i in range(n):
             w = workers[(start + i) % n]
             b = all_books[w.id]
-            cost = weight * (total - overlap.get(w.id, 0) + b.prefill) + total + b.active
+            cost = weight * (total - overlap.get(w.id, 0)) + b.active
             if best is None or cost < best_cost:
                 best, best_cost = w, cost
         hit = overlap.get(best.id, 0)
         b = all_books[best.id]
-        b.add(total - hit, total)
+        b.add(total - hit, total - hit)
         if total - hit > 0:
             b.unanswered += 1
         self.picks += 1
