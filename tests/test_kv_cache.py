@@ -178,3 +178,14 @@ def test_mock_reports_cached_tokens_and_publishes_sglang_events(mock_with_events
             frames = dealer.recv_multipart()
     finally:
         dealer.close(0)
+
+
+def test_bench_reports_the_cached_token_ratio_only_when_the_server_does():
+    from hpcserve.bench.stats import RequestResult, level_metrics
+
+    def res(prompt, cached):
+        return RequestResult(ok=True, prompt_tokens=prompt, output_tokens=2, ttft=0.01, e2e=0.02, cached_tokens=cached)
+
+    m = level_metrics([res(10, 8), res(30, 0), res(10, None)], concurrency=1, duration_s=1.0)
+    assert m.cached_token_ratio == pytest.approx(8 / 50)
+    assert level_metrics([res(10, None)], concurrency=1, duration_s=1.0).cached_token_ratio is None

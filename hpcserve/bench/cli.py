@@ -177,8 +177,9 @@ def print_summary(outcomes: Sequence[LevelOutcome]) -> None:
     from rich.console import Console
     from rich.table import Table
     t = Table(title="hpcserve bench", show_lines=False)
+    cached = any(o.metrics.cached_token_ratio is not None for o in outcomes)  # only when the server reports it
     for col in ("level", "req/s", "out tok/s", "tok/s/GPU", "tok/s/user", "TTFT p50/p99 ms",
-                "ITL p50/p99 ms", "TPOT p50 ms", "e2e p50 ms", "errors", "status"):
+                "ITL p50/p99 ms", "TPOT p50 ms", "e2e p50 ms", *(("cached",) if cached else ()), "errors", "status"):
         t.add_column(col, justify="right" if col not in ("level", "status") else "left")
     for o in outcomes:
         m = o.metrics
@@ -186,10 +187,12 @@ def print_summary(outcomes: Sequence[LevelOutcome]) -> None:
         errors = f"{m.errors}/{m.num_requests}"
         if not o.valid:
             # an invalid level shows no numbers: they are not results
-            t.add_row(level, *["-"] * 8, errors, "[red]INVALID[/red]")
+            t.add_row(level, *["-"] * (9 if cached else 8), errors, "[red]INVALID[/red]")
             continue
         t.add_row(level, _f(m.req_per_s, 2), _f(m.output_tok_per_s), _f(m.output_tok_per_s_per_gpu),
                   _f(m.tok_per_s_per_user), f"{_f(m.ttft_ms['p50'])}/{_f(m.ttft_ms['p99'])}",
                   f"{_f(m.itl_ms['p50'], 2)}/{_f(m.itl_ms['p99'], 2)}", _f(m.tpot_ms["p50"], 2),
-                  _f(m.e2e_ms["p50"]), errors, "[green]ok[/green]")
+                  _f(m.e2e_ms["p50"]),
+                  *((f"{m.cached_token_ratio:.1%}" if m.cached_token_ratio is not None else "-",) if cached else ()),
+                  errors, "[green]ok[/green]")
     Console(width=max(140, Console().width)).print(t)

@@ -133,6 +133,8 @@ class _StreamState:
             raise _StreamError(f"request aborted: {reason.get('message', reason)}")
         if meta.get("prompt_tokens"):
             self.r.prompt_tokens = int(meta["prompt_tokens"])
+        if meta.get("cached_tokens") is not None:
+            self.r.cached_tokens = int(meta["cached_tokens"])
         if meta.get("completion_tokens") is not None:
             return int(meta["completion_tokens"])
         text = msg.get("text") or ""
@@ -146,6 +148,9 @@ class _StreamState:
         usage = msg.get("usage") or {}
         if usage.get("prompt_tokens"):
             self.r.prompt_tokens = int(usage["prompt_tokens"])
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+            self.r.cached_tokens = int(details["cached_tokens"])
         choices = msg.get("choices") or []
         if not choices:
             # the final usage-only chunk: the true total, with no timing of its own

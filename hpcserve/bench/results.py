@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 _ID_COLUMNS = ["run", "point", "api", "url", "isl", "osl", "dataset", "gpus", "concurrency", "request_rate",
                "num_requests", "completed", "errors", "valid", "reasons"]
 _NUM_COLUMNS = ["duration_s", "req_per_s", "input_tok_per_s", "output_tok_per_s", "output_tok_per_s_per_gpu",
-                "tok_per_s_per_user"]
+                "tok_per_s_per_user", "cached_token_ratio"]  # the last one empty unless the server reports it
 _DIST_COLUMNS = [f"{m}_ms_{s}" for m in ("ttft", "itl", "tpot", "e2e") for s in ("mean", "p50", "p90", "p99")]
 ROLLUP_COLUMNS = _ID_COLUMNS + _NUM_COLUMNS + _DIST_COLUMNS
 

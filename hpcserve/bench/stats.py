@@ -31,6 +31,7 @@ class RequestResult:
     e2e: float = 0.0
     start: float = 0.0              # perf_counter when sent
     itl: list[float] = field(default_factory=list)
+    cached_tokens: int | None = None  # prompt tokens the server found in its KV cache, when it says
 
     @property
     def tpot(self) -> float | None:
@@ -91,6 +92,7 @@ class LevelMetrics:
     itl_ms: dict
     tpot_ms: dict
     e2e_ms: dict
+    cached_token_ratio: float | None = None  # cached / prompt tokens, when the server reports cached tokens
 
     @property
     def error_rate(self) -> float:
@@ -121,4 +123,6 @@ def level_metrics(results: Sequence[RequestResult], *, concurrency: int, duratio
         itl_ms=distribution_ms(x for r in good for x in r.itl),
         tpot_ms=distribution_ms(tpots),
         e2e_ms=distribution_ms(r.e2e for r in good),
+        cached_token_ratio=(sum(r.cached_tokens or 0 for r in good) / in_tok
+                            if in_tok and any(r.cached_tokens is not None for r in good) else None),
     )
