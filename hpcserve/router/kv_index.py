@@ -11,6 +11,9 @@ blocks it holds.
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_left
+from itertools import accumulate, repeat, takewhile
+from operator import and_
 
 BYTE_OFFSET = 3  # the mock's byte tokenizer: token id = byte + 3
 
@@ -52,14 +55,24 @@ def prefix_hashes(data: bytes, block_size: int, width: int = 1, parent: int | No
 
 
 class KVIndex:
+    """Own block hash -> bit mask of the workers holding it (one bit per worker id): matching a prompt is
+    then a running AND over the chain, done by C loops (map, accumulate, bisect) instead of set algebra."""
+
     def __init__(self, codec=ByteCodec) -> None:
         self.codec = codec
-        self.owners: dict[int, set[str]] = {}           # own block hash -> workers holding it
+        self.owners: dict[int, int] = {}                # own block hash -> mask of workers holding it
         self.by_worker: dict[str, dict[int, int]] = {}  # worker -> engine hash -> own hash
+        self.bits: dict[str, int] = {}                  # worker -> its bit (kept for the worker id's life)
         self.orphans = 0                                 # stored blocks whose parent we never saw
 
     def blocks(self, wid: str) -> int:
         return len(self.by_worker.get(wid, ()))
+
+    def bit(self, wid: str) -> int:
+        b = self.bits.get(wid)
+        if b is None:
+            b = self.bits[wid] = 1 << len(self.bits)
+        return b
 
     def stored(self, wid: str, engine_hashes: list[int], parent: int | None, token_ids: list[int],
                block_size: int) -> None:
@@ -70,50 +83,55 @@ class KVIndex:
             if own_parent is None:  # its prefix is unknown here (missed events): it can never be matched
                 self.orphans += len(engine_hashes)
                 return
+        bit = self.bit(wid)
+        owners = self.owners
         data = self.codec.pack(token_ids[:len(engine_hashes) * block_size])
         for eh, oh in zip(engine_hashes, prefix_hashes(data, block_size, self.codec.width, own_parent)):
             mine[eh] = oh
-            s = self.owners.get(oh)
-            if s is None:
-                self.owners[oh] = {wid}
-            else:
-                s.add(wid)
+            owners[oh] = owners.get(oh, 0) | bit
 
     def removed(self, wid: str, engine_hashes: list[int]) -> None:
         mine = self.by_worker.get(wid)
         if not mine:
             return
+        bit = self.bits[wid]
         for eh in engine_hashes:
             oh = mine.pop(eh, None)
             if oh is not None:
-                self._drop(oh, wid)
+                self._drop(oh, bit)
 
     def clear(self, wid: str) -> None:
         """The worker's cache is empty (AllBlocksCleared, restart, unrecoverable gap) or it left."""
         mine = self.by_worker.pop(wid, None)
         if mine:
+            bit = self.bits[wid]
             for oh in mine.values():
-                self._drop(oh, wid)
+                self._drop(oh, bit)
 
-    def _drop(self, oh: int, wid: str) -> None:
-        s = self.owners.get(oh)
-        if s is not None:
-            s.discard(wid)
-            if not s:
-                del self.owners[oh]
+    def _drop(self, oh: int, bit: int) -> None:
+        m = self.owners.get(oh, 0) & ~bit
+        if m:
+            self.owners[oh] = m
+        else:
+            self.owners.pop(oh, None)
 
     def match(self, hashes: list[int], candidates: set[str]) -> dict[str, int]:
         """Leading blocks of ``hashes`` held by each candidate (absent = 0)."""
+        bits = self.bits
+        mask = 0
+        for wid in candidates:
+            mask |= bits.get(wid, 0)
+        if not mask or not hashes:
+            return {}
+        # running AND of the chain's masks, from the candidates' mask, until no candidate is left
+        run = list(takewhile(bool, accumulate(map(self.owners.get, hashes, repeat(0, len(hashes))), and_,
+                                              initial=mask)))
         out: dict[str, int] = {}
-        live = candidates
-        owners = self.owners
-        for i, h in enumerate(hashes, 1):
-            s = owners.get(h)
-            if s is None:
-                break
-            live = live & s
-            if not live:
-                break
-            for wid in live:
-                out[wid] = i
+        if len(run) < 2:
+            return out
+        for wid in candidates:
+            b = bits.get(wid, 0)
+            if b & run[1]:
+                # the running AND only loses bits: the first position without b ends b's prefix
+                out[wid] = bisect_left(run, True, 1, len(run), key=lambda m, b=b: not m & b) - 1
         return out

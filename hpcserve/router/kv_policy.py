@@ -28,6 +28,10 @@ from hpcserve.router.kv_feed import Feeds
 from hpcserve.router.kv_index import ByteCodec, IdCodec, KVIndex, prefix_hashes
 
 
+ANCHOR = 16          # blocks between memoised points of a prompt's hash chain
+MAX_ANCHORS = 8192
+
+
 def chat_text(key: str) -> str:
     """A chat routing key (role \\x1f content \\x1e ...) in the mock's chat template."""
     parts = []
@@ -84,7 +88,33 @@ class KVAware:
         self.feeds = Feeds(self.index)
         self.books: dict[str, _Books] = {}
         self._start = 0
+        self._anchors: dict[tuple[int, int], tuple[int, ...]] = {}
         self.picks = self.overlap_blocks = 0
+
+    def hashes(self, data: bytes, bs: int) -> list[int]:
+        """``prefix_hashes`` of a prompt, resuming from the longest memoised anchor (every ANCHOR blocks):
+        prompts that extend or share an earlier prompt's prefix (chat history, system prompts) hash only
+        their new part plus one C-speed hash per probed anchor."""
+        width = self.codec.width
+        step = bs * width
+        span = step * ANCHOR
+        memo = self._anchors
+        end = len(data) // span * span
+        pos, parent, out = 0, None, []
+        while end > 0:
+            got = memo.get((end, hash(data[:end])))
+            if got is not None:
+                pos, out = end, list(got)
+                parent = out[-1]
+                break
+            end -= span
+        rest = prefix_hashes(data[pos:], bs, width, parent)
+        out.extend(rest)
+        for a in range(pos + span, len(out) * step + 1, span):
+            if len(memo) >= MAX_ANCHORS:
+                memo.pop(next(iter(memo)))  # oldest first
+            memo[(a, hash(data[:a]))] = tuple(out[:a // step])
+        return out
 
     def pack(self, key: str) -> bytes:
         text = chat_text(key) if "\x1e" in key else key
@@ -128,7 +158,7 @@ class KVAware:
         overlap: dict[str, int] = {}
         if live and n_tokens > bs:
             reusable = (n_tokens - 1) // bs * bs * width  # the last prompt token is always computed
-            overlap = self.index.match(prefix_hashes(data[:reusable], bs, width), live)
+            overlap = self.index.match(self.hashes(data[:reusable], bs), live)
         n = len(workers)
         start = self._start = (self._start + 1) % n
         best = None
