@@ -11,6 +11,10 @@ every workload is sent through it:
   ids mean shared prefixes, drawn from a skewed distribution) plus a unique tail.
 
 Routers: ours with round_robin, least_load, cache_aware and kv_aware, and sglang-router's cache_aware.
+With --dynamo (needs ai-dynamo installed): Dynamo's frontend in KV mode over four dynamo.mocker workers of
+the same block size and capacity (a local byte-level tokenizer, one token per byte like the mock's), started
+afresh for each workload, on the same prompts through /v1/completions; its own timing model, so compare its
+cached-token ratio first (its TTFT is printed beside ours but comes from the mocker's timing).
 For each: cached-token ratio (cached / prompt tokens, from the engines' meta_info), prefill tokens
 computed, TTFT p50/p90 (first streamed chunk), output tokens per second. Goals printed at the end:
 kv_aware's TTFT p50 at least 2x better than round_robin's on multiturn.
@@ -123,7 +127,35 @@ class Result:
         self.prompt = self.cached = self.out = 0
 
 
+async def one_openai(http: httpx.AsyncClient, url: str, text: str, max_new: int, res: Result) -> str:
+    """The same request through an OpenAI /v1/completions stream (Dynamo's frontend)."""
+    t0 = time.perf_counter()
+    first, usage, out = None, None, []
+    body = {"model": DYNAMO_MODEL[0], "prompt": text, "max_tokens": max_new, "stream": True, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    async with http.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            msg = orjson.loads(line[5:])
+            if msg.get("choices"):
+                if first is None:
+                    first = time.perf_counter() - t0
+                out.append(msg["choices"][0].get("text") or "")
+            if msg.get("usage"):
+                usage = msg["usage"]
+    res.ttft.append(first if first is not None else time.perf_counter() - t0)
+    usage = usage or {}
+    res.prompt += usage.get("prompt_tokens") or 0
+    res.cached += ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
+    res.out += usage.get("completion_tokens") or 0
+    return "".join(out)
+
+
 async def one(http: httpx.AsyncClient, url: str, text: str, max_new: int, res: Result) -> str:
+    if url.endswith("#openai"):
+        return await one_openai(http, url[:-len("#openai")], text, max_new, res)
     t0 = time.perf_counter()
     first = None
     last = None
@@ -208,6 +240,64 @@ def start_router(procs: Procs, logdir: Path, name: str, urls: list[str], kv_weig
     return f"http://127.0.0.1:{port}"
 
 
+DYNAMO_MODEL = [""]  # the model directory: dynamo.mocker serves the model under its path
+
+
+def make_dynamo_model(d: Path) -> Path:
+    """A model directory dynamo.mocker accepts: a byte-level tokenizer.json (one token per byte) + config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    d.mkdir(parents=True, exist_ok=True)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "config.json").write_bytes(orjson.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(vocab), "hidden_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 128,
+        "max_position_embeddings": 32768, "bos_token_id": 1, "eos_token_id": 2}))
+    (d / "tokenizer_config.json").write_bytes(orjson.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "model_max_length": 32768,
+        "tokenizer_class": "PreTrainedTokenizerFast",  # Dynamo loads a model only with a chat template
+        "chat_template": "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"}))
+    return d
+
+
+def start_dynamo(procs: Procs, logdir: Path, blocks: int, tag: str) -> str:
+    """Four dynamo.mocker workers and a KV-mode frontend, file discovery in a fresh directory."""
+    import os
+
+    model = make_dynamo_model(logdir / "dynamo-model")
+    DYNAMO_MODEL[0] = str(model)
+    store = logdir / f"dynamo-kv-{tag}"
+    store.mkdir()
+    env = {"DYN_FILE_KV": str(store), "DYN_DISCOVERY_BACKEND": "file"}
+    planes = ["--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq"]
+    for i in range(WORKERS):
+        procs.start([sys.executable, "-m", "dynamo.mocker", "--model-path", str(model),
+                     "--block-size", str(BLOCK), "--num-gpu-blocks-override", str(blocks), *planes],
+                    str(logdir / f"dynamo-mocker-{tag}-{i}.log"), env=env)
+    port = _free_port()
+    procs.start([sys.executable, "-m", "dynamo.frontend", "--router-mode", "kv", "--http-host", "127.0.0.1",
+                 "--http-port", str(port), *planes], str(logdir / f"dynamo-frontend-{tag}.log"), env=env,
+                part="router")
+    deadline = time.time() + 120
+    while time.time() < deadline:  # ready once all four workers registered the model
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2.0)
+            if r.status_code == 200 and r.json().get("data"):
+                time.sleep(5)  # let every mocker register (the model appears with the first one)
+                return f"http://127.0.0.1:{port}#openai"
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"Dynamo's frontend did not list the model within 120 s (logs in {logdir}) {os.getpid()}")
+
+
 def stop_last(procs: Procs) -> None:
     p = procs.procs.pop()
     p.terminate()
@@ -233,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the four caches together hold this fraction of the largest working set")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--kv-weight", type=float, default=4.0, help="kv_aware's --kv-overlap-weight")
+    ap.add_argument("--dynamo", action="store_true", help="also run Dynamo's KV router over dynamo.mocker workers")
     ns = ap.parse_args(argv)
     loads = {w: WORKLOADS[w](random.Random(ns.seed)) for w in ns.workloads.split(",")}
     ws = {w: working_set_blocks(s) for w, s in loads.items()}
@@ -245,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         logdir = Path(tmp)
         try:
             urls = start_workers(procs, logdir, blocks, ns.scale)
-            for name in ns.routers.split(","):
+            for name in filter(None, ns.routers.split(",")):
                 try:
                     url = start_router(procs, logdir, name, urls, ns.kv_weight)
                 except Exception as err:  # sglang-router missing or failing: say so, keep the others
@@ -268,13 +359,28 @@ def main(argv: list[str] | None = None) -> int:
                                                         for f in pol["feeds"].values()), flush=True)
                 finally:
                     stop_last(procs)
+            if ns.dynamo:
+                for wl, sessions in loads.items():
+                    n = len(procs.procs)
+                    try:
+                        url = start_dynamo(procs, logdir, blocks, wl)
+                        res, wall = asyncio.run(drive(url, sessions, ns.concurrency))
+                        rows.append((wl, "dynamo", res, wall))
+                        print(f"{wl:<10} {'dynamo':<12} cached {res.cached / max(res.prompt, 1):6.1%}  "
+                              f"prefill {res.prompt - res.cached:>8}  TTFT p50 {pct(res.ttft, .5):7.1f} ms  "
+                              f"p90 {pct(res.ttft, .9):7.1f} ms  out {res.out / wall:7.0f} tok/s", flush=True)
+                    except Exception as err:
+                        print(f"Dynamo on {wl} failed: {err}")
+                    finally:
+                        while len(procs.procs) > n:
+                            stop_last(procs)
         finally:
             procs.stop()
     print()
     print("| workload | router | cached tokens | prefill tokens computed | TTFT p50 ms | TTFT p90 ms | output tok/s |")
     print("|---|---|---|---|---|---|---|")
     for wl, name, res, wall in rows:
-        label = "sglang-router cache_aware" if name == "sglang" else name
+        label = {"sglang": "sglang-router cache_aware", "dynamo": "Dynamo KV router (dynamo.mocker)"}.get(name, name)
         print(f"| {wl} | {label} | {res.cached / max(res.prompt, 1):.1%} | {res.prompt - res.cached} | "
               f"{pct(res.ttft, .5):.1f} | {pct(res.ttft, .9):.1f} | {res.out / wall:.0f} |")
     by = {(wl, name): res for wl, name, res, _ in rows}
@@ -283,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ngoal: multiturn TTFT p50 round_robin / kv_aware = {ratio:.2f}x (goal >= 2x: "
               f"{'met' if ratio >= 2 else 'NOT met'})")
     for wl in loads:
+        if (wl, "dynamo") in by and (wl, "kv_aware") in by:
+            ours, theirs = (by[wl, n].cached / max(by[wl, n].prompt, 1) for n in ("kv_aware", "dynamo"))
+            print(f"goal: {wl} cached-token ratio kv_aware {ours:.1%} vs Dynamo {theirs:.1%} "
+                  f"({'met' if ours >= theirs else 'NOT met'})")
         best = max((r.cached / max(r.prompt, 1), n) for (w, n), r in by.items() if w == wl) if by else None
         if best:
             print(f"{wl}: highest cached-token ratio {best[0]:.1%} ({best[1]})")
