@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     for policy in ns.policies.split(","):
         times = asyncio.run(run(ns.requests, ns.repeats, ns.stream, policy, ns.prefix_chars))
         best[policy] = min(times)
-        print(f"router core, {kind} PD request, prefill policy {policy}, prefix {ns.prefix_chars} chars: best {min(times):.1f} us CPU "
-              f"(repeats: {', '.join(f'{t:.1f}' for t in times)})")
+        print(f"router core, {kind} PD request, no sockets: best {min(times):.1f} us CPU (prefill policy {policy}, "
+              f"prefix {ns.prefix_chars} chars; repeats: {', '.join(f'{t:.1f}' for t in times)})")
     if "kv_aware" in best and "cache_aware" in best:
         ratio = best["kv_aware"] / best["cache_aware"]
         print(f"kv_aware / cache_aware cost: {ratio:.2f}x (goal <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})")
