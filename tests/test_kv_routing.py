@@ -161,3 +161,20 @@ def test_routing_follows_overlap_and_a_removed_worker_leaves_the_index(two_mocks
         assert policy.pick([other], prompt) is other
         policy.feeds.close()
     asyncio.run(main())
+
+
+def test_a_model_tokenizer_names_blocks_by_its_token_ids(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "you", "are", "a", "helpful", "bot", "hi", "there"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    policy = KVAware(kv_tokenizer=str(path), kv_block_size=2)
+    ids = [1, 2, 3, 4, 5, 6, 7]
+    assert policy.pack("you are a helpful bot hi there") == policy.codec.pack(ids)
+    # a worker stored the first two blocks (4 tokens) of the same ids: the prompt matches 2 blocks
+    policy.index.stored("w", [101, 102], None, ids[:4], 2)
+    data = policy.pack("you are a helpful bot hi there")
+    assert policy.index.match(policy.hashes(data[:(7 - 1) // 2 * 2 * 4], 2), {"w"}) == {"w": 2}
