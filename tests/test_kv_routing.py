@@ -178,3 +178,45 @@ def test_a_model_tokenizer_names_blocks_by_its_token_ids(tmp_path):
     policy.index.stored("w", [101, 102], None, ids[:4], 2)
     data = policy.pack("you are a helpful bot hi there")
     assert policy.index.match(policy.hashes(data[:(7 - 1) // 2 * 2 * 4], 2), {"w"}) == {"w": 2}
+
+
+def test_router_process_with_kv_aware_sends_a_repeated_prefix_to_its_cache(two_mocks, tmp_path):
+    import subprocess
+    import sys
+
+    from hpcserve.mock.launch import http_status
+
+    a, b = two_mocks(), two_mocks()
+    port = free_port()
+    log = (tmp_path / "router.log").open("wb")
+    router = subprocess.Popen([sys.executable, "-m", "hpcserve.router", "--port", str(port), "--mode", "aggregated",
+                               "--policy", "kv_aware", "--worker", a.url, "--worker", b.url, "--log-level", "warning"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while http_status(url + "/ready") != 200:
+            assert router.poll() is None and time.monotonic() < deadline, "router not ready within 30 s"
+            time.sleep(0.05)
+        prompt = "a long shared system prompt for every user of this service. " * 6
+        with httpx.Client(timeout=30.0) as http:
+            http.post(url + "/generate", json={"text": "warm up", "sampling_params": {"max_new_tokens": 1}})
+            deadline = time.monotonic() + 10
+            while not all(f["state"] == "live" for f in
+                          http.get(url + "/workers").json()["policies"]["both"]["feeds"].values()) or \
+                    len(http.get(url + "/workers").json()["policies"]["both"]["feeds"]) < 2:
+                assert time.monotonic() < deadline, "feeds not live within 10 s"
+                time.sleep(0.05)
+            time.sleep(0.3)
+            cached = []
+            for i in range(4):
+                r = http.post(url + "/generate", json={"text": prompt + f"question {i}",
+                                                      "sampling_params": {"max_new_tokens": 2}})
+                cached.append(r.json()["meta_info"]["cached_tokens"])
+                time.sleep(0.2)  # the events of this request reach the router before the next one
+        full = ((len(prompt) + len("question ")) // BS) * BS  # the shared bytes, in whole blocks
+        assert cached[0] == 0 and cached[1:] == [full] * 3, cached   # round robin would miss every other one
+    finally:
+        router.terminate()
+        router.wait(10)
+        log.close()
