@@ -269,8 +269,6 @@ def make_dynamo_model(d: Path) -> Path:
 
 def start_dynamo(procs: Procs, logdir: Path, blocks: int, tag: str) -> str:
     """Four dynamo.mocker workers and a KV-mode frontend, file discovery in a fresh directory."""
-    import os
-
     model = make_dynamo_model(logdir / "dynamo-model")
     DYNAMO_MODEL[0] = str(model)
     store = logdir / f"dynamo-kv-{tag}"
@@ -295,7 +293,7 @@ def start_dynamo(procs: Procs, logdir: Path, blocks: int, tag: str) -> str:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"Dynamo's frontend did not list the model within 120 s (logs in {logdir}) {os.getpid()}")
+    raise RuntimeError(f"Dynamo's frontend did not list the model within 120 s (logs in {logdir})")
 
 
 def stop_last(procs: Procs) -> None:
