@@ -200,7 +200,9 @@ def test_generate_stream_is_cumulative_one_chunk_per_token(trio):
 
 def test_return_logprob_shapes(trio):
     agg = trio[0]
-    meta = post(agg.url + "/generate", {**HELLO, "return_logprob": True}).json()["meta_info"]
+    assert post(agg.url + "/generate", {**HELLO, "return_logprob": True}).json()["meta_info"][
+        "input_token_logprobs"] == []  # SGLang's default logprob_start_len -1: output tokens only
+    meta = post(agg.url + "/generate", {**HELLO, "return_logprob": True, "logprob_start_len": 0}).json()["meta_info"]
     inp, outp = meta["input_token_logprobs"], meta["output_token_logprobs"]
     assert len(inp) == 11 and inp[0][0] is None and all(isinstance(x[0], float) for x in inp[1:])
     assert [x[1] for x in inp] == encode("Hello world")
@@ -251,10 +253,10 @@ def test_openai_client_against_the_mock(trio):
 
 def test_pd_gives_the_same_text_as_aggregated(trio):
     agg, pre, dec, boot = trio
-    p, d = pd_call(pre, dec, boot, "/generate", {**HELLO, "return_logprob": True}, room=1001)
+    p, d = pd_call(pre, dec, boot, "/generate", {**HELLO, "return_logprob": True, "logprob_start_len": 0}, room=1001)
     assert p.status_code == 200 and d.status_code == 200
     assert d.json()["text"] == HELLO_TEXT and p.json()["text"] == HELLO_TEXT[:1]
-    agg_meta = post(agg.url + "/generate", {**HELLO, "return_logprob": True}).json()["meta_info"]
+    agg_meta = post(agg.url + "/generate", {**HELLO, "return_logprob": True, "logprob_start_len": 0}).json()["meta_info"]
     # the router prepends the prefill's input logprobs to the decode's (empty) ones
     merged = p.json()["meta_info"]["input_token_logprobs"] + d.json()["meta_info"]["input_token_logprobs"]
     assert merged == agg_meta["input_token_logprobs"]

@@ -75,7 +75,8 @@ def test_generate_batch_and_request_id(cluster):
 
 
 def test_return_logprob_prepends_prefill_input_logprobs(cluster):
-    body = {"text": "logprob prompt", "sampling_params": {"max_new_tokens": 3}, "return_logprob": True}
+    body = {"text": "logprob prompt", "sampling_params": {"max_new_tokens": 3}, "return_logprob": True,
+            "logprob_start_len": 0}
     via = httpx.post(cluster["router"].url + "/generate", json=body, timeout=20).json()
     direct = httpx.post(cluster["agg"].url + "/generate", json=body, timeout=20).json()
     assert via["text"] == direct["text"]

@@ -43,6 +43,16 @@ class SamplingParams:
         # what selects the output stream besides the prompt; greedy ignores seed and top_p
         self.tag = b"greedy" if temperature == 0.0 else b"%r|%r|%r" % (temperature, top_p, seed)
 
+    def sample(self, j: int) -> "SamplingParams":
+        """The parameters of parallel sample j of a request with n > 1: sample 0 is the request itself,
+        the others draw other streams unless decoding is greedy."""
+        if j == 0 or self.temperature == 0.0:
+            return self
+        sp = SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.seed, self.stop,
+                            self.stop_token_ids, self.min_new_tokens, self.ignore_eos)
+        sp.tag += b"|sample%d" % j
+        return sp
+
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, default_max_tokens: int) -> "SamplingParams":
         """SGLang's sampling_params dict; unknown knobs (top_k, penalties...) are accepted and ignored.
@@ -189,14 +199,39 @@ def _logprob(token: int, pos: int) -> float:
     return -((token * 2654435761 + pos * 40503) % 1000) / 250.0
 
 
-def input_logprobs(prompt: Prompt, with_text: bool) -> list[list[Any]]:
+def input_logprobs(prompt: Prompt, with_text: bool, start: int = 0) -> list[list[Any]]:
+    """Prompt logprobs from position ``start`` (position 0 has none: nothing comes before it)."""
     ids = prompt.ids
-    return [[None if i == 0 else _logprob(t, i), t, token_text(t) if with_text else None] for i, t in enumerate(ids)]
+    return [[None if i == 0 else _logprob(t, i), t, token_text(t) if with_text else None]
+            for i, t in enumerate(ids[start:], start)]
 
 
 def output_logprobs(ids: list[int], start: int, with_text: bool) -> list[list[Any]]:
     return [[_logprob(t, 100000 + start + i), t, token_text(t) if with_text else None]
             for i, t in enumerate(ids[start:])]
+
+
+def _alternatives(token: int, lp: float, n: int, with_text: bool) -> list[list[Any]]:
+    """The n most likely tokens at a position: the emitted one first, then less likely printable bytes."""
+    out = [[lp, token, token_text(token) if with_text else None]]
+    seen = {token}
+    k = 0
+    while len(out) < n and k < 300:
+        k += 1
+        alt = OFFSET + 32 + (token + 7 * k) % 95
+        if alt not in seen:
+            seen.add(alt)
+            out.append([round(lp - 0.375 * len(out), 6), alt, token_text(alt) if with_text else None])
+    return out
+
+
+def input_top_logprobs(prompt: Prompt, n: int, with_text: bool, start: int = 0) -> list[list[list[Any]] | None]:
+    return [None if lp is None else _alternatives(t, lp, n, with_text)
+            for lp, t, _ in input_logprobs(prompt, False, start)]
+
+
+def output_top_logprobs(ids: list[int], start: int, n: int, with_text: bool) -> list[list[list[Any]]]:
+    return [_alternatives(t, lp, n, with_text) for lp, t, _ in output_logprobs(ids, start, False)]
 
 
 def prefill_ms(cfg: Any, n_tokens: int) -> float:

@@ -11,15 +11,19 @@ import asyncio
 import hmac
 import os
 import time
-from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
 from hpcserve.http import HttpConnection, Request
-from hpcserve.mock.engine import Boot, Engine, EngineError, Job
-from hpcserve.mock.model import SamplingParams, input_logprobs, output_logprobs
+from hpcserve.mock.engine import Engine, EngineError, Job
+from hpcserve.mock.model import (
+    input_logprobs, input_top_logprobs, output_logprobs, output_top_logprobs,
+)
+from hpcserve.mock.native import plan_native
+from hpcserve.mock.oai_protocol import ApiError, model_card, model_not_found
 from hpcserve.mock.stats import Stats
-from hpcserve.mock.tokenizer import Prompt, VOCAB_SIZE
+from hpcserve.mock.tokenizer import VOCAB_SIZE
 
 VERSION = "0.5.0-mock"
 SSE = b"text/event-stream"
@@ -71,15 +75,6 @@ def header(req: Request, name: bytes) -> bytes | None:
     return req.head[start:end if end >= 0 else len(lower)].strip()
 
 
-def _pick(value: Any, i: int, n: int, name: str) -> Any:
-    """Item i of a batch field: lists are per item, scalars apply to all."""
-    if isinstance(value, list):
-        if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries for a batch of {n}")
-        return value[i]
-    return value
-
-
 class MockServer:
     def __init__(self, cfg, ranks) -> None:
         from hpcserve.mock.openai_api import OpenAIApi
@@ -106,6 +101,8 @@ class MockServer:
     def handle(self, req: Request, conn: HttpConnection):
         """Answer at once (returns None) or return the coroutine that will answer (waits, streams, PD)."""
         route = self.routes.get(req.path)
+        if route is None and req.path.startswith(b"/v1/models/"):
+            route = self.model_card
         if route is None:
             path = req.path.decode("latin-1")
             self.stats.count(path if len(self.stats.requests) < 100 else "other")
@@ -140,35 +137,7 @@ class MockServer:
 
     # ---- SGLang native /generate
     def native_jobs(self, body: dict) -> tuple[list[Job], bool]:
-        text, ids = body.get("text"), body.get("input_ids")
-        if text is not None:
-            batch = isinstance(text, list)
-            items = text if batch else [text]
-            if not all(isinstance(t, str) for t in items):
-                raise ValueError("text must be a string or a list of strings")
-            prompts = [Prompt.from_text(t) for t in items]
-        elif ids is not None:
-            if not isinstance(ids, list) or not ids:
-                raise ValueError("input_ids must be a non-empty list")
-            batch = isinstance(ids[0], list)
-            prompts = [Prompt.from_ids(x) for x in (ids if batch else [ids])]
-        else:
-            raise ValueError("the request needs text or input_ids")
-        n = len(prompts)
-        if n == 0:
-            raise ValueError("empty batch")
-        spd, rid = body.get("sampling_params"), body.get("rid")
-        host, port, room = body.get("bootstrap_host"), body.get("bootstrap_port"), body.get("bootstrap_room")
-        if batch and room is not None and not isinstance(room, list):
-            raise ValueError("bootstrap_room must be a list (one room per item) for a batch request")
-        dmt = self.cfg.default_max_tokens
-        jobs = []
-        for i, prompt in enumerate(prompts):
-            sp = SamplingParams.from_dict(_pick(spd, i, n, "sampling_params") if batch else spd, dmt)
-            boot = Boot(_pick(host, i, n, "bootstrap_host"), _pick(port, i, n, "bootstrap_port"),
-                        _pick(room, i, n, "bootstrap_room")) if (host, port, room) != (None, None, None) else None
-            jobs.append(self.engine.plan(prompt, sp, boot, _pick(rid, i, n, "rid") if batch else rid))
-        return jobs, batch
+        return plan_native(self.cfg, self.engine, body)
 
     def native_result(self, job: Job, k: int | None, lp: bool, lp_text: bool, prev: int = 0) -> dict:
         """The /generate object after k tokens (k None = final). ``prev`` > 0 makes text/ids incremental."""
@@ -184,10 +153,14 @@ class MockServer:
                 "e2e_latency": round(job.e2e if final else time.perf_counter() - job.t0, 6)}
         if final:
             meta["mock_timing"] = job.timing
-        if lp:
-            meta["input_token_logprobs"] = ([] if self.engine.mode == "decode"
-                                            else input_logprobs(job.prompt, lp_text))
+        if lp:  # (top_logprobs_num, logprob_start_len); -1: output tokens only; a PD decode has no prompt pass
+            top, start = lp
+            start = job.prompt.n_tokens if start < 0 or self.engine.mode == "decode" else start
+            meta["input_token_logprobs"] = input_logprobs(job.prompt, lp_text, start)
             meta["output_token_logprobs"] = output_logprobs(job.ids[:k], prev, lp_text)
+            if top > 0:
+                meta["input_top_logprobs"] = input_top_logprobs(job.prompt, top, lp_text, start)
+                meta["output_top_logprobs"] = output_top_logprobs(job.ids[:k], prev, top, lp_text)
         return {"text": text, "output_ids": ids, "meta_info": meta}
 
     def generate(self, req: Request, conn: HttpConnection):
@@ -198,6 +171,10 @@ class MockServer:
             if not isinstance(body, dict):
                 raise ValueError("the request body must be a JSON object")
             jobs, batch = self.native_jobs(body)
+        except ApiError as err:  # SGLang's /generate answers a ValueError with {"error": {"message": ...}}
+            stats.errors += 1
+            conn.respond(err.status, orjson.dumps({"error": {"message": err.message}}))
+            return None
         except (ValueError, orjson.JSONDecodeError) as err:
             stats.errors += 1
             conn.respond(400, error_body(400, str(err)))
@@ -207,7 +184,16 @@ class MockServer:
             conn.respond(err.status, error_body(err.status, err.message, err.kind))
             return None
         lp = body.get("return_logprob")
-        lp = bool(lp[0] if isinstance(lp, list) and lp else lp)
+        if lp[0] if isinstance(lp, list) and lp else lp:
+            top, start = body.get("top_logprobs_num") or 0, body.get("logprob_start_len")
+            lp = (top[0] if isinstance(top, list) and top else top,
+                  -1 if start is None else start[0] if isinstance(start, list) and start else start)
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in lp):
+                stats.errors += 1
+                conn.respond(400, error_body(400, "top_logprobs_num and logprob_start_len must be integers"))
+                return None
+        else:
+            lp = False
         lp_text = bool(body.get("return_text_in_logprobs"))
         if body.get("stream"):
             if self.engine.is_instant(jobs):
@@ -333,10 +319,17 @@ class MockServer:
 
     def models(self, req: Request, conn: HttpConnection) -> None:
         self.stats.count("/v1/models")
-        name = self.cfg.served_model_name
-        conn.respond(200, orjson.dumps({"object": "list", "data": [
-            {"id": name, "object": "model", "created": self.created, "owned_by": "sglang", "root": name,
-             "parent": None, "max_model_len": self.cfg.context_length}]}))
+        card = model_card(self.cfg.served_model_name, self.created, self.cfg.context_length)
+        conn.respond(200, orjson.dumps({"object": "list", "data": [card]}))
+
+    def model_card(self, req: Request, conn: HttpConnection) -> None:
+        """GET /v1/models/{id}: SGLang's ModelCard, or its 404 for another name."""
+        self.stats.count("/v1/models/{id}")
+        name = unquote(req.path[len(b"/v1/models/"):].decode("latin-1"))
+        if name != self.cfg.served_model_name:
+            conn.respond(404, orjson.dumps(model_not_found(name)))
+            return
+        conn.respond(200, orjson.dumps(model_card(name, self.created, self.cfg.context_length)))
 
     def flush_cache(self, req: Request, conn: HttpConnection) -> None:
         self.stats.count("/flush_cache")

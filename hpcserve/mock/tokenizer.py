@@ -64,6 +64,17 @@ def token_text(token_id: int) -> str:
     return decode([token_id])
 
 
+def token_piece(token_id: int) -> str:
+    """A token as the completions API spells it: lossless, a lone non-UTF-8 byte as its latin-1 character
+    (SGLang's _lossless_token_text for byte-level tokenizers)."""
+    return chr(token_id - OFFSET) if OFFSET <= token_id < VOCAB_SIZE else ""
+
+
+def token_bytes(token_id: int) -> list[int]:
+    """The chat API's ``bytes`` of a token: its raw byte."""
+    return [token_id - OFFSET] if OFFSET <= token_id < VOCAB_SIZE else []
+
+
 def _content_text(content: Any) -> str:
     """OpenAI message content: a string, or a list of parts of which the text parts count."""
     if content is None:
