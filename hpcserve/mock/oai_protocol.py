@@ -165,11 +165,14 @@ def chat_logprobs(out_lps: list, out_top: list | None, token_bytes: Callable[[in
     return {"content": content}
 
 
-def usage(prompt_tokens: list[int], completion_tokens: list[int], n: int) -> dict:
-    """SGLang's UsageProcessor: prompt tokens once per prompt (every n-th choice), completions summed."""
+def usage(prompt_tokens: list[int], completion_tokens: list[int], n: int, cached_tokens: list[int] = ()) -> dict:
+    """SGLang's UsageProcessor: prompt tokens once per prompt (every n-th choice), completions summed;
+    cached prompt tokens reported once the KV cache saved something (kvcache.py), as with its cache report."""
     p = sum(prompt_tokens[::n])
     c = sum(completion_tokens)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, "prompt_tokens_details": None}
+    cached = sum(list(cached_tokens)[::n])
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached} if cached else None}
 
 
 def model_card(name: str, created: int, max_model_len: int | None) -> dict:

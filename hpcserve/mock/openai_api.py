@@ -246,7 +246,8 @@ class _View:
                 "finish_reason": _finish(job), "matched_stop": job.finish_reason.get("matched")}
 
     def usage(self) -> dict:
-        return proto.usage([j.prompt.n_tokens for j in self.jobs], [j.n_out for j in self.jobs], self.n)
+        return proto.usage([j.prompt.n_tokens for j in self.jobs], [j.n_out for j in self.jobs], self.n,
+                           [j.cached for j in self.jobs])
 
 
 class _Stream:
