@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 from hpcserve.errors import HpcserveError
-from hpcserve.plan.model import Plan
 
 _PLACEHOLDER = re.compile(r"\{(addr|host:(\d+))\}")
 
@@ -26,7 +25,9 @@ def sglang_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def check_plan_engine_args(plan: Plan) -> list[str]:
+def check_plan_engine_args(plan) -> list[str]:
+    """Problems SGLang's parser finds in the plan's engine processes (a hpcserve.plan.model.Plan; engines sit
+    below plan in the layers, so the type is not imported)."""
     from hpcserve.engines import sglang_check
     if not sglang_check.sglang_available():
         raise HpcserveError("--engine-check needs sglang importable here: pip install 'hpcserve[sglang]' "
