@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 from hpcserve.plan.build import plan
 from hpcserve.plan.model import Plan
 from hpcserve.recipe.load import LoadedRecipe, load_recipe, point_name
-from hpcserve.render import atomic_write, write_run_dir
+from hpcserve.render import write_run_dir
+from hpcserve.rundir import atomic_write
 
 if TYPE_CHECKING:
     from hpcserve.backends.base import Run

@@ -6,7 +6,6 @@ byte-identical files. Files are written atomically: a crash never leaves a half-
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import jinja2
 import yaml
 
 from hpcserve.plan.model import Plan
+from hpcserve.rundir import RunPaths, atomic_write
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("hpcserve", "templates"),
@@ -21,7 +21,7 @@ _ENV = jinja2.Environment(
 )
 _ENV.filters["shq"] = lambda v: shlex.quote(str(v))
 
-RUN_FILES = ("recipe.resolved.yaml", "plan.json", "job.sbatch")
+RUN_FILES = (RunPaths.RECIPE, RunPaths.PLAN, RunPaths.SCRIPT)
 
 
 def render_sbatch(plan: Plan, points: list[tuple[str, int]] | None = None) -> str:
@@ -34,25 +34,11 @@ def resolved_yaml(raw: dict) -> str:
     return yaml.safe_dump(raw, sort_keys=False, default_flow_style=False)
 
 
-def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    raw = data.encode() if isinstance(data, str) else data
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, raw)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def write_run_dir(run_dir: Path, raw: dict, plan: Plan) -> Path:
     """recipe.resolved.yaml, plan.json, job.sbatch and an empty logs/ folder."""
     run_dir = Path(run_dir)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "recipe.resolved.yaml", resolved_yaml(raw))
-    atomic_write(run_dir / "plan.json", plan.to_json())
-    atomic_write(run_dir / "job.sbatch", render_sbatch(plan), mode=0o755)
+    (run_dir / RunPaths.LOGS).mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / RunPaths.RECIPE, resolved_yaml(raw))
+    atomic_write(run_dir / RunPaths.PLAN, plan.to_json())
+    atomic_write(run_dir / RunPaths.SCRIPT, render_sbatch(plan), mode=0o755)
     return run_dir

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from hpcserve.backends.base import ENDPOINT_JSON, FAILURE_JSON, read_json
-from hpcserve.render import atomic_write
+from hpcserve.rundir import atomic_write
 
 log = logging.getLogger("hpcserve.agent")
 GENERATIONS_JSON, GENERATION_MARK, ALT_PLAN = "generations.json", "generation.json", "plan.alt.json"

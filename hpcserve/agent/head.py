@@ -15,7 +15,7 @@ from hpcserve import registry
 from hpcserve.agent import handover
 from hpcserve.backends.base import ENDPOINT_JSON
 from hpcserve.plan.model import Plan
-from hpcserve.render import atomic_write
+from hpcserve.rundir import atomic_write
 
 log = logging.getLogger("hpcserve.agent")
 

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 from hpcserve.errors import BackendError
-from hpcserve.render import atomic_write
+from hpcserve.rundir import atomic_write
 
 _HOST = re.compile(r"\{host:(\d+)\}")
 

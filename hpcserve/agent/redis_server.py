@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from hpcserve.agent.hosts import epoch
 from hpcserve.errors import BackendError
-from hpcserve.render import atomic_write
+from hpcserve.rundir import atomic_write
 
 REDIS_JSON = "redis.json"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hpcserve.agent.hosts import epoch
 from hpcserve.plan.model import Plan, ProcessSpec
-from hpcserve.render import atomic_write
+from hpcserve.rundir import atomic_write
 
 log = logging.getLogger("hpcserve.agent")
 DONE_JSON = "done.json"

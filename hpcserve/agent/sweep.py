@@ -43,7 +43,7 @@ from hpcserve.agent.sweep_sync import (Barrier, mark_point_end, point_end, read_
                                        write_node_record)
 from hpcserve.errors import HpcserveError
 from hpcserve.plan.model import Plan, ProcessSpec
-from hpcserve.render import atomic_write
+from hpcserve.rundir import atomic_write
 
 log = logging.getLogger("hpcserve.agent")
 STOP_JSON = "stop.json"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hpcserve.agent.hosts import epoch
 from hpcserve.errors import BackendError
-from hpcserve.render import atomic_write
+from hpcserve.rundir import atomic_write
 
 SWEEP_JSON = "sweep.json"
 POLL = 0.2

@@ -69,7 +69,7 @@ class Run:
             time.sleep(poll)
 
     def save(self) -> None:
-        from hpcserve.render import atomic_write
+        from hpcserve.rundir import atomic_write
         atomic_write(self.run_dir / JOB_JSON, json.dumps(
             {"backend": self.backend, "job_id": self.job_id, "pids": self.pids}) + "\n")
 
