@@ -1,10 +1,15 @@
 """Run-time addresses: each agent publishes its node's address in the shared run dir; argv placeholders
 ({addr}, {host:N}, {run_dir}, {run_id}) are filled from them. Node names from Slurm are never assumed to
-resolve: the agent reports the address it can actually be reached at."""
+resolve: the agent reports the address it can actually be reached at.
+
+The address is chosen per node (``cluster.address``, see ``node_rule``). A multi-node job refuses a loopback
+or link-local address found by ``auto`` or an interface: every other node would talk to itself. A literal IP
+written in the profile is trusted, so the local test cluster (every node is this host) says 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import re
@@ -22,14 +27,118 @@ def epoch() -> str:
     return f"{os.environ.get('SLURM_JOB_ID', 'local')}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
-def resolve_address(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    name = socket.gethostname()
+def resolve_address(setting: str, nodes: int | None = None) -> str:
+    """This node's address for ``cluster.address`` (see ``choose_address``), read from the live system.
+    ``nodes``: how many nodes the job has; default Slurm's SLURM_NNODES (the local backend: one host)."""
+    if nodes is None:
+        nodes = int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+    rule = node_rule(setting, node_names())
+    if rule.startswith(INTERFACE):
+        name = rule[len(INTERFACE):]
+        addr = interface_address(name)
+        if addr is None:
+            raise BackendError(f"cluster.address: interface {name!r} has no IPv4 address on node "
+                               f"{socket.gethostname()}; name another interface or give the IP")
+        return checked(addr, nodes, f"interface {name}")
+    if rule != "auto":
+        return rule   # an IP the user wrote down (127.0.0.1 declares a single-host cluster: trusted)
+    return choose_address(route_address(os.environ.get("SLURM_LAUNCH_NODE_IPADDR")), hostname_address(),
+                          non_loopback_addresses(), nodes)
+
+
+INTERFACE = "interface:"
+
+
+def node_names() -> set[str]:
+    """Names this node is known by: the hostname (short and full) and Slurm's node name."""
+    host = socket.gethostname()
+    return {n for n in (host, host.split(".")[0], os.environ.get("SLURMD_NODENAME")) if n}
+
+
+def node_rule(setting: str, names: set[str]) -> str:
+    """The rule for this node from ``cluster.address``: comma-separated entries, ``NODE=RULE`` for one node
+    and a bare ``RULE`` for the others; a rule is ``auto``, ``interface:NAME`` or an IP."""
+    default = "auto"
+    for entry in (e.strip() for e in setting.split(",") if e.strip()):
+        node, sep, rule = entry.partition("=")
+        if not sep:
+            default = entry
+        elif node.strip() in names:
+            return rule.strip()
+    return default
+
+
+def unroutable(addr: str) -> bool:
+    """Loopback (127/8, e.g. the `127.0.1.1 hostname` line of /etc/hosts) or link-local (169.254/16)."""
     try:
-        return socket.gethostbyname(name)
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_link_local or ip.is_unspecified
+
+
+def checked(addr: str, nodes: int, source: str) -> str:
+    if nodes > 1 and unroutable(addr):
+        raise BackendError(f"node address {addr} (from {source}) is loopback or link-local: the other "
+                           f"{nodes - 1} node(s) of this job cannot reach it; set cluster.address to "
+                           f"interface:NAME (e.g. interface:ib0) or NODE=IP entries")
+    return addr
+
+
+def choose_address(by_route: str | None, by_hostname: str | None, by_interface: list[str], nodes: int) -> str:
+    """``auto``: the source address of the route to the head node (Slurm's launch node), else the hostname's
+    address, else the first non-loopback interface address. A multi-node job never gets an address the
+    other nodes cannot reach: a loopback or link-local answer is skipped and, if nothing else is left, an
+    error. A single-node job may use loopback."""
+    candidates = [("the route to the head node", by_route), ("the hostname", by_hostname)]
+    candidates += [("a network interface", a) for a in by_interface]
+    for _, addr in candidates:
+        if addr and not (nodes > 1 and unroutable(addr)):
+            return addr
+    for source, addr in candidates:
+        if addr:
+            return checked(addr, nodes, source)
+    raise BackendError(f"cannot find an address for node {socket.gethostname()}; set cluster.address to its IP")
+
+
+def route_address(target: str | None) -> str | None:
+    """Source address the kernel would use to reach ``target`` (UDP connect sends nothing)."""
+    if not target:
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((target, 9))
+            return s.getsockname()[0]
     except OSError:
-        raise BackendError(f"cannot resolve this node's hostname {name!r}; set cluster.address to its IP") from None
+        return None
+
+
+def hostname_address() -> str | None:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
+
+
+def interface_address(name: str) -> str | None:
+    """IPv4 address of one interface (SIOCGIFADDR), None when it has none or does not exist."""
+    import fcntl
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(raw[20:24])
+
+
+def non_loopback_addresses() -> list[str]:
+    out = []
+    for _, name in socket.if_nameindex():
+        addr = interface_address(name)
+        if addr and not unroutable(addr):
+            out.append(addr)
+    return out
 
 
 def publish_address(run_dir: Path, rank: int, addr: str) -> None:

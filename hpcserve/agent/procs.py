@@ -13,6 +13,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpcserve.agent.gpus import visible_devices
 from hpcserve.errors import BackendError
 
 _PR_SET_PDEATHSIG = 1
@@ -31,9 +32,15 @@ def _die_with_parent() -> None:
 
 
 def child_env(*layers: dict[str, str]) -> dict[str, str]:
+    """The agent's environment without its step variables, then the layers; GPU indices a layer sets are
+    mapped onto the devices Slurm gave this step (hpcserve.agent.gpus)."""
     env = {k: v for k, v in os.environ.items() if k not in _STEP_VARS}
     for layer in layers:
         env.update(layer)
+    planned = next((layer["CUDA_VISIBLE_DEVICES"] for layer in reversed(layers) if "CUDA_VISIBLE_DEVICES" in layer),
+                   None)
+    if planned is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(planned, os.environ)
     return env
 
 
