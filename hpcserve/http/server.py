@@ -181,6 +181,8 @@ class HttpConnection(asyncio.Protocol):
             # bytes.find, not ``in``: on CPython the ``in`` operator costs about twice as much here
             te = find_header(head, lower, H_TRANSFER_ENCODING) if lower.find(H_TRANSFER_ENCODING) >= 0 else None
             if te is not None:
+                if lower.find(H_CONTENT_LENGTH) >= 0:  # RFC 9112 6.3: a smuggling vector; answer and close
+                    raise HttpParseError("a request must not carry both Content-Length and Transfer-Encoding")
                 if te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
                     raise HttpParseError("unsupported Transfer-Encoding: only chunked is understood")
                 need = -1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import os
 import time
+from urllib.parse import unquote
 
 import orjson
 
@@ -69,14 +70,16 @@ class RouterApp:
             extra = b"x-request-id: %b\r\n" % rid
         path = req.path
         route = self.routes.get(path)
+        if route is None and path[:11] == b"/v1/models/":
+            route = (b"GET", self._model_card)
         if route is None:
-            status = self._error(conn, 404, f"no route {path.decode(errors='replace')}; see /v1/models, "
+            status = self._error(conn, req.path, 404, f"no route {path.decode(errors='replace')}; see /v1/models, "
                                  "/v1/chat/completions, /v1/completions, /generate", extra, "not_found")
         elif req.method != route[0]:
-            status = self._error(conn, 405, f"use {route[0].decode()} for {path.decode()}", extra,
+            status = self._error(conn, req.path, 405, f"use {route[0].decode()} for {path.decode()}", extra,
                                  "method_not_allowed", b"allow: %b\r\n" % route[0])
         elif self.api_key is not None and path not in OPEN_PATHS and not self._authorized(req):
-            status = self._error(conn, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            status = self._error(conn, req.path, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                  extra, "authentication_error", b"www-authenticate: Bearer\r\n")
         elif route[1] is None:
             return self._generate(req, conn, extra, t0)
@@ -96,7 +99,7 @@ class RouterApp:
         try:
             status = await fn(req, conn, extra)
         finally:
-            self.metrics.observe(self.labels[req.path], status, time.perf_counter() - t0)
+            self.metrics.observe(self.labels.get(req.path, "/v1/models/{id}"), status, time.perf_counter() - t0)
 
     def _authorized(self, req: Request) -> bool:
         given = req.header(H_AUTHORIZATION) or b""
@@ -104,9 +107,9 @@ class RouterApp:
             return False
         return hmac.compare_digest(given[7:].strip(), self.api_key)
 
-    def _error(self, conn: HttpConnection, status: int, message: str, extra: bytes, kind: str,
+    def _error(self, conn: HttpConnection, path: bytes, status: int, message: str, extra: bytes, kind: str,
                more: bytes = b"") -> int:
-        conn.respond(status, error_body(status, message, kind), extra=extra + more)
+        conn.respond(status, error_body(status, message, kind, path), extra=extra + more)
         return status
 
     def _json(self, conn: HttpConnection, status: int, doc: object, extra: bytes) -> int:
@@ -119,13 +122,13 @@ class RouterApp:
         try:
             body = orjson.loads(req.body)
         except orjson.JSONDecodeError as err:
-            status = self._error(conn, 400, f"request body is not valid JSON: {err}", extra, "invalid_request_error")
+            status = self._error(conn, req.path, 400, f"request body is not valid JSON: {err}", extra, "invalid_request_error")
         else:
             if isinstance(body, dict):
                 if self.limiter.try_enter():
                     return self._start(req, conn, body, extra, label, t0)
                 return self._queued(req, conn, body, extra, label, t0)
-            status = self._error(conn, 400, "request body must be a JSON object", extra, "invalid_request_error")
+            status = self._error(conn, req.path, 400, "request body must be a JSON object", extra, "invalid_request_error")
         self.metrics.observe(label, status, time.perf_counter() - t0)
         return None
 
@@ -147,7 +150,7 @@ class RouterApp:
             await self.limiter.enter()
         except Overloaded as err:
             self.metrics.reject("queue_full" if err.status == 429 else "queue_timeout")
-            status = self._error(conn, err.status, str(err), extra, "overloaded")
+            status = self._error(conn, req.path, err.status, str(err), extra, "overloaded")
             self.metrics.observe(label, status, time.perf_counter() - t0)
             return
         finally:
@@ -199,13 +202,26 @@ class RouterApp:
                  "owned_by": "hpcserve", "root": self.served_model_name}]}, extra)
         return await self._proxy_get(req, conn, extra)
 
+    async def _model_card(self, req: Request, conn: HttpConnection, extra: bytes) -> int:
+        """GET /v1/models/{id}: the router's served name answers itself; otherwise a worker does."""
+        name = self.served_model_name
+        if not name:
+            return await self._proxy_get(req, conn, extra)
+        asked = unquote(req.path[11:].decode("latin-1"))
+        if asked != name:  # SGLang's 404 body for an unknown model
+            return self._json(conn, 404, {"error": {"message": f"The model '{asked}' does not exist",
+                                                    "type": "invalid_request_error", "param": "model",
+                                                    "code": "model_not_found"}}, extra)
+        return self._json(conn, 200, {"id": name, "object": "model", "created": int(self.started),
+                                      "owned_by": "hpcserve", "root": name, "parent": None}, extra)
+
     async def _proxy_get(self, req: Request, conn: HttpConnection, extra: bytes) -> int:
         w = self._info_worker()
         if w is None:
-            return self._error(conn, 503, "no healthy worker to ask", extra, "no_workers")
+            return self._error(conn, req.path, 503, "no healthy worker to ask", extra, "no_workers")
         try:
             status, ctype, body = await w.pool.fetch(b"GET", req.path, timeout=30.0, extra=extra)
         except UpstreamError as err:
-            return self._error(conn, 502, str(err), extra, "upstream_error")
+            return self._error(conn, req.path, 502, str(err), extra, "upstream_error")
         conn.respond(status, body, ctype, extra)
         return status

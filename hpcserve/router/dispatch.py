@@ -40,7 +40,11 @@ class RouteError(Exception):
         self.kind = kind
 
 
-def error_body(status: int, message: str, kind: str) -> bytes:
+def error_body(status: int, message: str, kind: str, path: bytes = b"") -> bytes:
+    """The router's own error in the shape the engine uses on ``path``: SGLang's OpenAI ErrorResponse on
+    /v1/*, its native {"error": {...}} elsewhere, so a client parses one shape per endpoint."""
+    if path[:4] == b"/v1/":
+        return orjson.dumps({"object": "error", "message": message, "type": kind, "param": None, "code": status})
     return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
 
 
@@ -152,6 +156,8 @@ class Dispatcher:
         if conn is not None:
             if conn.complete:
                 status = conn.status
+                if status == 200 and conn.sink is None and w.role != "prefill":
+                    self.metrics.answer_tokens(w.id, conn.body())
             w.pool.release(conn)
         if leg.innocent:
             return
@@ -208,9 +214,12 @@ class Exchange:
     def fail(self, status: int, message: str, kind: str = "upstream_error") -> None:
         client = self.client
         if not client.started:
-            client.respond(status, error_body(status, message, kind), extra=self.extra)
+            client.respond(status, error_body(status, message, kind, self.path), extra=self.extra)
         elif not client.finished:  # mid-stream: SGLang's way of reporting errors inside SSE
-            client.write(b"data: " + error_body(status, message, kind) + b"\n\n")
+            body = error_body(status, message, kind, self.path)
+            if self.path[:4] == b"/v1/":  # SGLang wraps the ErrorResponse in "error" inside a stream
+                body = b'{"error":%b}' % body
+            client.write(b"data: " + body + b"\n\n")
             client.end()
         self.finish(status)
 
@@ -220,6 +229,9 @@ class Exchange:
     def relay(self, conn: UpstreamConn, sink: Callable[[bytes], None]) -> None:
         """Stream the worker's response bytes to the client unchanged (re-framed as chunks)."""
         client = self.client
+        leg = next((leg for leg in self.legs() if leg.conn is conn), None)
+        if leg is not None:  # per-worker time to first token, inter-token gaps, tokens
+            sink = self.d.metrics.meter(leg.w.id, conn.sent_at, sink)
         if conn.receiving:  # head and first chunks leave in one write when data_received returns
             client.cork()
             conn.corked = client
@@ -334,7 +346,8 @@ class Exchange:
         for leg in self.legs():
             self.d.cancel(leg, "router error")
         if not self.client.started:
-            self.client.respond(500, error_body(500, "internal router error", "internal_error"), extra=self.extra)
+            self.client.respond(500, error_body(500, "internal router error", "internal_error", self.path),
+                                extra=self.extra)
         else:
             self.client.close()
         self.finish(500)

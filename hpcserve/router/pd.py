@@ -37,7 +37,8 @@ def splice_bootstrap(raw: bytes, body: dict, host: str, port: int | None, room: 
 
 
 class Pair(Exchange):
-    __slots__ = ("body", "raw", "pre", "dec", "want_logprob", "prefill_items", "merger", "head_waiting", "decode_waiting")
+    __slots__ = ("body", "raw", "pre", "dec", "want_logprob", "prefill_items", "merger", "head_waiting",
+                 "decode_waiting")
 
     def __init__(self, *args, body: dict, raw: bytes = b"") -> None:
         super().__init__(*args)
@@ -45,8 +46,8 @@ class Pair(Exchange):
         self.raw = raw  # the client's bytes: the bootstrap fields are spliced in when safe
         self.pre: Leg | None = None
         self.dec: Leg | None = None
-        self.want_logprob = body.get("return_logprob") is True
-        self.prefill_items: list | None = None
+        self.want_logprob = logprobs.wanted(self.path, body)  # the merger format, or None
+        self.prefill_items: dict | None = None
         self.merger: logprobs.SseMerger | None = None
         self.head_waiting = False  # decode's stream head came before the prefill logprobs it needs
         self.decode_waiting = False  # decode finished before the prefill logprobs it needs
@@ -111,7 +112,7 @@ class Pair(Exchange):
 
     def _relay(self) -> None:
         if self.want_logprob:
-            self.merger = logprobs.SseMerger(self.prefill_items or [], self.client.write)
+            self.merger = logprobs.SseMerger(self.want_logprob, self.prefill_items or {}, self.client.write)
             self.relay(self.dec.conn, self.merger)
         else:
             self.relay(self.dec.conn, self.client.write)
@@ -126,7 +127,7 @@ class Pair(Exchange):
         pre, d = self.pre, self.d
         if err is None and conn.status < 300:
             if self.want_logprob:
-                self.prefill_items = logprobs.parse_prefill(conn.body())
+                self.prefill_items = logprobs.parse_prefill(self.want_logprob, conn.body())
             d.settle(pre, None)
             if self.head_waiting and not self.done:
                 self.head_waiting = False
@@ -178,7 +179,7 @@ class Pair(Exchange):
             d.cancel(pre, f"decode worker {dec.w.id} answered HTTP {status}")
         body = conn.body()
         if status == 200 and self.prefill_items:
-            body = logprobs.merge_body(self.prefill_items, body)
+            body = logprobs.merge_body(self.want_logprob, self.prefill_items, body)
         client.respond(status, body, conn.ctype, self.extra)
         d.settle(dec, None)
         self.finish(status)
