@@ -42,7 +42,8 @@ def test_gpu_profile_keeps_gpu_directives_local_profile_drops_them():
     [(_, local)] = load_plans(REPO / "recipes/llama70b-1p1d.yaml", cluster=str(REPO / "slurm/clusters/local.yaml"),
                               python="python3")
     assert "#SBATCH --gpus-per-node=8\n" in render_sbatch(gpu)
-    assert "--exclusive" in render_sbatch(gpu) and "--container-image=" in render_sbatch(gpu)
+    # the agents run outside the image; the engines go in through the runtime (tests/test_containers.py)
+    assert "--exclusive" in render_sbatch(gpu) and "--container-image=" not in render_sbatch(gpu)
     assert "--gpus-per-node" not in render_sbatch(local)
     assert "#SBATCH --partition=debug\n" in render_sbatch(local)
     # the layout itself does not depend on whether GRES is requested

@@ -24,6 +24,7 @@ from hpcserve.agent.handover import Handover
 from hpcserve.agent.head import HeadWatch
 from hpcserve.agent.procs import child_env
 from hpcserve.agent.supervisor import Managed, Supervisor
+from hpcserve.containers.base import engine_command
 from hpcserve.errors import HpcserveError
 from hpcserve.plan.model import Plan
 from hpcserve.render import atomic_write
@@ -106,7 +107,13 @@ def managed_process(plan: Plan, spec, run_dir: Path, run_id: str, redis_url: str
     env = child_env(plan.env, spec.env, {"HPCSERVE_REDIS_URL": redis_url, "HPCSERVE_RUN_ID": run_id}
                     if spec.kind in ("router", "batch", "bench") else {})
     argv = hosts.fill(spec.argv, addr, addrs, {"run_dir": str(run_dir), "run_id": run_id})
-    return Managed(spec, argv, env, run_dir, addr, rank)
+    stop_signal = signal.SIGTERM
+    if spec.kind == "engine":   # only the engine runs inside the image, started through the runtime
+        argv, stop_signal = engine_command(plan.slurm, spec.name, argv, env, rank,
+                                           str(run_dir), os.environ.get("SLURMD_NODENAME"))
+    m = Managed(spec, argv, env, run_dir, addr, rank)
+    m.stop_signal = stop_signal
+    return m
 
 
 def check_model_paths(procs: list, rank: int) -> None:

@@ -7,28 +7,19 @@ agent (PR_SET_PDEATHSIG), so neither a graceful stop nor a SIGKILLed agent leave
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 from hpcserve.agent.gpus import visible_devices
+from hpcserve.containers.lifecycle import die_with_parent
 from hpcserve.errors import BackendError
 
-_PR_SET_PDEATHSIG = 1
 # Variables of the agent's own srun step that would mislead frameworks inside the engine.
 _STEP_VARS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_STEPID", "SLURM_STEP_ID",
               "SLURM_STEP_NUM_TASKS", "SLURM_STEP_TASKS_PER_NODE", "SLURM_CPU_BIND", "SLURM_CPU_BIND_LIST",
               "SLURM_CPU_BIND_TYPE", "SLURM_CPU_BIND_VERBOSE", "SLURM_DISTRIBUTION", "SLURM_TASKS_PER_NODE")
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def child_env(*layers: dict[str, str]) -> dict[str, str]:
@@ -64,7 +55,7 @@ async def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path,
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                env=env, cwd=str(cwd), start_new_session=True, preexec_fn=_die_with_parent)
+                env=env, cwd=str(cwd), start_new_session=True, preexec_fn=die_with_parent)
         except FileNotFoundError:
             raise BackendError(f"{name}: cannot start {argv[0]!r}: not found on this node; "
                                f"fix engine.python / cluster.python or install it") from None
@@ -80,10 +71,11 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-async def stop(child: Child, grace: float = 10.0) -> int | None:
-    """SIGTERM the child's process group, SIGKILL it after ``grace`` seconds; returns the exit code."""
+async def stop(child: Child, grace: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
+    """``sig`` (SIGTERM, or what the container runtime relays as SIGTERM) to the child's process group,
+    SIGKILL after ``grace`` seconds; returns the exit code."""
     if child.running:
-        _signal_group(child.pid, signal.SIGTERM)
+        _signal_group(child.pid, sig)
         try:
             await asyncio.wait_for(child.proc.wait(), grace)
         except asyncio.TimeoutError:

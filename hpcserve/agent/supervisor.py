@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class Managed:
         self.started_at = 0.0
         self.exit_code: int | None = None
         self.stopping = False
+        self.stop_signal = int(signal.SIGTERM)   # the container runtime may relay another one (pyxis: USR1)
 
     @property
     def is_worker(self) -> bool:
@@ -62,7 +64,7 @@ class Managed:
     async def stop(self, grace: float = 10.0) -> None:
         self.stopping = True
         if self.child is not None and self.exit_code is None:
-            self.exit_code = await procs.stop(self.child, grace)
+            self.exit_code = await procs.stop(self.child, grace, self.stop_signal)
 
 
 class Supervisor:

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from hpcserve.agent.procs import _die_with_parent
 from hpcserve.backends.base import Run, register
+from hpcserve.containers.lifecycle import die_with_parent
 
 
 class LocalBackend:
@@ -26,7 +26,7 @@ class LocalBackend:
                 [sys.executable, "-m", "hpcserve", "node", "--plan", str(run_dir / "plan.json"),
                  "--run-dir", str(run_dir), "--node-rank", str(rank)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=run_dir,
-                start_new_session=True, preexec_fn=_die_with_parent))
+                start_new_session=True, preexec_fn=die_with_parent))
             out.close()
         run = Run(run_dir, self.name, pids=[p.pid for p in self.procs])
         run.save()

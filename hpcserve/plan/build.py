@@ -163,4 +163,5 @@ def _slurm(recipe: Recipe, num_nodes: int) -> SlurmSpec:
         gpus_per_node=c.gpus_per_node if (c.request_gpus and c.gpus_per_node) else None,
         account=c.account, partition=c.partition, qos=c.qos, signal=f"USR2@{c.signal_seconds}",
         directives=list(c.sbatch) + (["--requeue"] if recipe.batch else []), setup=list(c.setup), container_runtime=c.container_runtime,
-        container=recipe.engine.container, container_mounts=list(c.container_mounts))
+        container=recipe.engine.container, container_mounts=list(c.container_mounts),
+        container_setup=list(recipe.engine.setup))

@@ -67,6 +67,7 @@ class SlurmSpec(Frozen):
     container_runtime: str
     container: str | None
     container_mounts: list[str]
+    container_setup: list[str] = []   # engine.setup: shell lines run inside the engine's image before it
     array: int | None = None          # job array size: task i runs the plan in shard-000i/
 
 

@@ -50,7 +50,12 @@ class ModelSpec(Strict):
 class EngineSpec(Strict):
     kind: str = Field("sglang", description="Engine registry name: sglang | mock | torch.")
     version: str | None = Field(None, description="Engine version the flags are written for (pin it).")
-    container: str | None = Field(None, description="Container image (pyxis squashfs or apptainer .sif).")
+    container: str | None = Field(None, description="Container image the engine runs in (pyxis/enroot .sqsh or "
+                                                    "docker://, apptainer .sif, charliecloud directory or "
+                                                    "SquashFS); needs cluster.container_runtime.")
+    setup: list[str] = Field(default_factory=list,
+                             description="Shell lines run inside the engine's image (or environment) right "
+                                         "before each engine process, e.g. `export NCCL_IB_HCA=mlx5`.")
     python: str = Field("python3", description="Interpreter that runs the engine module on the nodes.")
     mock: dict[str, float] = Field(default_factory=dict,
                                    description="Mock engine timing options, e.g. {time-scale: 0, decode-step-ms: 5}.")
@@ -73,8 +78,9 @@ class EngineSpec(Strict):
     @classmethod
     def _known_engine(cls, v: str) -> str:
         from hpcserve.engines.base import ENGINES
-        if v not in ENGINES:
-            raise ValueError(f"unknown engine kind {v!r}; choose one of: {', '.join(sorted(ENGINES))}")
+        kinds = sorted(k for k, e in ENGINES.items() if getattr(e, "selectable", True))   # not a stack's own
+        if v not in kinds:
+            raise ValueError(f"unknown engine kind {v!r}; choose one of: {', '.join(kinds)}")
         return v
 
 
@@ -86,8 +92,13 @@ class ClusterSpec(Strict):
     time: str = Field("01:00:00", description="Wall-clock limit (Slurm time format; UNLIMITED is refused).")
     gpus_per_node: int = Field(8, ge=0, le=64, description="GPUs per node used for packing.")
     request_gpus: bool = Field(True, description="Emit --gpus-per-node (false on clusters without GRES).")
-    container_runtime: Literal["pyxis", "apptainer", "none"] = Field("none", description="How containers run.")
-    container_mounts: list[str] = Field(default_factory=list, description="src:dst mounts for the container.")
+    # The names of hpcserve.containers' registry (tests/test_containers.py keeps the two equal).
+    container_runtime: Literal["none", "pyxis", "apptainer", "singularity", "charliecloud"] = Field(
+        "none", description="How engines start inside engine.container: none | pyxis | apptainer | singularity | "
+                            "charliecloud. hpcserve itself always runs outside the image.")
+    container_mounts: list[str] = Field(default_factory=list, description="src:dst mounts for the engine's "
+                                                                          "container (the run dir and model path "
+                                                                          "are added).")
     sbatch: list[str] = Field(default_factory=list,
                               description="Extra sbatch directives passed through, e.g. --exclusive.")
     setup: list[str] = Field(default_factory=list, description="Shell lines run in the batch script first.")
@@ -251,6 +262,8 @@ class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Job and run name.")
     model: ModelSpec = Field(description="What to serve.")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="How to serve it.")
+    stack: str = Field("sglang", description="Serving stack: sglang (router.kind in front of SGLang servers) | "
+                                             "dynamo (Dynamo's frontend and workers); see docs/dynamo.md.")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Where (inline or profile file).")
     workers: GroupSpec | None = Field(None, description="Aggregated topology (no PD).")
     prefill: GroupSpec | None = Field(None, description="PD prefill group.")
@@ -287,6 +300,10 @@ class Recipe(Strict):
                              f"cluster.time ({self.cluster.time}); lower it")
         if self.serve.continuous:
             self._check_continuous()
+        if self.engine.container and self.cluster.container_runtime == "none":
+            raise ValueError(f"engine.container: image {self.engine.container} is given but cluster.container_runtime "
+                             f"is none; set cluster.container_runtime (pyxis, apptainer, charliecloud) or remove "
+                             f"engine.container")
         return self
 
     def _check_continuous(self) -> None:

@@ -1,0 +1,90 @@
+"""The built-in container runtimes. Each starts the engine so that the agent's stop signal reaches it as
+SIGTERM and the agent's death (SIGKILL, PR_SET_PDEATHSIG on the started process) ends it."""
+
+from __future__ import annotations
+
+import signal
+
+from hpcserve.containers.base import EngineLaunch, register, shell_wrapper, split_bind
+
+
+class Bare:
+    """No container: the engine runs in the node's environment (a virtual environment, modules)."""
+
+    name = "none"
+
+    def command(self, launch: EngineLaunch) -> list[str]:
+        return shell_wrapper(launch)
+
+    def stop_signal(self, launch: EngineLaunch) -> int:
+        return signal.SIGTERM
+
+
+class Pyxis:
+    """An srun step with pyxis's --container-image (enroot underneath), overlapping the agent's step on the
+    same node, as srt-slurm starts SGLang. srun answers SIGTERM by killing the step, so the agent sends
+    SIGUSR1, which srun forwards, and a shell inside the image turns it into SIGTERM for the engine. A
+    killed srun (agent gone) makes Slurm end the step within seconds."""
+
+    name = "pyxis"
+    relay = "USR1"
+
+    def command(self, launch: EngineLaunch) -> list[str]:
+        if launch.image is None:
+            return shell_wrapper(launch)
+        where = f"--nodelist={launch.node_name}" if launch.node_name else f"--relative={launch.node}"
+        mounts = ",".join(f"{src}:{dst}" for src, dst in map(split_bind, launch.binds))
+        # Slurm sets CUDA_VISIBLE_DEVICES for a step itself: restate the plan's choice inside the image.
+        gpus = launch.env.get("CUDA_VISIBLE_DEVICES")
+        inner = EngineLaunch(launch.argv, setup=([f"export CUDA_VISIBLE_DEVICES={gpus}"] if gpus else [])
+                             + list(launch.setup))
+        return ["srun", "--overlap", "--nodes=1", "--ntasks=1", where, f"--job-name={launch.name}",
+                "--export=ALL", f"--container-image={launch.image}",
+                *([f"--container-mounts={mounts}"] if mounts else []),
+                f"--container-workdir={launch.workdir}", "--no-container-mount-home",
+                *shell_wrapper(inner, relay=self.relay)]
+
+    def stop_signal(self, launch: EngineLaunch) -> int:
+        return signal.SIGUSR1 if launch.image is not None else signal.SIGTERM
+
+
+class Apptainer:
+    """`apptainer exec --nv` (or `singularity exec`): the runtime's starter forwards signals to the
+    container process and takes it down when it dies; the host environment passes in by default."""
+
+    def __init__(self, binary: str):
+        self.name = binary
+
+    def command(self, launch: EngineLaunch) -> list[str]:
+        if launch.image is None:
+            return shell_wrapper(launch)
+        binds = [a for b in launch.binds for a in ("--bind", ":".join(split_bind(b)))]
+        return [self.name, "exec", "--nv", *binds, "--pwd", launch.workdir, launch.image, *shell_wrapper(launch)]
+
+    def stop_signal(self, launch: EngineLaunch) -> int:
+        return signal.SIGTERM
+
+
+class Charliecloud:
+    """`ch-run IMAGE -- CMD`: unprivileged, no daemon, no PID namespace; ch-run sets up its namespaces and
+    execs the command in place, so the engine keeps the agent-started PID, process group and parent-death
+    signal. The image is a directory or SquashFS; bind destinations must exist in it (ch-run does not
+    create them in a read-only image)."""
+
+    name = "charliecloud"
+
+    def command(self, launch: EngineLaunch) -> list[str]:
+        if launch.image is None:
+            return shell_wrapper(launch)
+        binds = [f"--bind={':'.join(split_bind(b))}" for b in launch.binds]
+        return ["ch-run", *binds, f"--cd={launch.workdir}", launch.image, "--", *shell_wrapper(launch)]
+
+    def stop_signal(self, launch: EngineLaunch) -> int:
+        return signal.SIGTERM
+
+
+register(Bare())
+register(Pyxis())
+register(Apptainer("apptainer"))
+register(Apptainer("singularity"))
+register(Charliecloud())
