@@ -55,6 +55,7 @@ async def serve(cfg: MockConfig) -> int:
         announce = loop.create_task(_announce_ready(mock, stop))
         await stop.wait()
         announce.cancel()
+        _say("stop signal: draining")   # tests check that a runtime's stop signal arrives as SIGTERM
         return 0
     finally:
         await asyncio.wait_for(_shutdown(servers, ranks, mock), 5.0)
