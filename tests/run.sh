@@ -14,6 +14,7 @@
 #   SLURM_LOCAL_ACCOUNTING=0   no MariaDB/slurmdbd (sacct off); default 1
 #   HPCSERVE_SLURM=0           do not start Slurm (Slurm tests skip)
 #   HPCSERVE_SGLANG_CHECK=0    skip installing the sglang parser-check extras
+#   HPCSERVE_DYNAMO=0          skip installing NVIDIA Dynamo (the Dynamo stack tests then skip)
 #   HPCSERVE_SKIP_INSTALL=1    skip apt-get and pip steps entirely
 #   HPCSERVE_VENV              virtual environment to install into and run from (default: REPO/.venv;
 #                              created with PYTHON if missing). The machine's own Python is left alone.
@@ -129,6 +130,35 @@ install_sglang_check_deps() {
 }
 # <<< install_sglang_check_deps
 
+# >>> install_dynamo (owner: issue 19). NVIDIA Dynamo 1.6.1 for the Dynamo stack tests (frontend + mocker).
+# The ai-dynamo wheel depends on aisimulate, whose install step downloads from outside and fails offline:
+# install ai-dynamo and ai-dynamo-runtime with --no-deps, then their other dependencies (pyproject extra
+# `dynamo`) with the venv's torch, pydantic, tokenizers and numpy held where they are. ai-dynamo-runtime asks
+# for pydantic<=2.13.5; the frontend and mocker run with the venv's newer pydantic, so `pip check` keeps
+# reporting that line (and aisimulate) on purpose. transformers follows sglang 0.5.23's pin.
+install_dynamo() {
+  local pin=1.6.1
+  local probe="import importlib.metadata as m, sys; import dynamo.frontend.frontend_args, dynamo.mocker.args, transformers, kubernetes; sys.exit(m.version('ai-dynamo') != '$pin')"
+  if (cd / && "$PY" -c "$probe" >/dev/null 2>&1); then
+    say "ai-dynamo $pin already importable"; return 0
+  fi
+  say "pip install --no-deps ai-dynamo==$pin ai-dynamo-runtime==$pin, then '.[dynamo]'"
+  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps \
+      "ai-dynamo==$pin" "ai-dynamo-runtime==$pin" || return 1
+  local cons
+  cons=$(mktemp) || return 1
+  "$PY" -m pip freeze 2>/dev/null | grep -iE '^(torch|pydantic|pydantic[-_]core|tokenizers|numpy)==' > "$cons"
+  echo "transformers==5.19.0" >> "$cons"
+  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -c "$cons" -e ".[dynamo]" \
+    || { rm -f "$cons"; return 1; }
+  rm -f "$cons"
+  local m
+  for m in dynamo.frontend dynamo.mocker; do
+    (cd / && "$PY" -m "$m" --help >/dev/null 2>&1) || { say "python -m $m --help fails after the install"; return 1; }
+  done
+}
+# <<< install_dynamo
+
 # ------------------------------------------------------------------ run
 if [ "${HPCSERVE_SKIP_INSTALL:-0}" != 1 ]; then
   t=$(now); install_apt_packages; phase_done apt "$t"
@@ -138,6 +168,11 @@ if [ "${HPCSERVE_SKIP_INSTALL:-0}" != 1 ]; then
     t=$(now)
     install_sglang_check_deps || fail "install_sglang_check_deps failed: the sglang parser checks need it (HPCSERVE_SGLANG_CHECK=0 skips them on purpose)"
     phase_done sglang-deps "$t"
+  fi
+  if [ "${HPCSERVE_DYNAMO:-1}" != 0 ]; then
+    t=$(now)
+    install_dynamo || fail "install_dynamo failed: the Dynamo stack tests need ai-dynamo (HPCSERVE_DYNAMO=0 skips them on purpose)"
+    phase_done dynamo "$t"
   fi
 fi
 
