@@ -3,6 +3,8 @@ SIGTERM and the agent's death (SIGKILL, PR_SET_PDEATHSIG on the started process)
 
 from __future__ import annotations
 
+import os
+import pwd
 import signal
 
 from hpcserve.containers.base import EngineLaunch, register, shell_wrapper, split_bind
@@ -77,7 +79,9 @@ class Charliecloud:
         if launch.image is None:
             return shell_wrapper(launch)
         binds = [f"--bind={':'.join(split_bind(b))}" for b in launch.binds]
-        return ["ch-run", *binds, f"--cd={launch.workdir}", launch.image, "--", *shell_wrapper(launch)]
+        # ch-run refuses to start without $USER, which a job's environment does not always carry
+        user = [] if launch.env.get("USER") else ["env", f"USER={pwd.getpwuid(os.getuid()).pw_name}"]
+        return [*user, "ch-run", *binds, f"--cd={launch.workdir}", launch.image, "--", *shell_wrapper(launch)]
 
     def stop_signal(self, launch: EngineLaunch) -> int:
         return signal.SIGTERM
