@@ -6,6 +6,9 @@ Keys, all under ``hpcserve:{run_id}:``:
   changes          pub/sub channel; the worker_id is published after every change to ``workers``
   events           stream of state changes, restarts and errors (capped)
   status           hash   job phase and batch/bench progress fields
+  policies         hash   role -> routing policy name chosen by an operator (the router follows it)
+  routing          pub/sub channel; a role is published after every change to ``policies``
+  commands         pub/sub channel; Command JSON from the control API to the node agents
 """
 
 from __future__ import annotations
@@ -45,6 +48,18 @@ def status_key(run_id: str) -> str:
     return prefix(run_id) + "status"
 
 
+def policies_key(run_id: str) -> str:
+    return prefix(run_id) + "policies"
+
+
+def routing_channel(run_id: str) -> str:
+    return prefix(run_id) + "routing"
+
+
+def commands_channel(run_id: str) -> str:
+    return prefix(run_id) + "commands"
+
+
 class WorkerRecord(BaseModel):
     """One engine server as the router sees it. ``url`` is what the router dials."""
 
@@ -60,6 +75,7 @@ class WorkerRecord(BaseModel):
     state: WorkerState = "starting"
     started_at: float = 0.0
     restarts: int = 0
+    rotation: bool = True   # False: an operator took it out of rotation (the router sends it nothing new)
 
     @property
     def bootstrap_host(self) -> str:
@@ -71,6 +87,61 @@ class WorkerRecord(BaseModel):
     @classmethod
     def from_json(cls, raw: bytes | str) -> "WorkerRecord":
         return cls.model_validate(orjson.loads(raw))
+
+
+class Event(BaseModel):
+    """One entry of the events stream: ``kind`` (ready, exit, restart, dead, action, ...), when, and the
+    entry's other fields as strings."""
+
+    id: str
+    kind: str
+    ts: float
+    fields: dict[str, str] = {}
+
+    @classmethod
+    def from_entry(cls, entry_id: bytes | str, body: dict) -> "Event":
+        d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+             for k, v in body.items()}
+        kind = d.pop("kind", "")
+        try:
+            ts = float(d.pop("ts", 0.0))
+        except ValueError:
+            ts = 0.0
+        return cls(id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id, kind=kind, ts=ts, fields=d)
+
+
+CommandAction = Literal["restart", "drain", "rotate_out", "rotate_in"]
+
+
+class Command(BaseModel):
+    """An operator action for the node agent that runs ``worker`` (sent on the commands channel)."""
+
+    action: CommandAction
+    worker: str
+
+
+async def send_command(redis: Any, run_id: str, cmd: Command) -> int:
+    """Publish a command; returns how many agents are listening (0: none would act on it)."""
+    return await redis.publish(commands_channel(run_id), cmd.model_dump_json())
+
+
+async def set_policy(redis: Any, run_id: str, role: str, policy: str) -> None:
+    pipe = redis.pipeline(transaction=False)
+    pipe.hset(policies_key(run_id), role, policy)
+    pipe.publish(routing_channel(run_id), role)
+    await pipe.execute()
+
+
+async def load_policies(redis: Any, run_id: str) -> dict[str, str]:
+    raw = await redis.hgetall(policies_key(run_id))
+    return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()}
+
+
+async def recent_events(redis: Any, run_id: str, count: int = 50) -> list[Event]:
+    """The last ``count`` events, oldest first."""
+    rows = await redis.xrevrange(events_key(run_id), count=count)
+    return [Event.from_entry(i, body) for i, body in reversed(rows)]
 
 
 async def publish_worker(redis: Any, run_id: str, rec: WorkerRecord, hb_ttl: float | None = None) -> None:

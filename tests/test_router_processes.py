@@ -18,10 +18,12 @@ from test_router_util import free_port, wait_until
 def test_snapshots_add_up():
     a = {"requests": [["/generate", 200, 3]], "latency": {"/generate": [1, 2, 0.5]}, "retries": {"prefill": 1},
          "upstream_errors": [], "rejected": {}, "inflight": 1, "queued": 0, "ejections_total": 0,
-         "workers": {"w0": ["both", 1, 1, 0]}}
+         "output_tokens": {"w0": 10}, "ttft": {"w0": [1, 0, 0.01]}, "itl": {},
+         "workers": {"w0": ["both", 1, 1, 0, 5, 1]}}
     b = {"requests": [["/generate", 200, 4], ["/generate", 502, 1]], "latency": {"/generate": [0, 5, 1.5]},
          "retries": {"prefill": 2}, "upstream_errors": [["w0", "io", 1]], "rejected": {"queue_full": 2},
-         "inflight": 2, "queued": 1, "ejections_total": 1, "workers": {"w0": ["both", 2, 0, 1]},
+         "inflight": 2, "queued": 1, "ejections_total": 1, "workers": {"w0": ["both", 2, 0, 1, 7, 0]},
+         "output_tokens": {"w0": 5, "w1": 1}, "ttft": {"w0": [0, 2, 3.0]}, "itl": {"w1": [1, 0, 0.5]},
          "redispatches": [["decode", "worker_lost", 2]]}
     _add(a, b)
     assert sorted(a["requests"]) == [["/generate", 200, 7], ["/generate", 502, 1]]
@@ -29,7 +31,10 @@ def test_snapshots_add_up():
     assert a["retries"] == {"prefill": 3} and a["rejected"] == {"queue_full": 2}
     assert a["redispatches"] == [["decode", "worker_lost", 2]]
     assert (a["inflight"], a["queued"], a["ejections_total"]) == (3, 1, 1)
-    assert a["workers"]["w0"] == ["both", 3, 0, 1]  # unhealthy in any process shows unhealthy
+    # unhealthy (or out of rotation) in any process shows so; requests sent add up
+    assert a["workers"]["w0"] == ["both", 3, 0, 1, 12, 0]
+    assert a["output_tokens"] == {"w0": 15, "w1": 1}
+    assert a["ttft"] == {"w0": [1, 2, 3.01]} and a["itl"] == {"w1": [1, 0, 0.5]}
 
 
 def test_two_processes_share_a_port_and_metrics(tmp_path):

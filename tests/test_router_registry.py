@@ -78,7 +78,10 @@ def test_notifications_add_and_remove_workers(tmp_path, redis_url):
         wait_until(lambda: _ids(router) == {"p0"}, 5, what="d0 removed")
         assert httpx.post(router.url + "/generate", json={"text": "x"}, timeout=10).status_code == 503
         _run(_publish(url, _record("p0", "prefill", prefill, state="draining")))
-        wait_until(lambda: _ids(router) == set(), 5, what="draining p0 leaves the rotation")
+        # a draining worker stays listed (its in-flight requests are counted) but out of rotation
+        wait_until(lambda: [(w["id"], w["rotation"], w["healthy"]) for w in router.workers()["workers"]]
+                   == [("p0", False, True)], 5, what="draining p0 leaves the rotation")
+        assert router.workers()["workers"][0]["inflight"] == 0
     finally:
         if router is not None:
             router.stop()

@@ -11,7 +11,8 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from hpcserve.registry import WorkerRecord, changes_channel, heartbeat_key, workers_key
+from hpcserve.registry import (WorkerRecord, changes_channel, heartbeat_key, load_policies, routing_channel,
+                               workers_key)
 from hpcserve.router.workers import WorkerSet
 
 log = logging.getLogger("hpcserve.router")
@@ -44,6 +45,8 @@ class RegistryFollower:
         self.sessions = 0
         self.grace_until = 0.0           # after a reconnect: keep workers the (restarted) Redis does not list yet
         self._last_records: dict[str, WorkerRecord] = {}
+        self._routing = {routing_channel(run_id), routing_channel(run_id).encode()}
+        self.on_policies = None   # callable(role -> policy name): operators' policy choices (control API)
 
     # Agents re-register every second (heartbeat loop); give them a few heartbeats before dropping workers
     # that a restarted, empty Redis no longer lists.
@@ -85,14 +88,19 @@ class RegistryFollower:
             records = {**{w: r for w, r in self._last_records.items() if w not in records}, **records}
         self._last_records = records
         self.workers.sync_registry(records)
+        await self._policies(client)
         self.last_sync = asyncio.get_running_loop().time()
+
+    async def _policies(self, client: aioredis.Redis) -> None:
+        if self.on_policies is not None:
+            self.on_policies(await load_policies(client, self.run_id))
 
     async def _session(self) -> None:
         client = aioredis.from_url(self.url, socket_connect_timeout=2.0, socket_timeout=5.0,
                                    health_check_interval=10)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(changes_channel(self.run_id))
+            await pubsub.subscribe(changes_channel(self.run_id), routing_channel(self.run_id))
             self.sessions += 1
             if self.sessions > 1:
                 self.grace_until = asyncio.get_running_loop().time() + self.REREGISTER_GRACE
@@ -105,7 +113,9 @@ class RegistryFollower:
             while True:
                 wait = max(0.0, min(0.5, next_scan - loop.time()))
                 msg = await pubsub.get_message(timeout=wait)
-                if msg is not None and msg.get("type") == "message":
+                if msg is not None and msg.get("type") == "message" and msg["channel"] in self._routing:
+                    await self._policies(client)
+                elif msg is not None and msg.get("type") == "message":
                     data = msg["data"]
                     wid = data.decode() if isinstance(data, bytes) else str(data)
                     rec = await self._load_one(client, wid)

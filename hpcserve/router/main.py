@@ -58,11 +58,32 @@ def build(ns) -> tuple[RouterApp, HealthChecker, RegistryFollower | None]:
                                     ns.queue_timeout), policies=policies,
                     api_key=ns.api_key, served_model_name=ns.served_model_name, follower=follower)
     dispatcher.on_finished = app.finished
+    if follower is not None:
+        follower.on_policies = lambda chosen: switch_policies(app, chosen, opts)
     if ns.health_timeout is not None and ns.health_timeout > ns.health_interval:
         log.info("--health-timeout %g capped at --health-interval %g", ns.health_timeout, ns.health_interval)
     health = HealthChecker(workers, interval=ns.health_interval, timeout=ns.health_timeout,
                            on_stalled=dispatcher.worker_stalled)
     return app, health, follower
+
+
+def switch_policies(app: RouterApp, chosen: dict[str, str], opts: dict) -> None:
+    """Follow operators' policy choices (role -> name, from the registry): new requests use the new policy,
+    requests in flight finish where they are. Unknown roles or names are logged and skipped."""
+    for role, name in chosen.items():
+        old = app.policies.get(role)
+        if old is None or old.name == name:
+            continue
+        try:
+            new = make_policy(name, **opts)
+        except ValueError as err:
+            log.warning("ignoring the policy choice for %s: %s", role, err)
+            continue
+        app.policies[role] = new   # the dispatcher shares this dict
+        for w in app.workers.all():
+            old.forget(w)
+        app.needs_key = any(p.needs_key for p in app.policies.values())
+        log.info("%s policy switched from %s to %s", role, old.name, name)
 
 
 def _share(total: int, processes: int) -> int:

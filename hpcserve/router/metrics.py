@@ -1,10 +1,13 @@
 """Prometheus metrics. Counts live in plain dicts updated on the hot path (a dict increment, no locks) and
-are turned into prometheus-client metric families only when /metrics is scraped."""
+are turned into prometheus-client metric families only when /metrics is scraped. Every name is listed in
+docs/metrics.md; per-worker latency names follow SGLang's and Dynamo's (time_to_first_token_seconds,
+inter_token_latency_seconds)."""
 
 from __future__ import annotations
 
 import os
 from bisect import bisect_left
+from time import monotonic
 from typing import Iterable
 
 import orjson
@@ -27,6 +30,9 @@ class RouterMetrics:
         self.redispatches: dict[tuple[str, str], int] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
         self.rejected: dict[str, int] = {}
+        self.output_tokens: dict[str, int] = {}   # worker -> generated tokens relayed or answered
+        self.ttft: dict[str, list] = {}           # worker -> histogram like ``latency``
+        self.itl: dict[str, list] = {}
         self.inflight = 0
         self.queued = 0
         self.registry = CollectorRegistry(auto_describe=False)
@@ -35,11 +41,25 @@ class RouterMetrics:
     def observe(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
         self.requests[key] = self.requests.get(key, 0) + 1
-        h = self.latency.get(route)
-        if h is None:
-            h = self.latency[route] = [0] * (len(BUCKETS) + 2) + [0.0]
-        h[bisect_left(BUCKETS, seconds)] += 1
-        h[-1] += seconds
+        _observe(self.latency, route, seconds)
+
+    def tokens(self, worker_id: str, n: int) -> None:
+        self.output_tokens[worker_id] = self.output_tokens.get(worker_id, 0) + n
+
+    def answer_tokens(self, worker_id: str, body: bytes) -> None:
+        """Count the completion tokens a whole (not streamed) answer reports (OpenAI usage or SGLang
+        meta_info: the same key)."""
+        i = body.rfind(b'"completion_tokens":')
+        if i >= 0:
+            j = i + 20
+            k = j
+            while k < len(body) and body[k] in b" 0123456789":
+                k += 1
+            if body[j:k].strip().isdigit():
+                self.tokens(worker_id, int(body[j:k]))
+
+    def meter(self, worker_id: str, sent_at: float, sink):
+        return StreamMeter(self, worker_id, sent_at, sink)
 
     def retry(self, role: str) -> None:
         self.retries[role] = self.retries.get(role, 0) + 1
@@ -67,8 +87,9 @@ class RouterMetrics:
             "upstream_errors": [[w, k, n] for (w, k), n in self.upstream_errors.items()],
             "rejected": self.rejected, "inflight": self.inflight, "queued": self.queued,
             "ejections_total": self.workers.ejections_total,
-            "workers": {w.id: [w.role, w.inflight, 1 if w.circuit == "closed" else 0, w.ejections]
-                        for w in self.workers.all()},
+            "output_tokens": self.output_tokens, "ttft": self.ttft, "itl": self.itl,
+            "workers": {w.id: [w.role, w.inflight, 1 if w.circuit == "closed" else 0, w.ejections, w.served,
+                               1 if w.rotation else 0] for w in self.workers.all()},
         }
 
     def write_snapshot(self) -> None:
@@ -101,16 +122,19 @@ class RouterMetrics:
         for route, status, n in sorted(m["requests"]):
             c.add_metric([route, str(status)], n)
         yield c
-        h = HistogramMetricFamily("hpcserve_router_request_duration_seconds",
-                                  "Time from request parsed to response complete (whole stream for streams).",
-                                  labels=["route"])
-        for route, counts in sorted(m["latency"].items()):
-            cum, buckets = 0, []
-            for bound, n in zip(BUCKETS + (float("inf"),), counts[:-1]):
-                cum += n
-                buckets.append((str(bound) if bound != float("inf") else "+Inf", cum))
-            h.add_metric([route], buckets, counts[-1])
-        yield h
+        yield _histogram("hpcserve_router_request_duration_seconds",
+                         "Time from request parsed to response complete (whole stream for streams).",
+                         "route", m["latency"])
+        yield _histogram("hpcserve_router_time_to_first_token_seconds", "Streamed requests: time from sending "
+                         "to a worker to its first response bytes.", "worker", m["ttft"])
+        yield _histogram("hpcserve_router_inter_token_latency_seconds", "Streamed requests: gap between "
+                         "response chunks of a worker, per token (SSE event).", "worker", m["itl"])
+        ot = CounterMetricFamily("hpcserve_router_output_tokens", "Generated tokens relayed from each worker "
+                                 "(SSE events of streams, usage.completion_tokens of whole answers).",
+                                 labels=["worker"])
+        for wid, n in sorted(m["output_tokens"].items()):
+            ot.add_metric([wid], n)
+        yield ot
         for name, doc, value in (("inflight_requests", "Requests being served now.", m["inflight"]),
                                  ("queued_requests", "Requests waiting for a concurrency slot.", m["queued"])):
             g = GaugeMetricFamily(f"hpcserve_router_{name}", doc)
@@ -122,13 +146,17 @@ class RouterMetrics:
                                labels=["worker", "role"])
         ej = CounterMetricFamily("hpcserve_router_worker_ejections", "Times a worker was ejected by its breaker.",
                                  labels=["worker", "role"])
-        for wid, (role, inflight, healthy, ejections) in sorted(m["workers"].items()):
+        wr = CounterMetricFamily("hpcserve_router_worker_requests", "Requests sent to each worker.",
+                                 labels=["worker", "role"])
+        ro = GaugeMetricFamily("hpcserve_router_worker_in_rotation", "1 unless an operator took the worker out "
+                               "of rotation (drain, rotation out).", labels=["worker", "role"])
+        for wid, (role, inflight, healthy, ejections, served, rotation) in sorted(m["workers"].items()):
             wi.add_metric([wid, role], inflight)
             wh.add_metric([wid, role], healthy)
             ej.add_metric([wid, role], ejections)
-        yield wi
-        yield wh
-        yield ej
+            wr.add_metric([wid, role], served)
+            ro.add_metric([wid, role], rotation)
+        yield from (wi, wh, ej, wr, ro)
         t = CounterMetricFamily("hpcserve_router_ejections", "Worker ejections since start (all workers).")
         t.add_metric([], m["ejections_total"])
         yield t
@@ -168,14 +196,58 @@ def _add(into: dict, other: dict) -> None:
     for key in ("retries", "rejected"):
         for k, n in other.get(key, {}).items():
             into[key][k] = into[key].get(k, 0) + n
-    for route, counts in other.get("latency", {}).items():
-        mine = into["latency"].setdefault(route, [0] * len(counts))
-        into["latency"][route] = [a + b for a, b in zip(mine, counts)]
+    for key in ("latency", "ttft", "itl"):
+        for label, counts in other.get(key, {}).items():
+            mine = into.setdefault(key, {}).setdefault(label, [0] * len(counts))
+            into[key][label] = [a + b for a, b in zip(mine, counts)]
+    for wid, n in other.get("output_tokens", {}).items():
+        mine = into.setdefault("output_tokens", {})
+        mine[wid] = mine.get(wid, 0) + n
     for key in ("inflight", "queued", "ejections_total"):
         into[key] += other.get(key, 0)
-    for wid, (role, inflight, healthy, ejections) in other.get("workers", {}).items():
+    for wid, (role, inflight, healthy, ejections, served, rotation) in other.get("workers", {}).items():
         if wid in into["workers"]:
-            r, i, h, e = into["workers"][wid]
-            into["workers"][wid] = [r, i + inflight, min(h, healthy), e + ejections]
+            r, i, h, e, s, ro = into["workers"][wid]
+            into["workers"][wid] = [r, i + inflight, min(h, healthy), e + ejections, s + served, min(ro, rotation)]
         else:
-            into["workers"][wid] = [role, inflight, healthy, ejections]
+            into["workers"][wid] = [role, inflight, healthy, ejections, served, rotation]
+
+
+def _observe(store: dict[str, list], label: str, seconds: float) -> None:
+    h = store.get(label)
+    if h is None:
+        h = store[label] = [0] * (len(BUCKETS) + 2) + [0.0]   # bucket counts..., +Inf count, sum
+    h[bisect_left(BUCKETS, seconds)] += 1
+    h[-1] += seconds
+
+
+def _histogram(name: str, doc: str, label: str, store: dict[str, list]) -> HistogramMetricFamily:
+    h = HistogramMetricFamily(name, doc, labels=[label])
+    for key, counts in sorted(store.items()):
+        cum, buckets = 0, []
+        for bound, n in zip(BUCKETS + (float("inf"),), counts[:-1]):
+            cum += n
+            buckets.append((str(bound) if bound != float("inf") else "+Inf", cum))
+        h.add_metric([key], buckets, counts[-1])
+    return h
+
+
+class StreamMeter:
+    """Wraps a relay's sink: time to first bytes, gaps between chunks per SSE event (token), events."""
+
+    __slots__ = ("m", "wid", "sent_at", "sink", "last")
+
+    def __init__(self, m: RouterMetrics, wid: str, sent_at: float, sink) -> None:
+        self.m, self.wid, self.sent_at, self.sink, self.last = m, wid, sent_at, sink, 0.0
+
+    def __call__(self, piece: bytes) -> None:
+        now = monotonic()
+        n = piece.count(b"data:") - piece.count(b"[DONE]")
+        if self.last == 0.0:
+            _observe(self.m.ttft, self.wid, now - self.sent_at)
+        elif n > 0:
+            _observe(self.m.itl, self.wid, (now - self.last) / n)
+        self.last = now
+        if n > 0:
+            self.m.tokens(self.wid, n)
+        self.sink(piece)

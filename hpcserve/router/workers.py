@@ -37,7 +37,7 @@ class Worker:
 
     __slots__ = ("id", "role", "url", "host", "port", "bootstrap_host", "bootstrap_port", "source", "pool",
                  "inflight", "fails", "oks", "circuit", "ejections", "last_error", "last_change", "served",
-                 "fail_round", "last_ejection")
+                 "fail_round", "last_ejection", "rotation")
 
     def __init__(self, wid: str, role: str, url: str, *, bootstrap_port: int | None = None,
                  bootstrap_host: str | None = None, source: str = "static", connect_timeout: float = 5.0) -> None:
@@ -59,6 +59,7 @@ class Worker:
         self.last_change = time.time()
         self.fail_round: int | None = None  # probe round in which the current run of failures began
         self.last_ejection: dict | None = None
+        self.rotation = True   # False: an operator took it out (draining or rotated out); it gets nothing new
 
     def same_address(self, other: "Worker") -> bool:
         return (self.url, self.role, self.bootstrap_host, self.bootstrap_port) == (
@@ -69,7 +70,8 @@ class Worker:
                 "bootstrap_port": self.bootstrap_port, "source": self.source, "healthy": self.circuit == CLOSED,
                 "circuit": self.circuit, "inflight": self.inflight, "served": self.served,
                 "consecutive_failures": self.fails, "ejections": self.ejections, "last_error": self.last_error,
-                "first_failed_round": self.fail_round, "last_ejection": self.last_ejection}
+                "first_failed_round": self.fail_round, "last_ejection": self.last_ejection,
+                "rotation": self.rotation}
 
 
 class WorkerSet:
@@ -117,9 +119,10 @@ class WorkerSet:
             log.info("worker %s removed", wid)
 
     def worker_from_record(self, rec: WorkerRecord) -> Worker | None:
-        """A registry record that may serve in this mode, else None (wrong role, not ready, heartbeat gone)."""
+        """A registry record that may serve in this mode, else None (wrong role, not ready, heartbeat gone).
+        A draining worker stays (out of rotation) so its in-flight requests stay counted."""
         role = rec.role
-        if rec.state != "ready" or role not in self.roles:
+        if rec.state not in ("ready", "draining") or role not in self.roles:
             return None
         port = rec.bootstrap_port
         if role == "prefill" and port is None:
@@ -128,11 +131,13 @@ class WorkerSet:
                 self._warned_bootstrap.add(rec.id)
                 log.warning("prefill %s has no bootstrap_port in the registry; using %d", rec.id, port)
         try:
-            return Worker(rec.id, role, rec.url, bootstrap_port=port, bootstrap_host=rec.host or None,
-                          source="registry", connect_timeout=self.connect_timeout)
+            w = Worker(rec.id, role, rec.url, bootstrap_port=port, bootstrap_host=rec.host or None,
+                       source="registry", connect_timeout=self.connect_timeout)
         except ValueError as err:
             log.warning("ignoring registry worker %s: %s", rec.id, err)
             return None
+        w.rotation = rec.state == "ready" and rec.rotation
+        return w
 
     def apply_record(self, wid: str, rec: WorkerRecord | None) -> None:
         """Follow one registry entry: add, update or remove the worker it describes."""
@@ -145,6 +150,10 @@ class WorkerSet:
                 self.remove(wid)
         elif old is None or not old.same_address(new):
             self._put(new)
+        elif old.rotation != new.rotation:
+            old.rotation = new.rotation
+            self._rebuild()
+            log.info("worker %s %s rotation", wid, "back in" if new.rotation else "out of")
 
     def sync_registry(self, records: dict[str, WorkerRecord]) -> None:
         """A full rescan: make the registry-sourced workers exactly the eligible records."""
@@ -156,7 +165,7 @@ class WorkerSet:
     def _rebuild(self) -> None:
         healthy: dict[str, list[Worker]] = {r: [] for r in self.roles}
         for w in self.workers.values():
-            if w.circuit == CLOSED and w.role in healthy:
+            if w.circuit == CLOSED and w.rotation and w.role in healthy:
                 healthy[w.role].append(w)
         self.healthy = healthy
 
