@@ -32,6 +32,8 @@ class Managed:
         self.started_at = 0.0
         self.exit_code: int | None = None
         self.stopping = False
+        self.rotation = True              # an operator may take a worker out of rotation (control API)
+        self.operator_restart = False     # the current exit was asked for: restart at once, outside the budget
         self.stop_signal = int(signal.SIGTERM)   # the container runtime may relay another one (pyxis: USR1)
 
     @property
@@ -42,8 +44,8 @@ class Managed:
     def health_url(self) -> str | None:
         if self.spec.kind == "engine" and self.is_worker:
             return f"http://{self.addr}:{self.spec.ports['http']}/health"
-        if self.spec.kind == "router":
-            return f"http://{self.addr}:{self.spec.ports['router']}/health"
+        if self.spec.kind in ("router", "control"):
+            return f"http://{self.addr}:{self.spec.ports[self.spec.kind]}/health"
         return None
 
     def record(self) -> registry.WorkerRecord:
@@ -51,7 +53,7 @@ class Managed:
         return registry.WorkerRecord(
             id=s.worker_id, role=s.role, group=s.group, url=f"http://{self.addr}:{s.ports['http']}",
             bootstrap_port=s.ports.get("bootstrap"), node=self.node, host=self.addr, state=self.state,
-            started_at=self.started_at, restarts=self.restarts)
+            started_at=self.started_at, restarts=self.restarts, rotation=self.rotation)
 
     async def start(self) -> None:
         self.state = "starting"
@@ -105,6 +107,8 @@ class Supervisor:
             if m.child is not None:
                 self.add(m)
         self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        if any(m.is_worker for m in self.managed):
+            self._tasks.append(asyncio.create_task(self._commands(), name="commands"))
 
     def add(self, m: Managed) -> None:
         """Watch a started process (stages are started later than the rest)."""
@@ -136,6 +140,12 @@ class Supervisor:
             code = await exited
             if m.stopping:
                 return
+            if m.operator_restart:   # asked for through the control API: not a failure, no backoff
+                m.operator_restart = False
+                m.restarts += 1
+                await m.start()
+                await self.event("restart", process=m.spec.name, attempt=m.restarts, by="operator")
+                continue
             if m.spec.kind in ("batch", "bench"):   # a stage ends the job when it ends; never restarted
                 m.exit_code = code
                 if not self.stage_exit.done():
@@ -166,6 +176,57 @@ class Supervisor:
                 return
             await self.event("restart", process=m.spec.name, attempt=m.restarts)
 
+    async def apply(self, cmd: registry.Command) -> bool:
+        """Carry out an operator command for one of this node's workers; False if it is not ours."""
+        m = next((m for m in self.managed if m.spec.worker_id == cmd.worker), None)
+        if m is None or m.stopping:
+            return False
+        log.info("operator: %s %s", cmd.action, cmd.worker)
+        if cmd.action == "restart":
+            if m.child is not None and m.child.running:
+                m.operator_restart = True
+                m.rotation, m.state = True, "starting"
+                await self.publish(m)   # out of the router's rotation before the process goes
+                await procs.stop(m.child, 10.0, m.stop_signal)
+            return True
+        if cmd.action == "drain" and m.state == "ready":
+            m.state, m.rotation = "draining", False
+        elif cmd.action == "rotate_out":
+            m.rotation = False
+        elif cmd.action == "rotate_in":
+            m.rotation = True
+            if m.state == "draining":
+                m.state = "ready"
+        await self.publish(m)
+        return True
+
+    async def _commands(self) -> None:
+        """Follow the control API's commands channel (reconnecting while Redis is away)."""
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(registry.commands_channel(self.run_id))
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    try:
+                        cmd = registry.Command.model_validate_json(msg["data"])
+                    except ValueError:
+                        log.warning("ignoring an unreadable command: %r", msg["data"][:200])
+                        continue
+                    await self.apply(cmd)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:   # noqa: BLE001 - Redis away: subscribe again shortly
+                log.debug("commands channel: %s", e)
+                await asyncio.sleep(1.0)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:   # noqa: BLE001
+                    pass
+
     async def _heartbeat(self) -> None:
         """TTL heartbeats; re-registers workers whose record vanished (e.g. Redis restarted)."""
         workers = [m for m in self.managed if m.is_worker]
@@ -190,7 +251,7 @@ class Supervisor:
             if m.is_worker and m.state != "dead":
                 m.state = "draining"
                 await self.publish(m)
-        order = {"batch": 0, "bench": 0, "engine": 1, "router": 2, "redis": 3}
+        order = {"batch": 0, "bench": 0, "engine": 1, "router": 2, "control": 2, "redis": 3}
         for rank in sorted(set(order.values())):
             group = [m for m in self.managed if order[m.spec.kind] == rank]
             if rank == 3:

@@ -47,7 +47,7 @@ from hpcserve.rundir import atomic_write
 
 log = logging.getLogger("hpcserve.agent")
 STOP_JSON = "stop.json"
-STOP_ORDER = {"bench": 0, "batch": 0, "engine": 1, "router": 2}   # redis lives for the whole sweep
+STOP_ORDER = {"bench": 0, "batch": 0, "engine": 1, "router": 2, "control": 2}   # redis lives for the whole sweep
 
 
 @dataclass

@@ -5,9 +5,9 @@ whole fresh nodes; a smaller one goes first-fit onto the lowest node with enough
 (Redis + router) lives on node 0, alone when ``router.dedicated_node``.
 
 Ports are unique across the whole plan, not per node: on test clusters every "node" is the same host, and a
-unique range also keeps logs unambiguous. Layout from ``ports.base``: redis = base, then per replica k a block
-of PORT_STRIDE starting at base + 10 + k*PORT_STRIDE: http, bootstrap (+2), dist-init (+10; SGLang derives
-a few ports above it).
+unique range also keeps logs unambiguous. Layout from ``ports.base``: redis = base, control API = base + 1,
+then per replica k a block of PORT_STRIDE starting at base + 10 + k*PORT_STRIDE: http, bootstrap (+2),
+dist-init (+10; SGLang derives a few ports above it).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from hpcserve.engines.base import WorkerLaunch, get_engine
 from hpcserve.errors import PlanError
 from hpcserve.plan.model import NodeSpec, Plan, ProcessSpec, SlurmSpec, WorkerSpec
-from hpcserve.plan.router_cmd import batch_spec, bench_spec, listen_host, redis_spec, router_spec
+from hpcserve.plan.router_cmd import batch_spec, bench_spec, control_spec, listen_host, redis_spec, router_spec
 from hpcserve.recipe.schema import GroupSpec, Recipe, replica_gpus
 
 PORT_STRIDE = 20
@@ -102,6 +102,9 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
     if recipe.redis.url is None:
         head_procs.append(redis_spec(head, base))
     head_procs.append(router_spec(recipe, head, mode, workers, hp_python))
+    control_port = base + 1 if recipe.router.kind == "hpcserve" else None   # it steers our router only
+    if control_port is not None:
+        head_procs.append(control_spec(recipe, head, hp_python, control_port))
     if recipe.batch is not None:
         head_procs.append(batch_spec(recipe, head, hp_python, shard))
     if recipe.benchmark is not None:
@@ -115,6 +118,7 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
         name=recipe.name, mode=mode, engine=engine.name, backend=c.backend, point=point or {},
         num_nodes=len(node_specs), head_node=head, address=c.address, python=hp_python,
         nodes=node_specs, workers=workers, processes=procs, router_port=recipe.router.port,
+        control_port=control_port, api_key_env=recipe.router.api_key_env,
         redis_port=None if recipe.redis.url else base, redis_url=recipe.redis.url,
         redis_password_env=recipe.redis.password_env, env=dict(recipe.env),
         startup_timeout=recipe.timeouts.startup, drain_timeout=recipe.timeouts.drain,

@@ -11,7 +11,7 @@ from typing import Literal
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-ProcessKind = Literal["engine", "redis", "router", "batch", "bench"]
+ProcessKind = Literal["engine", "redis", "router", "control", "batch", "bench"]
 
 
 class Frozen(BaseModel):
@@ -86,6 +86,8 @@ class Plan(Frozen):
     workers: list[WorkerSpec]
     processes: list[ProcessSpec]
     router_port: int
+    control_port: int | None = None  # the head node's control API (hpcserve router only): ports.base + 1
+    api_key_env: str | None = None   # env var holding the bearer key of the router and the control API
     redis_port: int | None
     redis_url: str | None = None     # external Redis (never with a password: the schema refuses one)
     redis_password_env: str | None = None     # env var the agent reads the external Redis password from

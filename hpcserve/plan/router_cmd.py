@@ -82,6 +82,17 @@ def _label(name: str, point: dict) -> str:
     return f"{name}[{','.join(f'{k}={v}' for k, v in point.items())}]" if point else name
 
 
+def control_spec(recipe: Recipe, head: int, python: str, port: int) -> ProcessSpec:
+    """The control API (hpcserve.control): FastAPI next to the router, same bind and bearer key; it reads the
+    Redis URL from the run dir's redis.json (mode 0600), never from argv."""
+    argv = [python, "-m", "hpcserve.control", "--host", listen_host(recipe), "--port", str(port),
+            "--run-dir", "{run_dir}", "--run-id", "{run_id}", "--router", f"http://{{addr}}:{recipe.router.port}"]
+    if recipe.router.api_key_env:
+        argv += ["--api-key-env", recipe.router.api_key_env]
+    return ProcessSpec(name="control", kind="control", node=head, argv=argv, ports={"control": port},
+                       log="logs/control.log", restart=3)
+
+
 def router_spec(recipe: Recipe, head: int, mode: str, workers: list[WorkerSpec], python: str) -> ProcessSpec:
     argv = ROUTERS[recipe.router.kind](recipe, mode, workers, python)
     return ProcessSpec(name="router", kind="router", node=head, argv=argv, ports={"router": recipe.router.port},
