@@ -16,6 +16,7 @@ from hpcserve.agent import handover
 from hpcserve.backends.base import ENDPOINT_JSON
 from hpcserve.plan.model import Plan
 from hpcserve.rundir import atomic_write
+from hpcserve.stacks.base import get_stack
 
 log = logging.getLogger("hpcserve.agent")
 
@@ -27,13 +28,11 @@ class HeadWatch:
         self.on_ready = on_ready
         self.interval = interval
         self.router_url = f"http://{addr}:{plan.router_port}"
+        self.stack = get_stack(plan.stack)
 
     async def _router_ready(self, session: aiohttp.ClientSession) -> bool:
-        try:
-            async with session.get(self.router_url + "/ready") as r:
-                return r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            return False
+        """The stack's own readiness signal (our router's /ready; Dynamo's frontend health and model list)."""
+        return await self.stack.head_ready(session, self.router_url, self.plan)
 
     async def _workers(self) -> dict[str, registry.WorkerRecord] | None:
         try:

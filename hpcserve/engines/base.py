@@ -110,7 +110,7 @@ def _load_builtin() -> None:
     global _LOADED
     if not _LOADED:
         _LOADED = True
-        from hpcserve.engines import mock, sglang  # noqa: F401  (registers)
+        from hpcserve.engines import dynamo, mock, sglang  # noqa: F401  (registers; imports no dynamo)
         from hpcserve.engines import torch as _torch  # noqa: F401  (registers; imports no torch)
 
 

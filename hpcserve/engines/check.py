@@ -29,6 +29,10 @@ def check_plan_engine_args(plan) -> list[str]:
     """Problems SGLang's parser finds in the plan's engine processes (a hpcserve.plan.model.Plan; engines sit
     below plan in the layers, so the type is not imported)."""
     from hpcserve.engines import sglang_check
+    from hpcserve.engines.base import get_engine
+    own = getattr(get_engine(plan.engine), "check_argv", None)   # an engine with its own parser (Dynamo's)
+    if own is not None:
+        return [f"{p.name}: {e}" for p in plan.processes if p.kind == "engine" for e in own(sglang_argv(p.argv))]
     if not sglang_check.sglang_available():
         raise HpcserveError("--engine-check needs sglang importable here: pip install 'hpcserve[sglang]' "
                             "(or pip install --no-deps sglang==0.5.23 plus CPU torch)")

@@ -19,6 +19,7 @@ from hpcserve.errors import PlanError
 from hpcserve.plan.model import NodeSpec, Plan, ProcessSpec, SlurmSpec, WorkerSpec
 from hpcserve.plan.router_cmd import batch_spec, bench_spec, control_spec, listen_host, redis_spec, router_spec
 from hpcserve.recipe.schema import GroupSpec, Recipe, replica_gpus
+from hpcserve.stacks.base import get_stack
 
 PORT_STRIDE = 20
 ROLE_OF_GROUP = {"prefill": "prefill", "decode": "decode", "workers": "both"}
@@ -67,7 +68,8 @@ class _Nodes:
 def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
          shard: tuple[int, int] = (0, 1)) -> Plan:
     c = recipe.cluster
-    engine = get_engine(recipe.engine.kind)
+    stack = get_stack(recipe.stack)
+    engine = get_engine(stack.engine_kind(recipe.engine.kind))
     hp_python = python or c.python or sys.executable
     nodes = _Nodes(c.gpus_per_node)
     head = nodes.add("head", shared=not recipe.router.dedicated_node)
@@ -90,7 +92,7 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
                            bootstrap_port=port + 2 if role == "prefill" else None,
                            dist_init_port=port + 10 if group.nodes > 1 else None, gpus=gpus)
             workers.append(w)
-            procs += _engine_processes(recipe, engine, group, w, placed, hp_python)
+            procs += _engine_processes(recipe, engine, stack, group, w, placed, hp_python)
     last_port = base + 10 + replica_index * PORT_STRIDE
     if last_port > 65535:
         raise PlanError(f"ports: {replica_index} replicas need ports up to {last_port}; lower ports.base")
@@ -101,8 +103,8 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
     head_procs = []
     if recipe.redis.url is None:
         head_procs.append(redis_spec(head, base))
-    head_procs.append(router_spec(recipe, head, mode, workers, hp_python))
-    control_port = base + 1 if recipe.router.kind == "hpcserve" else None   # it steers our router only
+    head_procs.append(router_spec(recipe, head, mode, workers, hp_python, stack))
+    control_port = base + 1 if recipe.router.kind == "hpcserve" and stack.steers_router else None   # it steers our router only
     if control_port is not None:
         head_procs.append(control_spec(recipe, head, hp_python, control_port))
     if recipe.batch is not None:
@@ -115,7 +117,7 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
                            gpus_used=sorted(g for p in procs if p.node == i for g in p.gpus))
                   for i in range(len(nodes.free))]
     return Plan(
-        name=recipe.name, mode=mode, engine=engine.name, backend=c.backend, point=point or {},
+        name=recipe.name, mode=mode, stack=stack.name, engine=engine.name, backend=c.backend, point=point or {},
         num_nodes=len(node_specs), head_node=head, address=c.address, python=hp_python,
         nodes=node_specs, workers=workers, processes=procs, router_port=recipe.router.port,
         control_port=control_port, api_key_env=recipe.router.api_key_env,
@@ -128,7 +130,7 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
     )
 
 
-def _engine_processes(recipe: Recipe, engine, group: GroupSpec, w: WorkerSpec,
+def _engine_processes(recipe: Recipe, engine, stack, group: GroupSpec, w: WorkerSpec,
                       placed: list[tuple[int, list[int]]], hp_python: str) -> list[ProcessSpec]:
     python = hp_python if getattr(engine, "uses_hpcserve_python", False) else recipe.engine.python
     out = []
@@ -142,7 +144,7 @@ def _engine_processes(recipe: Recipe, engine, group: GroupSpec, w: WorkerSpec,
             transfer_backend=recipe.kv_transfer.backend if recipe.disaggregated else None,
             ib_device=recipe.kv_transfer.ib_device if recipe.disaggregated else None,
             user_args=dict(group.args), options=recipe.engine.options(), python=python)
-        env = dict(group.env)
+        env = {**stack.worker_env(recipe, w, launch), **group.env}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
         ports = {"http": w.port}

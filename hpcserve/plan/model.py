@@ -75,6 +75,7 @@ class Plan(Frozen):
     version: int = 1
     name: str
     mode: Literal["pd", "aggregated"]
+    stack: str = "sglang"             # hpcserve/stacks/ registry name: what fronts the workers
     engine: str
     backend: str
     point: dict = {}

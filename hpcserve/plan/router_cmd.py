@@ -93,7 +93,9 @@ def control_spec(recipe: Recipe, head: int, python: str, port: int) -> ProcessSp
                        log="logs/control.log", restart=3)
 
 
-def router_spec(recipe: Recipe, head: int, mode: str, workers: list[WorkerSpec], python: str) -> ProcessSpec:
-    argv = ROUTERS[recipe.router.kind](recipe, mode, workers, python)
+def router_spec(recipe: Recipe, head: int, mode: str, workers: list[WorkerSpec], python: str, stack) -> ProcessSpec:
+    """The head process that serves the endpoint, as the recipe's stack builds it (hpcserve/stacks/)."""
+    argv = stack.head_argv(recipe, mode, workers, python, ROUTERS)
     return ProcessSpec(name="router", kind="router", node=head, argv=argv, ports={"router": recipe.router.port},
+                       env=stack.head_env(recipe),
                        log="logs/router.log", critical=True, restart=3)
