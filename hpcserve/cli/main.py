@@ -85,7 +85,8 @@ def router(ctx: typer.Context):
 def _register_more() -> None:
     """Verbs that live in their own modules (serve, slurm, batch, bench) add themselves here."""
     import importlib
-    for mod in ("hpcserve.cli.serve", "hpcserve.cli.slurm", "hpcserve.cli.batch", "hpcserve.cli.bench"):
+    for mod in ("hpcserve.cli.serve", "hpcserve.cli.slurm", "hpcserve.cli.batch", "hpcserve.cli.bench",
+                "hpcserve.cli.top"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
