@@ -36,6 +36,7 @@ class RunPaths:
     LOGS = "logs"
     HOSTS = "hosts"                      # one node-<rank>.json per agent: the address it is reachable at
     BENCH = "bench"                      # benchmark stage results
+    DOCTOR = "doctor"                    # hpcserve doctor: node-<rank>.json findings, head.json (reach check)
     DYNAMO = "dynamo"                    # stack dynamo: Dynamo's file discovery store (DYN_FILE_KV)
 
     def __init__(self, root: str | Path):

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from hpcserve.cli.common import console, fail, guarded, show_plan_table
+from hpcserve.cli.common import console, err_console, fail, guarded, show_plan_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Recipes -> Slurm jobs -> SGLang prefill/decode worker groups behind one router.")
@@ -26,10 +26,12 @@ def validate(recipes: List[Path] = typer.Argument(..., help="Recipe files."),
                                                help="Also parse every SGLang command line with SGLang's parser.")):
     """Validate recipes (schema, topology, ports); optionally check engine flags with SGLang itself."""
     from hpcserve.api import load_plans
-    from hpcserve.engines.check import check_plan_engine_args
+    from hpcserve.engines.check import check_plan_engine_args, version_note
     for path in recipes:
         plans = load_plans(path, set_ or [], cluster)
+        _notes(plans)
         if engine_check:
+            err_console.print(version_note(plans[0][0].recipe.engine.version), markup=False)
             for _, plan in plans:
                 problems = check_plan_engine_args(plan)
                 if problems:
@@ -47,6 +49,7 @@ def render(recipe: Path, out: Optional[Path] = typer.Option(None, "-o", "--out",
     from hpcserve.api import load_plans, write_plans
     from hpcserve.render import render_sbatch
     plans = load_plans(recipe, set_ or [], cluster)
+    _notes(plans)
     if out is not None:
         for d in write_plans(plans, out):
             console.print(f"wrote {d}")
@@ -59,6 +62,16 @@ def render(recipe: Path, out: Optional[Path] = typer.Option(None, "-o", "--out",
             console.print(f"# sweep point {loaded.point}", markup=False)
         sys.stdout.write(render_sbatch(plan))
         show_plan_table(plan)
+
+
+def _notes(plans) -> None:
+    """What the recipe leaves to defaults that differ from SGLang's, and sbatch directives the sbatch here does
+    not know (hpcserve.doctor.directives): on stderr, so --json output stays one document."""
+    from hpcserve.doctor.directives import unknown_directives
+    loaded, plan = plans[0]
+    for line in list(getattr(plan, "notes", [])) + unknown_directives(plan, getattr(loaded.recipe.cluster,
+                                                                                    "slurm_version", None)):
+        err_console.print(f"note: {line}", markup=False)
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -86,7 +99,7 @@ def _register_more() -> None:
     """Verbs that live in their own modules (serve, slurm, batch, bench) add themselves here."""
     import importlib
     for mod in ("hpcserve.cli.serve", "hpcserve.cli.slurm", "hpcserve.cli.batch", "hpcserve.cli.bench",
-                "hpcserve.cli.top"):
+                "hpcserve.cli.doctor", "hpcserve.cli.top"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -41,3 +41,15 @@ def check_plan_engine_args(plan) -> list[str]:
         if p.kind == "engine":
             problems += [f"{p.name}: {e}" for e in sglang_check.check_argv(sglang_argv(p.argv))]
     return problems
+
+
+def version_note(wanted: str | None) -> str:
+    """Which SGLang the check used, and a warning when the recipe pins another (flags differ between releases)."""
+    from hpcserve.engines import sglang_check
+    found = sglang_check.sglang_version() or "unknown"
+    if wanted is None:
+        return f"engine check: sglang {found} (installed here; pin engine.version in the recipe to compare)"
+    if wanted != found:
+        return (f"warning: engine check used sglang {found} installed here but the recipe pins engine.version "
+                f"{wanted}: flags may differ; install sglang=={wanted} here to check against it")
+    return f"engine check: sglang {found} (matches engine.version)"

@@ -318,7 +318,7 @@ def _startup_assertions(ns: argparse.Namespace) -> list[str]:
     nnodes, node_rank = ns.nnodes, ns.node_rank
     if getattr(ns, "ep_join_mode", None) != "scale" and nnodes > 0 and (ns.tp_size * ns.pp_size) % nnodes:
         out.append(f"--tp-size {ns.tp_size} x --pp-size {ns.pp_size} must be divisible by --nnodes {nnodes}")
-    if ns.dp_size > 1 and nnodes != 1:
+    if _replica_dp(ns) > 1 and nnodes != 1:
         out.append(f"--dp-size {ns.dp_size} with --nnodes {nnodes}: sglang does not support multi-node "
                    "data-parallel replicas (use --attn-dp-size across nodes, or one replica per group)")
     if not 0 <= node_rank < max(nnodes, 1):
@@ -336,6 +336,15 @@ def _startup_assertions(ns: argparse.Namespace) -> list[str]:
         except ValueError as exc:
             out.append(f"--json-model-override-args is not valid JSON: {exc}")
     return out
+
+
+def _replica_dp(ns: argparse.Namespace) -> int:
+    """Data-parallel replicas as SGLang counts them after resolving: the deprecated ``--dp-size N
+    --enable-dp-attention`` means attention DP of width N and ONE replica (parallel_hook
+    _handle_deprecated_dp_attention), which may span nodes."""
+    if getattr(ns, "enable_dp_attention", False) and getattr(ns, "attn_dp_size", 1) in (1, None):
+        return 1
+    return ns.dp_size
 
 
 class _ListHandler(logging.Handler):

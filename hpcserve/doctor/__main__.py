@@ -1,0 +1,5 @@
+import sys
+
+from hpcserve.doctor.node import main
+
+sys.exit(main())
