@@ -37,6 +37,7 @@ class RunStatus:
     failure: str | None = None
     progress: dict = field(default_factory=dict)       # batch_* fields the batch driver writes to Redis
     generation: int = 0                                # serve.continuous: which successor job serves now
+    source: str = ""                                   # where the workers came from: control API or redis
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +61,18 @@ def _redis_view(run_dir: Path, run_id: str) -> tuple[dict | None, list | None]:
         rec = registry.WorkerRecord.from_json(v)
         workers.append(rec.model_dump() | {"state": rec.state if hb or rec.state == "dead" else "dead"})
     return status, sorted(workers, key=lambda w: w["id"])
+
+
+def _control_view(run_dir: Path) -> tuple[dict | None, list | None]:
+    """The head's control API, when it answers within 2 s: the phase and the workers (the registry's records
+    with what the router knows); (None, None) otherwise, and the caller falls back to Redis."""
+    from hpcserve.control.client import call
+    try:
+        run = call(run_dir, "GET", "/v1/run", timeout=2.0)
+        workers = call(run_dir, "GET", "/v1/workers", timeout=2.0)
+    except Exception:   # noqa: BLE001 - head away, no control API in this run, no key here: Redis may answer
+        return None, None
+    return {"phase": run["phase"], **run.get("progress", {})}, workers
 
 
 def _phase(st: RunStatus, run_dir: Path | None, redis_status: dict | None) -> str:
@@ -115,7 +128,10 @@ def collect(targets: list[str]) -> list[RunStatus]:
             st.endpoint = ep["url"] if ep else None
             if st.slurm_state in (None, "RUNNING", "COMPLETING"):
                 # the registry's run id: a sweep point's is the sweep's (endpoint.json says which)
-                redis_status, workers = _redis_view(run_dir, (ep or {}).get("run_id") or run_dir.name)
+                redis_status, workers = _control_view(run_dir) if ep else (None, None)
+                st.source = "control" if workers is not None else "redis"
+                if workers is None:
+                    redis_status, workers = _redis_view(run_dir, (ep or {}).get("run_id") or run_dir.name)
                 st.progress = {k: v for k, v in (redis_status or {}).items() if k.startswith("batch_")}
                 if workers is not None:
                     st.worker_list = workers

@@ -44,6 +44,7 @@ class RunView(BaseModel):
     control: str
     started_at: float | None = None
     ready_at: float | None = None
+    progress: dict[str, str] = {}           # batch_* fields of the registry's status hash
     groups: list[GroupView]
 
 

@@ -171,7 +171,8 @@ class Control:
         return RunView(run_id=self.run_id, name=p.name, mode=p.mode, engine=p.engine, backend=p.backend,
                        nodes=p.num_nodes, phase=status.get("phase", "unknown"),
                        endpoint=endpoint.get("url") or status.get("endpoint"), control=self.control_url,
-                       started_at=num("started_at"), ready_at=num("ready_at"), groups=await self.group_views())
+                       started_at=num("started_at"), ready_at=num("ready_at"), groups=await self.group_views(),
+                       progress={k: v for k, v in status.items() if k.startswith("batch_")})
 
     async def events(self, count: int) -> list[registry.Event]:
         return await registry.recent_events(self.redis, self.run_id, count)
