@@ -182,8 +182,10 @@ def test_openai_endpoints_through_the_pd_router_match_the_oracle(cluster):
         model="tiny", prompt="Once upon", max_tokens=6, temperature=0.7, seed=3, stream=True,
         extra_body={"ignore_eos": True})]
     assert deltas == [decode([t]) for t in want]
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="tiny", prompt="x", n=2)
+    want = decode(generate(oracle, encode("x"), 5, ignore_eos=True))
+    two = client.completions.create(model="tiny", prompt="x", n=2, max_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert [c.text for c in two.choices] == [want, want] and two.usage.completion_tokens == 10
 
 
 def test_batch_generate_through_the_pd_router_matches_the_oracle(cluster):

@@ -161,8 +161,10 @@ class TinyLlama(nn.Module):
         return m.eval()
 
     @torch.no_grad()
-    def forward(self, ids: list[int], start: int, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
-        """Logits of the last position and the grown cache, for tokens ``ids`` at positions start.."""
+    def forward(self, ids: list[int], start: int, cache: KVCache | None, all_logits: bool = False):
+        """Logits of the last position and the grown cache, for tokens ``ids`` at positions start..; with
+        ``all_logits`` also the logits of every earlier position (prompt log-probabilities). The last
+        position's logits go through the same calls either way, so sampling never depends on the flag."""
         if start + len(ids) > self.cfg.max_seq:
             raise ValueError(f"sequence of {start + len(ids)} tokens exceeds the model's {self.cfg.max_seq}")
         x = self.model.embed_tokens(torch.tensor(ids, dtype=torch.long))
@@ -170,4 +172,7 @@ class TinyLlama(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x, kv = layer(x, start, cache[i] if cache else None)
             new.append(kv)
-        return self.lm_head(self.model.norm(x[-1:]))[0], new
+        last = self.lm_head(self.model.norm(x[-1:]))[0]
+        if all_logits:
+            return last, new, self.lm_head(self.model.norm(x[:-1]))
+        return last, new

@@ -1,22 +1,120 @@
 """OpenAI-compatible /v1/completions and /v1/chat/completions on top of the torch engine's request runner.
 
-One choice per request (n=1), one prompt per request; PD fields are read from the top level of the body
-as a PD router adds them. Stream chunks carry the text of the new tokens (byte-level: a multi-byte
-character split across steps shows as replacement characters in the deltas, not in the whole text).
+Requests are checked by the mock's SGLang 0.5.23 rules (oai_protocol.py: same refusals, same error bodies).
+Served: one or more prompts, ``n`` samples each (one sequence per choice, PD rooms counted up as SGLang
+does), ``logprobs``/``top_logprobs`` from the real logits, ``echo`` with the prompt's log-probabilities (the
+prefill's in PD: the router merges them), ``stream_options.include_usage``. Parameters this engine cannot
+honour (stop strings, min_tokens, penalties, logit_bias) are refused, never ignored. Stream chunks carry the
+text of the new tokens (byte-level: a character split across steps shows as replacement characters there).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
 import orjson
 
 from hpcserve.http import HttpConnection, Request
-from hpcserve.mock.tokenizer import apply_chat_template, decode as detokenize
+from hpcserve.mock import oai_protocol as proto
+from hpcserve.mock.tokenizer import OFFSET, apply_chat_template, decode as detokenize, token_bytes, token_piece, \
+    token_text
 from hpcserve.torchengine.errors import RequestError, oai_error
 
 DONE = b"data: [DONE]\n\n"
+SSE_HEAD = b"cache-control: no-cache\r\n"
+UNSUPPORTED = ("stop", "min_tokens", "logit_bias", "frequency_penalty", "presence_penalty", "repetition_penalty")
+
+
+def token_offsets(ids: list[int], base: int) -> list[int]:
+    """Character offset of each byte-token in the decoded text (a continuation byte points at its character)."""
+    out, chars = [], 0
+    for t in ids:
+        if not OFFSET <= t < OFFSET + 256:
+            out.append(base + chars)
+            continue
+        cont = ((t - OFFSET) & 0xC0) == 0x80
+        out.append(base + (chars - 1 if cont and chars else chars))
+        if not cont:
+            chars += 1
+    return out
+
+
+def _unsupported(body: dict) -> None:
+    for k in UNSUPPORTED:
+        v = body.get(k)
+        if v not in (None, 0, 0.0, 1.0 if k == "repetition_penalty" else 0, [], {}, ""):
+            raise proto.ApiError(f"{k} is not supported by the torch engine (see docs/api.md)")
+
+
+class _Choices:
+    """The choices of one request: their sequences and how their text and log-probabilities look."""
+
+    def __init__(self, body: dict, chat: bool, prompts: list[list[int]], n: int) -> None:
+        self.chat, self.prompts, self.n = chat, prompts, n
+        if chat:
+            self.lp, self.echo = bool(body.get("logprobs")), False
+            self.top = (body.get("top_logprobs") or 0) if self.lp else 0
+        else:
+            self.lp, self.echo = body.get("logprobs") is not None, bool(body.get("echo"))
+            self.top = body.get("logprobs") or 0
+        self.prompt_lp = self.echo and bool(self.top)  # SGLang: echo and a truthy logprobs
+        self.seqs: list = [None] * (len(prompts) * n)
+        self.sent = [0] * len(self.seqs)
+
+    def prompt_of(self, index: int) -> list[int]:
+        return self.prompts[index // self.n]
+
+    def echo_text(self, index: int) -> str:
+        return detokenize(self.prompt_of(index)) if self.echo else ""
+
+    def logprobs(self, index: int, seq, prev: int, k: int) -> dict | None:
+        if not self.lp:
+            return None
+        rows, out = seq.out_rows[prev:k], seq.out[prev:k]
+        out_lps = [[r[0], t, None] for r, t in zip(rows, out)]
+        out_top = [[[v, t, None] for v, t in r[1]] for r in rows] if self.top else None
+        if self.chat:
+            return proto.chat_logprobs(out_lps, out_top, token_bytes, token_text)
+        in_lps = in_top = None
+        offsets: list[int] = []
+        prompt = self.prompt_of(index)
+        if prev == 0 and self.prompt_lp and seq.in_rows is not None:
+            in_lps = [[None, prompt[0], None]] + [[r[0], t, None] for r, t in zip(seq.in_rows, prompt[1:])]
+            in_top = [None] + [[[v, t, None] for v, t in r[1]] for r in seq.in_rows] if self.top else None
+            offsets = token_offsets(prompt, 0)
+        offsets += token_offsets(seq.out[:k], len(self.echo_text(index)))[prev:]
+        return proto.completion_logprobs(in_lps, in_top, out_lps, out_top, token_piece, offsets)
+
+    def finish(self, seq) -> tuple[str, int | None]:
+        out = seq.out
+        return ("stop", out[-1]) if out and seq.sp.stops(out[-1]) else ("length", None)
+
+    def choice(self, index: int, seq) -> dict:
+        reason, matched = self.finish(seq)
+        lps = self.logprobs(index, seq, 0, len(seq.out))
+        text = detokenize(seq.out)
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lps,
+                    "finish_reason": reason, "matched_stop": matched}
+        return {"index": index, "text": self.echo_text(index) + text, "logprobs": lps, "finish_reason": reason,
+                "matched_stop": matched}
+
+    def delta(self, index: int, seq, final: bool) -> dict:
+        prev, k = self.sent[index], len(seq.out)
+        piece = detokenize(seq.out[prev:k])
+        lps = self.logprobs(index, seq, prev, k)
+        if self.chat:
+            ch = {"index": index, "delta": {"content": piece}, "logprobs": lps}
+        else:
+            ch = {"index": index, "text": (self.echo_text(index) if prev == 0 else "") + piece, "logprobs": lps}
+        self.sent[index] = k
+        ch["finish_reason"] = self.finish(seq)[0] if final else None
+        return ch
+
+    def usage(self) -> dict:
+        return proto.usage([len(s.prompt) for s in self.seqs], [len(s.out) for s in self.seqs], self.n)
 
 
 class OpenAIShell:
@@ -32,95 +130,128 @@ class OpenAIShell:
     def _serve(self, req: Request, conn: HttpConnection, chat: bool):
         srv = self.server
         srv.counts["requests"] += 1
+        served = srv.cfg.served_model_name
         try:
             body = orjson.loads(req.body)
             if not isinstance(body, dict):
-                raise RequestError(400, "the request body must be a JSON object")
-            if body.get("n") not in (None, 1):
-                raise RequestError(400, "the torch engine supports n=1 only")
-            mt = body.get("max_completion_tokens")
-            sampling = {"max_new_tokens": body.get("max_tokens") if mt is None else mt,
-                        "temperature": body.get("temperature"), "top_p": body.get("top_p"), "seed": body.get("seed"),
-                        "stop_token_ids": body.get("stop_token_ids"), "ignore_eos": body.get("ignore_eos", False)}
+                raise proto.ApiError("the request body must be a JSON object", "Bad Request")
             if chat:
-                try:
-                    text = apply_chat_template(body.get("messages"))
-                except ValueError as err:
-                    raise RequestError(400, str(err)) from None
-                prompt, sp = srv.parse(body, text=text, sampling=sampling)
+                proto.check_chat(body, served)
             else:
-                p = body.get("prompt")
-                if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-                    p = p[0]
-                if isinstance(p, str):
-                    prompt, sp = srv.parse(body, text=p, sampling=sampling)
-                elif isinstance(p, list) and p and all(isinstance(i, int) for i in p):
-                    prompt, sp = srv.parse(body, ids=p, sampling=sampling)
-                else:
-                    raise RequestError(400, "prompt must be a string or a list of token ids (one prompt per request)")
-            srv.check_pd_fields(body)
+                proto.check_completion(body, served)
+            _unsupported(body)
+            items, view = self._plan(body, chat)
         except orjson.JSONDecodeError as err:
             return self._fail(conn, RequestError(400, f"bad JSON: {err}"))
+        except proto.ApiError as err:
+            return self._fail(conn, RequestError(err.status, err.message, err.kind))
         except RequestError as err:
             return self._fail(conn, err)
-        return self._run(conn, body, prompt, sp, chat)
+        return self._run(conn, body, items, view)
+
+    def _prompts(self, body: dict, chat: bool) -> list[tuple[str | None, list[int] | None]]:
+        if chat:
+            try:
+                return [(apply_chat_template(body.get("messages"), bool(body.get("add_generation_prompt", True))),
+                         None)]
+            except ValueError as err:
+                raise RequestError(400, str(err)) from None
+        p = body.get("prompt")
+        if isinstance(p, str):
+            return [(p, None)]
+        if isinstance(p, list) and p:
+            if all(isinstance(x, str) for x in p):
+                return [(x, None) for x in p]
+            if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+                return [(None, p)]
+            if all(isinstance(x, list) for x in p):
+                return [(None, x) for x in p]
+        raise RequestError(400, "prompt must be a string, a list of strings, a list of token ids or a list of those")
+
+    def _plan(self, body: dict, chat: bool) -> tuple[list, _Choices]:
+        srv = self.server
+        n = body.get("n") or 1
+        room = body.get("bootstrap_room")
+        prompts = self._prompts(body, chat)
+        items, ids = [], []
+        for i, (text, pids) in enumerate(prompts):
+            for j in range(n):
+                item = dict(body)
+                np_ = len(prompts)
+                for k in ("bootstrap_host", "bootstrap_port"):  # a batch router sends one per prompt
+                    if isinstance(body.get(k), list) and len(body[k]) == np_:
+                        item[k] = body[k][i]
+                if isinstance(room, list) and len(room) == np_ and isinstance(room[i], int):
+                    item["bootstrap_room"] = room[i] + j * np_  # SGLang's rooms of the samples of prompt i
+                elif isinstance(room, int) and not isinstance(room, bool):  # one room counts up over all items
+                    item["bootstrap_room"] = room + i * n + j
+                sampling = {"temperature": body.get("temperature"), "top_p": body.get("top_p"),
+                            "seed": body.get("seed"), "stop_token_ids": body.get("stop_token_ids"),
+                            "ignore_eos": body.get("ignore_eos", False), "max_new_tokens": 0}
+                prompt, _ = srv.parse(item, text=text, ids=pids, sampling=sampling)
+                if chat:  # no default cap: what is left of the context (SGLang leaves max_new_tokens unset)
+                    mt = proto.chat_max_tokens(body)
+                    sampling["max_new_tokens"] = srv.cfg.context_length - len(prompt) if mt is None else mt
+                else:
+                    sampling["max_new_tokens"] = body.get("max_tokens", proto.COMPLETION_DEFAULT_MAX_TOKENS)
+                prompt, sp = srv.parse(item, ids=prompt, sampling=sampling)
+                srv.check_pd_fields(item)
+                items.append((item, prompt, sp))
+            ids.append(items[-1][1])
+        return items, _Choices(body, chat, ids, n)
 
     def _fail(self, conn: HttpConnection, err: RequestError) -> None:
         self.server.counts["errors"] += 1
         conn.respond(err.status, oai_error(err.status, err.message, err.kind))
 
-    async def _run(self, conn: HttpConnection, body: dict, prompt: list[int], sp, chat: bool) -> None:
+    async def _run(self, conn: HttpConnection, body: dict, items: list, view: _Choices) -> None:
+        srv = self.server
+        chat = view.chat
         rid = ("chatcmpl-" if chat else "cmpl-") + os.urandom(12).hex()
         created = int(time.time())
-        model = body.get("model") or self.server.cfg.served_model_name
-        obj = ("chat.completion" if chat else "text_completion")
+        model = body.get("model") or srv.cfg.served_model_name
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
         stream = bool(body.get("stream"))
-        sent = [0]
+        lp = (view.top, view.prompt_lp and srv.cfg.mode != "decode") if view.lp else None
 
-        def chunk(out: list[int], finish: str | None) -> bytes:
-            delta = detokenize(out[sent[0]:])
-            first = sent[0] == 0
-            sent[0] = len(out)
-            if chat:
-                d = {"role": "assistant", "content": delta} if first else {"content": delta}
-                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+        def event(choices: list, **extra) -> bytes:
             return b"data: " + orjson.dumps({"id": rid, "object": chunk_obj, "created": created, "model": model,
-                                             "choices": [choice]}) + b"\n\n"
+                                             "choices": choices, **extra}) + b"\n\n"
 
-        on_step = None
-        if stream:
-            conn.start_stream(200, b"text/event-stream", b"cache-control: no-cache\r\n")
-
+        def stepper(index: int):
             def on_step(seq) -> None:
                 if not seq.finished:
-                    conn.write(chunk(seq.out, None))
-        try:
-            out = await self.server.run(body, prompt, sp, on_step)
-        except RequestError as err:
-            self.server.counts["errors"] += 1
+                    conn.write(event([view.delta(index, seq, False)]))
+            return on_step if stream else None
+
+        if stream:
+            conn.start_stream(200, b"text/event-stream", SSE_HEAD)
+            if chat:  # chat streams announce the role first, as OpenAI and SGLang do
+                conn.write(b"".join(event([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]) for i in range(len(items))))
+        outs = await asyncio.gather(*(srv.run(item, prompt, sp, stepper(i), lp)
+                                      for i, (item, prompt, sp) in enumerate(items)), return_exceptions=True)
+        err = next((o for o in outs if isinstance(o, BaseException)), None)
+        if err is not None:
+            if not isinstance(err, RequestError):
+                raise err
+            srv.counts["errors"] += 1
             if stream:
-                conn.write(b"data: " + orjson.dumps({"error": {"message": err.message, "type": err.kind,
-                                                               "code": err.status}}) + b"\n\n" + DONE)
+                conn.write(b"data: " + orjson.dumps({"error": orjson.loads(oai_error(err.status, err.message,
+                                                                                     err.kind))}) + b"\n\n" + DONE)
                 conn.end()
             else:
                 conn.respond(err.status, oai_error(err.status, err.message, err.kind))
             return
-        finish = "stop" if out and sp.stops(out[-1]) else "length"
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": len(out), "total_tokens": len(prompt) + len(out)}
+        view.seqs = list(outs)
         if stream:
-            tail = [chunk(out, finish)]
+            tail = [event([view.delta(i, seq, True)]) for i, seq in enumerate(outs)]
             if (body.get("stream_options") or {}).get("include_usage"):
-                tail.append(b"data: " + orjson.dumps({"id": rid, "object": chunk_obj, "created": created,
-                                                      "model": model, "choices": [], "usage": usage}) + b"\n\n")
+                tail.append(event([], usage=view.usage()))
             conn.write(b"".join(tail) + DONE)
             conn.end()
             return
-        text = detokenize(out)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                   "finish_reason": finish} if chat else
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
-        conn.respond(200, orjson.dumps({"id": rid, "object": obj, "created": created, "model": model,
-                                        "choices": [choice], "usage": usage}))
+        conn.respond(200, orjson.dumps({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                        "created": created, "model": model,
+                                        "choices": [view.choice(i, s) for i, s in enumerate(outs)],
+                                        "usage": view.usage()}))

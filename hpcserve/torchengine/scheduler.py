@@ -13,6 +13,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from hpcserve.torchengine import logprobs
 from hpcserve.torchengine.model import KVCache, TinyLlama
 from hpcserve.torchengine.sampling import Sampling, sample
 
@@ -20,14 +21,20 @@ from hpcserve.torchengine.sampling import Sampling, sample
 class Seq:
     """One request's sequence. ``prefill_only``: stop after the first token (a PD prefill server)."""
 
-    __slots__ = ("prompt", "sp", "out", "cache", "prefill_only", "on_step", "future", "error")
+    __slots__ = ("prompt", "sp", "out", "cache", "prefill_only", "on_step", "future", "error", "top", "prompt_lp",
+                 "in_rows", "out_rows")
 
     def __init__(self, prompt: list[int], sp: Sampling, *, prefill_only: bool = False,
                  first: int | None = None, cache: KVCache | None = None,
-                 on_step: Callable[["Seq"], None] | None = None) -> None:
+                 on_step: Callable[["Seq"], None] | None = None, top: int | None = None,
+                 prompt_lp: bool = False, first_row: logprobs.Row | None = None) -> None:
         self.prompt, self.sp, self.prefill_only, self.on_step = prompt, sp, prefill_only, on_step
         self.out: list[int] = [] if first is None else [first]
         self.cache = cache
+        self.top = top              # None: no log-probabilities; else how many alternatives per position
+        self.prompt_lp = prompt_lp  # also the prompt's (one forward pass computes them with the prefill)
+        self.in_rows: list[logprobs.Row] | None = None
+        self.out_rows: list[logprobs.Row] = [] if first_row is None else [first_row]
         self.future: asyncio.Future | None = None
         self.error: Exception | None = None
 
@@ -44,11 +51,17 @@ class Seq:
         """Prefill (first token) or one decode step; the same calls as sampling.prefill/decode."""
         try:
             if self.cache is None:
-                logits, self.cache = model(self.prompt, 0, None)
+                if self.top is not None and self.prompt_lp:
+                    logits, self.cache, prompt_logits = model(self.prompt, 0, None, all_logits=True)
+                    self.in_rows = logprobs.prompt_rows(prompt_logits, self.prompt[1:], self.top)
+                else:
+                    logits, self.cache = model(self.prompt, 0, None)
                 self.out.append(sample(logits, self.sp, 0))
             else:
                 logits, self.cache = model([self.out[-1]], len(self.prompt) + len(self.out) - 1, self.cache)
                 self.out.append(sample(logits, self.sp, len(self.out)))
+            if self.top is not None:
+                self.out_rows.append(logprobs.row(logits, self.out[-1], self.top))
         except (ValueError, RuntimeError) as err:
             self.error = err
 

@@ -11,13 +11,15 @@ import hashlib
 import os
 import random
 import time
+from urllib.parse import unquote
 
 import orjson
 
 from hpcserve.http import HttpConnection, Request
 from hpcserve.mock.bootstrap import BootstrapTimeout
+from hpcserve.mock.oai_protocol import model_card, model_not_found
 from hpcserve.mock.tokenizer import Prompt, decode as detokenize
-from hpcserve.torchengine import kvwire
+from hpcserve.torchengine import kvwire, logprobs
 from hpcserve.torchengine.bootstrap import BinaryKVStore, KVFetcher
 from hpcserve.torchengine.config import EngineConfig
 from hpcserve.torchengine.errors import RequestError, error_body
@@ -53,6 +55,8 @@ class TorchServer:
 
     def handle(self, req: Request, conn: HttpConnection):
         route = self.routes.get(req.path)
+        if route is None and req.path.startswith(b"/v1/models/"):
+            route = self.model_card
         if route is None:
             conn.respond(404, error_body(404, f"no route {req.path.decode('latin-1')} on the torch engine", "NotFound"))
             return None
@@ -102,6 +106,20 @@ class TorchServer:
             return self._fail(conn, err)
         return self._generate(conn, body, prompt, sp)
 
+    def native_lp(self, body: dict) -> tuple[int, int, bool] | None:
+        """(top_logprobs_num, logprob_start_len, return_text_in_logprobs) of a /generate body, or None."""
+        if not body.get("return_logprob"):
+            return None
+        top, start = body.get("top_logprobs_num") or 0, body.get("logprob_start_len")
+        start = -1 if start is None else start
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (top, start)) or top < 0:
+            raise RequestError(400, "top_logprobs_num and logprob_start_len must be integers")
+        return top, start, bool(body.get("return_text_in_logprobs"))
+
+    @staticmethod
+    def seq_lp(lp: tuple[int, int, bool] | None) -> tuple[int, bool] | None:
+        return None if lp is None else (lp[0], lp[1] >= 0)
+
     def _batch_items(self, body: dict) -> list[tuple[dict, list[int], Sampling]]:
         """A batch /generate as one body per item: list-valued fields give one entry per item."""
         text, ids = body.get("text"), body.get("input_ids")
@@ -129,16 +147,20 @@ class TorchServer:
         t0 = time.perf_counter()
         rids = [item.get("rid") or os.urandom(16).hex() for item, _, _ in items]
         stream = bool(items[0][0].get("stream"))
+        try:
+            lps = [self.native_lp(item) for item, _, _ in items]
+        except RequestError as err:
+            self._fail(conn, err)
+            return
 
         def stepper(i: int):
             def on_step(seq: Seq) -> None:
                 if not seq.finished:
-                    conn.write(self._event({**self._result(rids[i], items[i][1], seq.sp, seq.out, False, t0),
-                                            "index": i}))
+                    conn.write(self._event({**self._result(rids[i], seq, False, t0, lps[i]), "index": i}))
             return on_step
         if stream:
             conn.start_stream(200, b"text/event-stream", b"cache-control: no-cache\r\n")
-        outs = await asyncio.gather(*(self.run(item, prompt, sp, stepper(i) if stream else None)
+        outs = await asyncio.gather(*(self.run(item, prompt, sp, stepper(i) if stream else None, self.seq_lp(lps[i]))
                                       for i, (item, prompt, sp) in enumerate(items)), return_exceptions=True)
         err = next((o for o in outs if isinstance(o, BaseException)), None)
         if err is not None:
@@ -146,7 +168,7 @@ class TorchServer:
                 raise err
             self._answer_error(conn, err, stream)
             return
-        results = [self._result(rids[i], prompt, sp, outs[i], True, t0) for i, (_, prompt, sp) in enumerate(items)]
+        results = [self._result(rids[i], outs[i], True, t0, lps[i]) for i in range(len(items))]
         if stream:
             conn.write(b"".join(self._event({**r, "index": i}) for i, r in enumerate(results)) + DONE)
             conn.end()
@@ -166,17 +188,20 @@ class TorchServer:
         conn.write(self._event(orjson.loads(error_body(err.status, err.message, err.kind))) + DONE)
         conn.end()
 
-    async def run(self, body: dict, prompt: list[int], sp: Sampling, on_step=None) -> list[int]:
-        """Output tokens of one request in this server's role; raises RequestError."""
+    async def run(self, body: dict, prompt: list[int], sp: Sampling, on_step=None, lp: tuple | None = None) -> Seq:
+        """The finished sequence of one request in this server's role (``out``, and with ``lp`` = (top,
+        prompt_lp) its log-probability rows); raises RequestError."""
         self.running += 1
+        top, prompt_lp = lp if lp is not None else (None, False)
         try:
             if self.cfg.mode == "prefill":
-                return await self._prefill(body, prompt, sp)
+                return await self._prefill(body, prompt, sp, top, prompt_lp)
             if self.cfg.mode == "decode":
-                return await self._decode(body, prompt, sp, on_step)
+                return await self._decode(body, prompt, sp, on_step, top)
+            seq = Seq(prompt, sp, on_step=on_step, top=top, prompt_lp=prompt_lp)
             if sp.max_new_tokens == 0:
-                return []
-            return (await self.scheduler.submit(Seq(prompt, sp, on_step=on_step))).out
+                return seq
+            return await self.scheduler.submit(seq)
         except ValueError as err:      # the model refused (sequence longer than its context)
             raise RequestError(400, str(err)) from None
         finally:
@@ -186,19 +211,24 @@ class TorchServer:
         t0 = time.perf_counter()
         rid = body.get("rid") or os.urandom(16).hex()
         stream = bool(body.get("stream"))
+        try:
+            lp = self.native_lp(body)
+        except RequestError as err:
+            self._fail(conn, err)
+            return
         on_step = None
         if stream:
             conn.start_stream(200, b"text/event-stream", b"cache-control: no-cache\r\n")
 
             def on_step(seq: Seq) -> None:
                 if not seq.finished:
-                    conn.write(self._event(self._result(rid, prompt, seq.sp, seq.out, False, t0)))
+                    conn.write(self._event(self._result(rid, seq, False, t0, lp)))
         try:
-            out = await self.run(body, prompt, sp, on_step)
+            seq = await self.run(body, prompt, sp, on_step, self.seq_lp(lp))
         except RequestError as err:
             self._answer_error(conn, err, stream)
             return
-        result = self._result(rid, prompt, sp, out, True, t0)
+        result = self._result(rid, seq, True, t0, lp)
         if stream:
             conn.write(self._event(result) + DONE)
             conn.end()
@@ -209,15 +239,17 @@ class TorchServer:
     def _event(obj: dict) -> bytes:
         return b"data: " + orjson.dumps(obj) + b"\n\n"
 
-    def _result(self, rid: str, prompt: list[int], sp: Sampling, out: list[int], final: bool, t0: float) -> dict:
+    def _result(self, rid: str, seq: Seq, final: bool, t0: float, lp: tuple | None = None) -> dict:
+        prompt, sp, out = seq.prompt, seq.sp, seq.out
         finish = None
         if final:
             finish = ({"type": "stop", "matched": out[-1]} if out and sp.stops(out[-1])
                       else {"type": "length", "length": len(out)})
-        return {"text": detokenize(out), "output_ids": list(out),
-                "meta_info": {"id": rid, "finish_reason": finish, "prompt_tokens": len(prompt),
-                              "completion_tokens": len(out), "cached_tokens": 0,
-                              "e2e_latency": round(time.perf_counter() - t0, 6)}}
+        meta = {"id": rid, "finish_reason": finish, "prompt_tokens": len(prompt), "completion_tokens": len(out),
+                "cached_tokens": 0, "e2e_latency": round(time.perf_counter() - t0, 6)}
+        if lp is not None:
+            meta.update(logprobs.native_meta(prompt, seq.in_rows, out, seq.out_rows[:len(out)], lp[0], lp[1], lp[2]))
+        return {"text": detokenize(out), "output_ids": list(out), "meta_info": meta}
 
     def check_pd_fields(self, body: dict) -> None:
         """Before anything is sent: a PD server needs the router's bootstrap fields."""
@@ -232,12 +264,14 @@ class TorchServer:
                 raise RequestError(400, "a decode request needs bootstrap_host and an integer bootstrap_port "
                                         "(the prefill's bootstrap port; it is never defaulted)")
 
-    async def _prefill(self, body: dict, prompt: list[int], sp: Sampling) -> list[int]:
+    async def _prefill(self, body: dict, prompt: list[int], sp: Sampling, top: int | None, prompt_lp: bool) -> Seq:
         room = body["bootstrap_room"]
-        seq = await self.scheduler.submit(Seq(prompt, sp, prefill_only=True))
+        seq = await self.scheduler.submit(Seq(prompt, sp, prefill_only=True, top=top, prompt_lp=prompt_lp))
         first = seq.out[0]
         meta = {"prompt_len": len(prompt), "prompt_digest": prompt_digest(prompt), "first_token": first,
                 "sampling": sp.to_dict()}
+        if seq.out_rows:  # the decode reports the first token's log-probabilities as one process would
+            meta["first_row"] = logprobs.to_json(seq.out_rows[0])
         payload = kvwire.pack(seq.cache, meta)
         try:
             r = self.store.put_bytes(room, payload)
@@ -247,9 +281,11 @@ class TorchServer:
             raise RequestError(500, f"bootstrap timeout: no decode server fetched the KV of bootstrap_room {room}",
                                "InternalServerError")
         self.counts["kv_bytes_sent"] += len(payload)
-        return [first] if sp.max_new_tokens else []
+        if not sp.max_new_tokens:
+            seq.out, seq.out_rows = [], []
+        return seq
 
-    async def _decode(self, body: dict, prompt: list[int], sp: Sampling, on_step) -> list[int]:
+    async def _decode(self, body: dict, prompt: list[int], sp: Sampling, on_step, top: int | None) -> Seq:
         host, port, room = body["bootstrap_host"], body["bootstrap_port"], body["bootstrap_room"]
         try:
             data = await self.fetcher.fetch(host, port, room, self.cfg.bootstrap_timeout)
@@ -267,16 +303,17 @@ class TorchServer:
             raise RequestError(500, f"KV mismatch: the prefill runs another model (KV shape {list(cache[0][0].shape)})",
                                "InternalServerError")
         if sp.max_new_tokens == 0:
-            return []
+            return Seq(prompt, sp, top=top)
         # a request without a seed gets the one the prefill drew, so both halves sample one sequence
         given = body.get("sampling_params") or {}
         explicit = "seed" in given or "sampling_seed" in given or body.get("seed") is not None
         seed = sp.seed if explicit else meta["sampling"]["seed"]
         sp = Sampling(sp.max_new_tokens, sp.temperature, sp.top_p, seed, sp.stop_token_ids, sp.ignore_eos)
-        seq = Seq(prompt, sp, first=meta["first_token"], cache=cache, on_step=on_step)
+        first_row = logprobs.from_json(meta["first_row"]) if top is not None and "first_row" in meta else None
+        seq = Seq(prompt, sp, first=meta["first_token"], cache=cache, on_step=on_step, top=top, first_row=first_row)
         if on_step is not None and not seq.finished:
             on_step(seq)      # the prefill's token is this stream's first event
-        return (await self.scheduler.submit(seq)).out
+        return await self.scheduler.submit(seq)
 
     # ---- info, health
     def health(self, req: Request, conn: HttpConnection) -> None:
@@ -287,6 +324,14 @@ class TorchServer:
         conn.respond(200, orjson.dumps({"object": "list", "data": [
             {"id": name, "object": "model", "created": self.created, "owned_by": "sglang", "root": name,
              "parent": None, "max_model_len": self.cfg.context_length}]}))
+
+    def model_card(self, req: Request, conn: HttpConnection) -> None:
+        """GET /v1/models/{id}: SGLang's ModelCard, or its 404 for another name."""
+        name = unquote(req.path[len(b"/v1/models/"):].decode("latin-1"))
+        if name != self.cfg.served_model_name:
+            conn.respond(404, orjson.dumps(model_not_found(name)))
+            return
+        conn.respond(200, orjson.dumps(model_card(name, self.created, self.cfg.context_length)))
 
     def model_info(self, req: Request, conn: HttpConnection) -> None:
         conn.respond(200, orjson.dumps({
