@@ -25,6 +25,7 @@ from proc_util import free_port_block
 from slurm_util import requires_slurm
 
 from hpcserve.api import cancel, submit, wait_ready
+from hpcserve.errors import BackendError
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = "etc/engine-image-marker"
@@ -195,3 +196,16 @@ def test_sigkilled_agent_leaves_no_engine_in_the_image(image, tmp_path, monkeypa
     finally:
         cancel(run, wait=60)
     assert not _alive(pid)
+
+
+def test_missing_image_fails_the_job_fast_with_the_reason(image, tmp_path, monkeypatch):
+    img, _ = image
+    monkeypatch.setenv("USER", os.environ.get("USER") or "root")
+    gone = tmp_path / "no-such-image"
+    [run] = submit(_recipe(tmp_path, img), [f"engine.container={gone}"], run_dir=tmp_path / "run")
+    try:
+        with pytest.raises(BackendError, match=f"workers-0: image {gone} does not exist on this node"):
+            wait_ready(run, 120)
+    finally:
+        cancel(run, wait=60)
+    assert "fix engine.container" in (run.run_dir / "failure.json").read_text()

@@ -8,7 +8,9 @@ receives SIGTERM whatever sits in between (srun, for example, turns a SIGTERM it
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,6 +43,10 @@ class ContainerRuntime(Protocol):
 
     def stop_signal(self, launch: EngineLaunch) -> int:
         """The signal the agent sends that process to stop the engine; it arrives inside as SIGTERM."""
+
+    def problem(self, launch: EngineLaunch) -> str | None:
+        """What would keep the engine from starting on this node (runtime or image missing), said with its
+        fix; None when nothing is known to be wrong. Checked before the engine starts."""
 
 
 RUNTIMES: dict[str, ContainerRuntime] = {}
@@ -111,6 +117,20 @@ def describe(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
+def missing_tool(binary: str, runtime: str) -> str | None:
+    if shutil.which(binary) is None:
+        return (f"{binary} not found on this node ({os.uname().nodename}); install {runtime} there or choose "
+                f"another cluster.container_runtime")
+    return None
+
+
+def missing_image(image: str) -> str | None:
+    """A local image path that does not exist (registry references such as docker://... are not checked)."""
+    if image.startswith("/") and not os.path.exists(image):
+        return f"image {image} does not exist on this node ({os.uname().nodename}); fix engine.container"
+    return None
+
+
 _LOADED = False
 
 
@@ -122,14 +142,18 @@ def _load_builtin() -> None:
 
 
 def engine_command(settings, name: str, argv: list[str], env: dict[str, str], node: int, run_dir: str,
-                   node_name: str | None = None) -> tuple[list[str], int]:
+                   node_name: str | None = None, check: bool = True) -> tuple[list[str], int]:
     """The node agent's call: the argv that starts this engine through the plan's runtime, and the signal
     that stops it. ``settings`` is the plan's container part (container_runtime, container,
-    container_mounts, container_setup); it is read by attribute so this layer does not import the plan."""
+    container_mounts, container_setup); it is read by attribute so this layer does not import the plan.
+    ``check``: first ask the runtime whether the engine can start here (one-line error naming the fix)."""
     model = argv[argv.index("--model-path") + 1] if "--model-path" in argv[:-1] else None
     launch = EngineLaunch(
         argv=list(argv), image=settings.container, workdir=run_dir, env=dict(env), name=name, node=node,
         node_name=node_name, setup=list(getattr(settings, "container_setup", []) or []),
         binds=binds_for(run_dir, model, list(settings.container_mounts)) if settings.container else [])
     runtime = get_runtime(settings.container_runtime)
+    problem = runtime.problem(launch) if check else None
+    if problem:
+        raise HpcserveError(f"{name}: {problem}")
     return runtime.command(launch), int(runtime.stop_signal(launch))

@@ -7,7 +7,7 @@ import os
 import pwd
 import signal
 
-from hpcserve.containers.base import EngineLaunch, register, shell_wrapper, split_bind
+from hpcserve.containers.base import EngineLaunch, missing_image, missing_tool, register, shell_wrapper, split_bind
 
 
 class Bare:
@@ -20,6 +20,9 @@ class Bare:
 
     def stop_signal(self, launch: EngineLaunch) -> int:
         return signal.SIGTERM
+
+    def problem(self, launch: EngineLaunch) -> str | None:
+        return None
 
 
 class Pyxis:
@@ -49,6 +52,11 @@ class Pyxis:
     def stop_signal(self, launch: EngineLaunch) -> int:
         return signal.SIGUSR1 if launch.image is not None else signal.SIGTERM
 
+    def problem(self, launch: EngineLaunch) -> str | None:
+        if launch.image is None:
+            return None
+        return missing_tool("srun", "Slurm's clients") or missing_image(launch.image)
+
 
 class Apptainer:
     """`apptainer exec --nv` (or `singularity exec`): the runtime's starter forwards signals to the
@@ -65,6 +73,11 @@ class Apptainer:
 
     def stop_signal(self, launch: EngineLaunch) -> int:
         return signal.SIGTERM
+
+    def problem(self, launch: EngineLaunch) -> str | None:
+        if launch.image is None:
+            return None
+        return missing_tool(self.name, self.name.capitalize()) or missing_image(launch.image)
 
 
 class Charliecloud:
@@ -85,6 +98,19 @@ class Charliecloud:
 
     def stop_signal(self, launch: EngineLaunch) -> int:
         return signal.SIGTERM
+
+    def problem(self, launch: EngineLaunch) -> str | None:
+        if launch.image is None:
+            return None
+        found = missing_tool("ch-run", "Charliecloud (Debian: charliecloud-runtime)") or missing_image(launch.image)
+        if found or not os.path.isdir(launch.image):
+            return found
+        # ch-run cannot create a bind destination in a read-only image; /tmp comes from the host
+        for _, dst in map(split_bind, launch.binds):
+            if not (dst == "/tmp" or dst.startswith("/tmp/") or os.path.isdir(os.path.join(launch.image, dst.lstrip("/")))):
+                return (f"bind destination {dst} does not exist in image {launch.image}; create it there "
+                        f"(mkdir -p {launch.image.rstrip('/')}{dst}) or change cluster.container_mounts")
+        return None
 
 
 register(Bare())
