@@ -27,6 +27,7 @@ class WorkerLaunch:
     node_rank: int = 0
     dist_init_addr: str | None = None   # "{host:N}:PORT" for multi-node replicas
     bootstrap_port: int | None = None
+    nccl_port: int | None = None        # planned, so SGLang does not pick port + random(100, 1000) itself
     transfer_backend: str | None = None
     ib_device: str | None = None
     user_args: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +92,8 @@ def sglang_server_flags(w: WorkerLaunch) -> list[str]:
         out += ["--dp-size", str(w.dp)]
     if w.ep > 1:
         out += ["--ep-size", str(w.ep)]
+    if w.nccl_port:
+        out += ["--nccl-port", str(w.nccl_port)]
     if w.nnodes > 1:
         out += ["--nnodes", str(w.nnodes), "--node-rank", str(w.node_rank),
                 "--dist-init-addr", str(w.dist_init_addr)]

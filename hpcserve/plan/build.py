@@ -1,13 +1,14 @@
 """plan(recipe): a pure, deterministic layout of nodes, GPUs, ports and process specs.
 
 Packing: replicas are placed in recipe order (prefill, decode | workers). A replica spanning nodes takes
-whole fresh nodes; a smaller one goes first-fit onto the lowest node with enough free GPUs. The head
-(Redis + router) lives on node 0, alone when ``router.dedicated_node``.
+whole nodes: the head node while none of its GPUs is taken (unless ``router.dedicated_node``), then fresh
+ones; a smaller one goes first-fit onto the lowest node with enough free GPUs. The head (Redis + router)
+lives on node 0, alone when ``router.dedicated_node``.
 
 Ports are unique across the whole plan, not per node: on test clusters every "node" is the same host, and a
 unique range also keeps logs unambiguous. Layout from ``ports.base``: redis = base, control API = base + 1,
 then per replica k a block of PORT_STRIDE starting at base + 10 + k*PORT_STRIDE: http, bootstrap (+2),
-dist-init (+10; SGLang derives a few ports above it).
+nccl (+5), dist-init (+10; SGLang derives a few ports above it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from hpcserve.recipe.schema import GroupSpec, Recipe, replica_gpus
 from hpcserve.stacks.base import get_stack
 
 PORT_STRIDE = 20
+NCCL_OFFSET = 5
 ROLE_OF_GROUP = {"prefill": "prefill", "decode": "decode", "workers": "both"}
 MODE_OF_ROLE = {"prefill": "prefill", "decode": "decode", "both": "null"}
 
@@ -42,6 +44,12 @@ class _Nodes:
         return len(self.free) - 1
 
     def take_whole(self, role: str) -> int:
+        """A whole node for one rank of a multi-node replica: the head node if it may share and is untouched."""
+        for n, roles in enumerate(self.roles):
+            if self.shared[n] and roles == ["head"] and len(self.free[n]) == self.gpn:
+                self.shared[n], self.free[n] = False, []
+                roles.append(role)
+                return n
         n = self.add(role, shared=False)
         self.free[n] = []
         return n
@@ -90,7 +98,8 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
                 placed = [nodes.take_gpus(role, gpus)]
             w = WorkerSpec(id=wid, group=gname, role=role, replica=r, nodes=[n for n, _ in placed], port=port,
                            bootstrap_port=port + 2 if role == "prefill" else None,
-                           dist_init_port=port + 10 if group.nodes > 1 else None, gpus=gpus)
+                           dist_init_port=port + 10 if group.nodes > 1 else None,
+                           nccl_port=port + NCCL_OFFSET, gpus=gpus)
             workers.append(w)
             procs += _engine_processes(recipe, engine, stack, group, w, placed, hp_python)
     last_port = base + 10 + replica_index * PORT_STRIDE
@@ -110,8 +119,8 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
     if recipe.batch is not None:
         head_procs.append(batch_spec(recipe, head, hp_python, shard))
     if recipe.benchmark is not None:
-        head_procs.append(bench_spec(recipe, head, hp_python, sum(w.gpus * len(w.nodes) if len(w.nodes) > 1
-                                                                  else w.gpus for w in workers), point or {}))
+        # w.gpus already counts every node of a replica
+        head_procs.append(bench_spec(recipe, head, hp_python, sum(w.gpus for w in workers), point or {}))
     procs = head_procs + procs
     node_specs = [NodeSpec(index=i, roles=nodes.roles[i],
                            gpus_used=sorted(g for p in procs if p.node == i for g in p.gpus))
@@ -127,7 +136,17 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
         slurm=_slurm(recipe, len(node_specs)),
         batch_max_restarts=recipe.batch.max_restarts if recipe.batch else None,
         bind=listen_host(recipe), handover_seconds=recipe.serve.handover_seconds if recipe.serve.continuous else None,
+        notes=_notes(recipe),
     )
+
+
+def _notes(recipe: Recipe) -> list[str]:
+    """Defaults of ours that differ from SGLang's own, said rather than silently applied."""
+    out = []
+    if recipe.disaggregated and "backend" not in recipe.kv_transfer.model_fields_set:
+        out.append(f"kv_transfer.backend: {recipe.kv_transfer.backend} (hpcserve's default; SGLang's own default "
+                   f"is mooncake, which also needs kv_transfer.ib_device); set kv_transfer.backend to choose")
+    return out
 
 
 def _engine_processes(recipe: Recipe, engine, stack, group: GroupSpec, w: WorkerSpec,
@@ -140,7 +159,7 @@ def _engine_processes(recipe: Recipe, engine, stack, group: GroupSpec, w: Worker
             mode=MODE_OF_ROLE[w.role], host=listen_host(recipe), port=w.port, tp=group.tp, dp=group.dp, ep=group.ep,
             nnodes=group.nodes, node_rank=rank,
             dist_init_addr=f"{{host:{placed[0][0]}}}:{w.dist_init_port}" if group.nodes > 1 else None,
-            bootstrap_port=w.bootstrap_port,
+            bootstrap_port=w.bootstrap_port, nccl_port=w.nccl_port,
             transfer_backend=recipe.kv_transfer.backend if recipe.disaggregated else None,
             ib_device=recipe.kv_transfer.ib_device if recipe.disaggregated else None,
             user_args=dict(group.args), options=recipe.engine.options(), python=python)
@@ -152,6 +171,8 @@ def _engine_processes(recipe: Recipe, engine, stack, group: GroupSpec, w: Worker
             ports["bootstrap"] = w.bootstrap_port
         if w.dist_init_port:
             ports["dist_init"] = w.dist_init_port
+        if w.nccl_port:
+            ports["nccl"] = w.nccl_port
         name = w.id if group.nodes == 1 else f"{w.id}-rank{rank}"
         out.append(ProcessSpec(
             name=name, kind="engine", node=node, argv=engine.argv(launch), env=env, gpus=gpus,

@@ -44,7 +44,8 @@ class WorkerSpec(Frozen):
     port: int
     bootstrap_port: int | None = None
     dist_init_port: int | None = None
-    gpus: int
+    nccl_port: int | None = None
+    gpus: int                        # GPUs of the whole replica, over all its nodes
 
 
 class NodeSpec(Frozen):
@@ -99,6 +100,7 @@ class Plan(Frozen):
     batch_max_restarts: int | None = None     # set when the plan runs an offline batch stage
     bind: str = "{addr}"              # what servers listen on: the node's address, or 0.0.0.0 (serve.bind: all)
     handover_seconds: int | None = None       # serve.continuous: successor submitted this long before the limit
+    notes: list[str] = []            # defaults worth saying (validate/render print them), e.g. the KV backend
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"

@@ -16,7 +16,7 @@ MANAGED_ENGINE_FLAGS = frozenset({
     "port", "host", "tp", "tp-size", "tensor-parallel-size", "dp", "dp-size", "data-parallel-size",
     "ep", "ep-size", "expert-parallel-size", "nnodes", "node-rank", "dist-init-addr",
     "disaggregation-mode", "disaggregation-bootstrap-port", "disaggregation-transfer-backend",
-    "disaggregation-ib-device", "model-path", "served-model-name", "base-gpu-id",
+    "disaggregation-ib-device", "model-path", "served-model-name", "base-gpu-id", "nccl-port",
 })
 
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+)(?::(\d+))?$")
@@ -103,7 +103,13 @@ class ClusterSpec(Strict):
                               description="Extra sbatch directives passed through, e.g. --exclusive.")
     setup: list[str] = Field(default_factory=list, description="Shell lines run in the batch script first.")
     signal_seconds: int = Field(120, ge=10, description="USR2 this many seconds before the time limit.")
-    address: str = Field("auto", description="Node address workers bind to: auto (hostname) or an IP.")
+    address: str = Field("auto", description="Node address servers bind to, chosen on each node: auto (the "
+                                             "route to the head node, else the hostname, else an interface; "
+                                             "loopback refused on multi-node jobs), interface:NAME, an IP (127.0.0.1: "
+                                             "every node is this host), or NODE=RULE entries, comma-separated.")
+    slurm_version: str | None = Field(None, description="Oldest Slurm release whose sbatch takes this profile's "
+                                                        "directives, e.g. 24.11 (validate/render compare it with "
+                                                        "the sbatch found here).")
     python: str | None = Field(None, description="Python that runs hpcserve on nodes; default: the current one.")
 
     @field_validator("time", mode="before")
@@ -186,15 +192,14 @@ class RouterSpec(Strict):
             raise ValueError(f"unknown policy {v!r}; choose one of: {', '.join(sorted(known))}")
         return v
 
-    @model_validator(mode="after")
-    def _sglang_router_policies(self) -> "RouterSpec":
-        """sglang-router 0.3 has no least_load: say so now rather than when the job starts."""
+    def check_sglang_policies(self, disaggregated: bool) -> None:
+        """sglang-router 0.3 has no least_load: say so now rather than when the job starts. Only the policies
+        the mode uses count (an aggregated recipe never uses the PD decode policy's default)."""
         if self.kind == "sglang":
-            for name in ("policy", "prefill_policy", "decode_policy"):
+            for name in ("prefill_policy", "decode_policy") if disaggregated else ("policy",):
                 if getattr(self, name) == "least_load":
                     raise ValueError(f"router.{name}: sglang-router has no least_load policy; use round_robin, "
                                      f"power_of_two, cache_aware or random with router.kind: sglang")
-        return self
 
 
 class RedisSpec(Strict):
@@ -290,6 +295,7 @@ class Recipe(Strict):
         if pd and (self.prefill is None or self.decode is None):
             missing = "decode" if self.decode is None else "prefill"
             raise ValueError(f"{missing}: PD needs both sides; add a `{missing}:` group")
+        self.router.check_sglang_policies(pd)
         _port_ok(self.router.port, "router.port")
         _port_ok(self.ports.base, "ports.base")
         gpn = self.cluster.gpus_per_node
