@@ -115,7 +115,8 @@ def _bench(args: argparse.Namespace) -> int:
     label = args.label or (info.name if info else out.resolve().name)
     cfg = BenchConfig(url=url, isl=args.isl, osl=args.osl, dataset=args.dataset,
                       concurrency=args.concurrency, request_rate=args.request_rate, num_prompts=args.num_prompts,
-                      warmup=args.warmup, gpus=gpus, api=args.api, model=args.model, seed=args.seed,
+                      warmup=args.warmup, gpus=gpus, model=args.model, seed=args.seed,
+                      api=info.api if info and args.api == "auto" else args.api,   # a Dynamo run: completions
                       timeout_s=args.timeout, max_error_rate=args.max_error_rate,
                       force_output_len=not args.allow_short_output, run=label,
                       point=info.point if info else None, api_key=api_key)

@@ -28,6 +28,7 @@ class RunInfo:
     point: dict = field(default_factory=dict)
     redis_url: str | None = None
     run_id: str = ""            # the registry's key prefix: the agents use the run dir's name
+    api: str = "auto"           # what the run's stack serves (a Dynamo frontend has no /generate)
 
 
 def read_run(path: Path | str) -> RunInfo:
@@ -43,7 +44,7 @@ def read_run(path: Path | str) -> RunInfo:
     url = _read_json(run_dir / ENDPOINT_JSON).get("url")
     if not isinstance(url, str) or "://" not in url:
         raise BenchError(f"{run_dir / ENDPOINT_JSON} has no 'url'; the run dir is damaged, pass the URL instead")
-    name, point, gpus = run_dir.name, {}, 1
+    name, point, gpus, api = run_dir.name, {}, 1, "auto"
     if (run_dir / PLAN_JSON).is_file():
         from hpcserve.plan.model import Plan
         try:
@@ -52,12 +53,14 @@ def read_run(path: Path | str) -> RunInfo:
             raise BenchError(f"{run_dir / PLAN_JSON} does not load ({str(e).splitlines()[0]}); "
                              "pass --gpus N and the URL instead") from None
         name, point = plan.name, dict(plan.point)
+        from hpcserve.stacks.base import get_stack
+        api = get_stack(plan.stack).api
         gpus = max(1, sum(w.gpus for w in plan.workers))   # mock deployments plan 0 GPUs
     redis_url = None
     if (run_dir / REDIS_JSON).is_file():
         redis_url = _read_json(run_dir / REDIS_JSON).get("url")
     return RunInfo(run_dir=run_dir, url=url, gpus=gpus, name=name, point=point, redis_url=redis_url,
-                   run_id=run_dir.name)
+                   run_id=run_dir.name, api=api)
 
 
 def _read_json(path: Path) -> dict:

@@ -1,6 +1,10 @@
-"""A model directory dynamo.mocker accepts without any download: a byte-level tokenizer.json (one token per
-byte, like the mock engine's), a small config.json and a tokenizer_config.json with a chat template (Dynamo
-serves a model's chat endpoint only with one). Used by tests, bench/kv_routing.py and CPU demos."""
+"""A model directory dynamo.mocker accepts without any download: a byte-level tokenizer.json (text encodes to
+one token per byte, like the mock engine's), a small config.json and a tokenizer_config.json with a chat
+template (Dynamo serves a model's chat endpoint only with one). Used by tests, bench/kv_routing.py and demos.
+
+The vocabulary is padded to ``vocab_size`` with word tokens ``w<id>`` that text never encodes to: the
+mocker emits random ids above 1000 and `hpcserve bench` sends random ids in 1000-30000, and Dynamo refuses
+ids outside the vocabulary and decodes unknown ones to nothing."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import json
 from pathlib import Path
 
 
-def make_byte_model(d: str | Path) -> Path:
+def make_byte_model(d: str | Path, vocab_size: int = 32000) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     d = Path(d)
@@ -16,6 +20,8 @@ def make_byte_model(d: str | Path) -> Path:
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
+    for i in range(len(vocab), vocab_size):
+        vocab[f"w{i}"] = i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -113,14 +113,14 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
     if recipe.redis.url is None:
         head_procs.append(redis_spec(head, base))
     head_procs.append(router_spec(recipe, head, mode, workers, hp_python, stack))
-    control_port = base + 1 if recipe.router.kind == "hpcserve" and stack.steers_router else None   # it steers our router only
+    control_port = base + 1 if recipe.router.kind == "hpcserve" and stack.steers_router else None   # steers ours only
     if control_port is not None:
         head_procs.append(control_spec(recipe, head, hp_python, control_port))
     if recipe.batch is not None:
         head_procs.append(batch_spec(recipe, head, hp_python, shard))
     if recipe.benchmark is not None:
         # w.gpus already counts every node of a replica
-        head_procs.append(bench_spec(recipe, head, hp_python, sum(w.gpus for w in workers), point or {}))
+        head_procs.append(bench_spec(recipe, head, hp_python, stack.api, sum(w.gpus for w in workers), point or {}))
     procs = head_procs + procs
     node_specs = [NodeSpec(index=i, roles=nodes.roles[i],
                            gpus_used=sorted(g for p in procs if p.node == i for g in p.gpus))

@@ -66,12 +66,13 @@ def batch_spec(recipe: Recipe, head: int, python: str, shard: tuple[int, int]) -
     return ProcessSpec(name="batch", kind="batch", node=head, argv=argv, log="logs/batch.log", restart=0)
 
 
-def bench_spec(recipe: Recipe, head: int, python: str, gpus: int, point: dict) -> ProcessSpec:
+def bench_spec(recipe: Recipe, head: int, python: str, api: str, gpus: int, point: dict) -> ProcessSpec:
     """The benchmark stage: load levels against the router, results into RUN/bench/, then the job ends."""
     b = recipe.benchmark
     argv = [python, "-m", "hpcserve.bench", f"http://{{addr}}:{recipe.router.port}", "--isl", str(b.isl),
-            "--osl", str(b.osl), "--concurrency", ",".join(map(str, b.concurrency)), "--warmup", str(b.warmup),
-            "--gpus", str(max(gpus, 1)), "--label", _label(recipe.name, point), "-o", "{run_dir}/bench"]
+            "--osl", str(b.osl), "--api", api, "--concurrency", ",".join(map(str, b.concurrency)),
+            "--warmup", str(b.warmup), "--gpus", str(max(gpus, 1)), "--label", _label(recipe.name, point),
+            "-o", "{run_dir}/bench"]
     if b.num_prompts:
         argv += ["--num-prompts", str(b.num_prompts)]
     return ProcessSpec(name="bench", kind="bench", node=head, argv=argv, log="logs/bench.log", restart=0)

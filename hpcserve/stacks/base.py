@@ -18,6 +18,7 @@ RouterArgv = Callable[[Any, str, list, str], list[str]]
 class Stack(Protocol):
     name: str
     steers_router: bool        # the head process is hpcserve's own router (its control API applies)
+    api: str                   # what `hpcserve bench` sends to the endpoint: generate (SGLang's) | completions
 
     def engine_kind(self, kind: str) -> str:
         """The engine registry entry that runs the workers for the recipe's ``engine.kind``."""

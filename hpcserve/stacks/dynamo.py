@@ -37,6 +37,7 @@ def runtime_env() -> dict[str, str]:
 class DynamoStack:
     name = "dynamo"
     steers_router = False
+    api = "completions"        # the frontend serves OpenAI routes only (no /generate)
 
     def engine_kind(self, kind: str) -> str:
         if kind not in WORKER_ENGINES:

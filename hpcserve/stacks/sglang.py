@@ -13,6 +13,7 @@ from hpcserve.stacks.base import register
 class SGLangStack:
     name = "sglang"
     steers_router = True
+    api = "generate"
 
     def engine_kind(self, kind: str) -> str:
         return kind
