@@ -1,5 +1,5 @@
-"""The FastAPI application: routes under /v1 behind the router's bearer key; /health, /docs and
-/openapi.json open. Every refusal is a 4xx with a one-line ``detail``."""
+"""The FastAPI application: routes under /v1 behind the router's bearer key; /health, /metrics, /docs and
+/openapi.json open (like the router's probes and scrapes). Every refusal is a 4xx with a one-line ``detail``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from redis.exceptions import RedisError
 
 from hpcserve.control.models import ActionResult, EventList, GroupView, PolicyChange, RotationChange, RunView, WorkerView
@@ -54,6 +54,11 @@ def create_app(control: Control, api_key: str | None) -> FastAPI:
     @app.get("/health", tags=["probe"])
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics", tags=["probe"], response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        """Prometheus text: workers by role and state, restarts, operator actions (docs/metrics.md)."""
+        return PlainTextResponse(await control.prometheus(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 

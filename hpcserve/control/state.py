@@ -12,6 +12,8 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpcserve import registry
@@ -85,6 +87,7 @@ class Control:
             health_check_interval=10)
         self.redis = aioredis.Redis(connection_pool=pool)
         self.session: aiohttp.ClientSession | None = None
+        self.actions: dict[tuple[str, str], int] = {}   # (action, ok) -> count, for /metrics
         self.groups = {}   # group -> (role, [worker ids]) from the plan
         for w in self.plan.workers:
             self.groups.setdefault(w.group, (w.role, []))[1].append(w.id)
@@ -201,6 +204,37 @@ class Control:
                     last = ev.id
                     yield _sse(ev)
 
+    async def prometheus(self) -> bytes:
+        """The control plane's metrics: the agents' registry (workers by role and state, restarts) and the
+        operator actions taken here. Listed in docs/metrics.md."""
+        try:
+            recs = await self.records()
+            up = 1
+        except (aioredis.RedisError, OSError):
+            recs, up = {}, 0
+        states = GaugeMetricFamily("hpcserve_workers", "Workers in the registry by role and state (heartbeat "
+                                   "expired: dead).", labels=["role", "state"])
+        counts: dict[tuple[str, str], int] = {}
+        for rec in recs.values():
+            counts[(rec.role, rec.state)] = counts.get((rec.role, rec.state), 0) + 1
+        for (role, state), n in sorted(counts.items()):
+            states.add_metric([role, state], n)
+        restarts = CounterMetricFamily("hpcserve_worker_restarts", "Engine restarts of each worker, as its node "
+                                       "agent counts them (crashes and operator restarts).",
+                                       labels=["worker", "role", "group"])
+        for wid, rec in sorted(recs.items()):
+            restarts.add_metric([wid, rec.role, rec.group], rec.restarts)
+        actions = CounterMetricFamily("hpcserve_control_actions", "Operator actions through the control API, "
+                                      "by action and outcome.", labels=["action", "ok"])
+        for (action, ok), n in sorted(self.actions.items()):
+            actions.add_metric([action, ok], n)
+        registry_up = GaugeMetricFamily("hpcserve_control_registry_up", "1 if the run's Redis answered this scrape.")
+        registry_up.add_metric([], up)
+        families = [states, restarts, actions, registry_up]
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(_Families(families))
+        return generate_latest(reg)
+
     # ---- actions
     async def _send(self, action: str, wid: str) -> None:
         listeners = await registry.send_command(self.redis, self.run_id, registry.Command(action=action, worker=wid))
@@ -208,6 +242,8 @@ class Control:
             raise ControlError(503, "no node agent is listening for commands; is the job running?")
 
     async def _record_event(self, result: ActionResult) -> ActionResult:
+        key = (result.action, "true" if result.ok else "false")
+        self.actions[key] = self.actions.get(key, 0) + 1
         await registry.emit_event(self.redis, self.run_id, "action", action=result.action, target=result.target,
                                   ok=result.ok, message=result.message)
         return result
@@ -284,6 +320,14 @@ class Control:
         msg = f"{group} routes with {policy} now" if ok else \
             f"{policy} recorded for {group}; the router did not confirm within {timeout:g} s"
         return await self._record_event(ActionResult(action="policy", target=group, ok=ok, message=msg, group=gv))
+
+
+class _Families:
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
 
 
 def _sse(ev: registry.Event) -> bytes:
