@@ -181,3 +181,38 @@ def test_pd_prefill_decode_with_kv_router(tmp_path):
         _assert_cancelled_clean(run, _pids(run.run_dir), ports)
     finally:
         cancel(run, wait=60)
+
+
+def test_sweep_compares_stacks_in_one_allocation(tmp_path):
+    """`sweep: {stack: [sglang, dynamo]}` with a benchmark stage: both stacks on the same shape, point after
+    point in ONE job, each benchmarked with the API its endpoint serves, one report with both series."""
+    base = free_port_block()
+    recipe = tmp_path / "stacks.yaml"
+    recipe.write_text(f"""\
+name: stacks
+model: {{path: {make_byte_model(tmp_path / "model")}, served_name: tiny}}
+engine: {{kind: mock, mock: {{time-scale: 0.1}}}}
+cluster: {REPO / "slurm/clusters/local.yaml"}
+workers: {{replicas: 2, tp: 1}}
+router: {{port: {base + 119}, policy: round_robin, dedicated_node: true}}
+ports: {{base: {base}}}
+timeouts: {{startup: 60}}
+benchmark: {{isl: 64, osl: 16, concurrency: [1, 4], num_prompts: 8, warmup: 1}}
+sweep: {{stack: [sglang, dynamo]}}
+""")
+    [run] = submit(recipe, run_dir=tmp_path / "run")
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            [st] = collect([str(run.run_dir)])
+            if st.slurm_state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", None, "UNKNOWN"):
+                break
+            time.sleep(1)
+        assert st.slurm_state == "COMPLETED", (st.slurm_state, st.phase)
+    finally:
+        cancel(run, wait=30)
+    rows = list(csv.DictReader((run.run_dir / "report" / "rollup.csv").open()))
+    assert sorted((r["run"], r["api"], r["concurrency"], r["valid"]) for r in rows) == [
+        ("stacks[stack=dynamo]", "completions", "1", "true"), ("stacks[stack=dynamo]", "completions", "4", "true"),
+        ("stacks[stack=sglang]", "generate", "1", "true"), ("stacks[stack=sglang]", "generate", "4", "true")]
+    assert (run.run_dir / "report" / "throughput_vs_tpot.png").read_bytes()[:4] == b"\x89PNG"
