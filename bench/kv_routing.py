@@ -244,27 +244,10 @@ DYNAMO_MODEL = [""]  # the model directory: dynamo.mocker serves the model under
 
 
 def make_dynamo_model(d: Path) -> Path:
-    """A model directory dynamo.mocker accepts: a byte-level tokenizer.json (one token per byte) + config."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    d.mkdir(parents=True, exist_ok=True)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(d / "tokenizer.json"))
-    (d / "config.json").write_bytes(orjson.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": len(vocab), "hidden_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 128,
-        "max_position_embeddings": 32768, "bos_token_id": 1, "eos_token_id": 2}))
-    (d / "tokenizer_config.json").write_bytes(orjson.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "model_max_length": 32768,
-        "tokenizer_class": "PreTrainedTokenizerFast",  # Dynamo loads a model only with a chat template
-        "chat_template": "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"}))
-    return d
+    """dynamo.mocker's model directory: hpcserve's byte-level one (one token per byte, like the mock), with the
+    vocabulary unpadded as when the numbers in docs/kv-routing.md were measured."""
+    from hpcserve.engines.dynamo_model import make_byte_model
+    return make_byte_model(d, vocab_size=0)
 
 
 def start_dynamo(procs: Procs, logdir: Path, blocks: int, tag: str) -> str:
