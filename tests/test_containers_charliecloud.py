@@ -209,3 +209,20 @@ def test_missing_image_fails_the_job_fast_with_the_reason(image, tmp_path, monke
     finally:
         cancel(run, wait=60)
     assert "fix engine.container" in (run.run_dir / "failure.json").read_text()
+
+
+def test_image_check_runs_a_command_in_the_image_as_the_engine_would(image, tmp_path, monkeypatch):
+    """What `hpcserve doctor` uses on each node before any engine starts."""
+    from types import SimpleNamespace
+
+    from hpcserve.containers.base import image_starts, run_in_image
+    img, token = image
+    monkeypatch.setenv("USER", os.environ.get("USER") or "root")
+    settings = SimpleNamespace(container=str(img), container_runtime="charliecloud", container_mounts=[])
+    assert image_starts(settings, str(tmp_path)) is None
+    assert run_in_image(settings, ["cat", f"/{MARKER}"], str(tmp_path)) == (0, token)
+    code, last = run_in_image(settings, ["test", "-r", "/models/m/config.json"], str(tmp_path))
+    assert code == 1
+    broken = SimpleNamespace(container=str(tmp_path), container_runtime="charliecloud", container_mounts=[])
+    why = image_starts(broken, str(tmp_path))
+    assert why.startswith(f"image {tmp_path} does not start with charliecloud (exit 1): ") and "ch-run" in why

@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from hpcserve.containers.lifecycle import die_with_parent
 from hpcserve.errors import HpcserveError
 
 # argv[0] of the small shell wrapper inside the image (shows in `ps` as the engine's parent).
@@ -157,3 +159,40 @@ def engine_command(settings, name: str, argv: list[str], env: dict[str, str], no
     if problem:
         raise HpcserveError(f"{name}: {problem}")
     return runtime.command(launch), int(runtime.stop_signal(launch))
+
+
+def run_in_image(settings, argv: list[str], run_dir: str, model_path: str | None = None,
+                 timeout: float = 120.0) -> tuple[int, str]:
+    """Run a short command in the engine's image the way the engine will run (same runtime and binds), for
+    checks before any engine starts (``hpcserve doctor``): (exit code, last line of its output). Raises
+    HpcserveError with the fix when the runtime or image is missing, or the command does not end in time."""
+    launch = EngineLaunch(list(argv), image=settings.container, workdir=run_dir, env=dict(os.environ),
+                          name="image-check", binds=binds_for(run_dir, model_path, list(settings.container_mounts))
+                          if settings.container else [])
+    runtime = get_runtime(settings.container_runtime)
+    problem = runtime.problem(launch)
+    if problem:
+        raise HpcserveError(problem)
+    try:
+        res = subprocess.run(runtime.command(launch), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=timeout, start_new_session=True, preexec_fn=die_with_parent)
+    except subprocess.TimeoutExpired:
+        raise HpcserveError(f"image {settings.container} did not run `{describe(argv)}` within {timeout:.0f}s "
+                            f"through {runtime.name}") from None
+    except OSError as e:
+        raise HpcserveError(f"cannot start {runtime.name}: {e.strerror}") from None
+    lines = (res.stderr + res.stdout).strip().splitlines()
+    return res.returncode, lines[-1] if lines else ""
+
+
+def image_starts(settings, run_dir: str, timeout: float = 120.0) -> str | None:
+    """None when the engine's image starts through its runtime (``true`` runs in it), else why not."""
+    if not settings.container:
+        return None
+    try:
+        code, last = run_in_image(settings, ["true"], run_dir, timeout=timeout)
+    except HpcserveError as e:
+        return str(e)
+    if code != 0:
+        return f"image {settings.container} does not start with {settings.container_runtime} (exit {code}): {last}"
+    return None
