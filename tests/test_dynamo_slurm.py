@@ -121,6 +121,8 @@ def test_agg_ready_from_frontend_answers_openai_and_shows_workers(agg):
     assert st["phase"] == "ready" and st["endpoint"] == ep["url"]
     assert sorted((w["id"], w["role"], w["state"]) for w in st["worker_list"]) == \
         [("workers-0", "both", "ready"), ("workers-1", "both", "ready")]
+    res = _hpcserve("logs", str(run.run_dir), "--role", "router", "-n", "400")   # the frontend's own log
+    assert res.returncode == 0 and "dynamo_runtime" in res.stdout and "\x1b[" not in res.stdout, res.stderr
 
 
 def test_bench_both_stacks_and_one_report(agg, tmp_path):

@@ -31,7 +31,8 @@ COMPONENT_OF_ROLE = {"both": "backend", "decode": "backend", "prefill": "prefill
 def runtime_env() -> dict[str, str]:
     """What the frontend and every worker share: file discovery on the run dir, TCP requests, ZMQ events."""
     return {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": "{run_dir}/" + RunPaths.DYNAMO,
-            "DYN_REQUEST_PLANE": "tcp", "DYN_EVENT_PLANE": "zmq", "NO_COLOR": "1"}
+            "DYN_REQUEST_PLANE": "tcp", "DYN_EVENT_PLANE": "zmq",
+            "DYN_SDK_DISABLE_ANSI_LOGGING": "1"}   # plain lines in logs/ for `hpcserve logs`
 
 
 class DynamoStack:
