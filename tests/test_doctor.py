@@ -105,3 +105,30 @@ def test_a_node_given_no_gpus_skips_the_gpu_check(tmp_path):
     assert plan.nodes[0].gpus_used == []
     [f] = run_checks(NodeContext(plan, 0, tmp_path), ["gpus"])
     assert (f.status, f.message) == ("skip", "the plan gives this node no GPUs")
+
+
+@pytest.mark.slurm
+@requires_slurm
+def test_submitted_job_runs_the_checks_first_and_fails_fast_with_the_reason_in_status(tmp_path):
+    """The agents run the node checks before starting anything: a missing IB device ends the job before any
+    engine or Redis starts, and `hpcserve status` says why (one line per failed check, node named)."""
+    from slurm_util import scancel, wait_job_state
+
+    from hpcserve.api import submit
+    base = free_port_block(100)
+    [run] = submit(_recipe(tmp_path, base), ["kv_transfer.ib_device=mlx5_9"], run_dir=tmp_path / "run")
+    try:
+        wait_job_state(run.job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=120)
+    finally:
+        scancel(run.job_id)
+    r = subprocess.run([sys.executable, "-m", "hpcserve", "status", "--json", str(run.run_dir)], capture_output=True,
+                       text=True, timeout=60)
+    [st] = json.loads(r.stdout)
+    assert st["phase"] == "failed"
+    host = socket.gethostname()
+    assert st["failure"].startswith("preflight failed: node ")
+    assert (f"({host}): ib_device: InfiniBand device mlx5_9 not in /sys/class/infiniband (present: none); "
+            f"fix: set kv_transfer.ib_device to a present device, or remove it") in st["failure"]
+    logs = run.run_dir / "logs"
+    assert not (run.run_dir / "redis.json").exists()               # nothing started
+    assert not any((logs / f"{name}.log").exists() for name in ("prefill-0", "decode-0", "router", "redis"))

@@ -22,6 +22,7 @@ from hpcserve import aio, registry
 from hpcserve.agent import hosts, redis_server, stages
 from hpcserve.agent.handover import Handover
 from hpcserve.agent.head import HeadWatch
+from hpcserve.agent.preflight import preflight
 from hpcserve.agent.procs import child_env
 from hpcserve.agent.supervisor import Managed, Supervisor
 from hpcserve.containers.base import engine_command
@@ -137,6 +138,7 @@ async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: "St
         log.info("batch output already complete: starting nothing")
         return EXIT_OK
     check_model_paths(plan.on_node(rank), rank)
+    await preflight(plan, run_dir, rank)   # hpcserve doctor's node checks, before anything starts
     managed: list[Managed] = []
     startup = float(plan.startup_timeout)
     if is_head:

@@ -21,7 +21,6 @@ from hpcserve.plan.model import Plan
 
 Status = Literal["ok", "fail", "skip"]
 SUBPROCESS_TIMEOUT = 120.0     # a container that has not started within this is reported, not waited for
-ENGINES_WITHOUT_CONFIG = frozenset({"mock", "torch"})   # they read no config.json
 
 
 @dataclass
@@ -63,6 +62,9 @@ def check(name: str) -> Callable[[CheckFn], CheckFn]:
         CHECKS[name] = fn
         return fn
     return add
+
+
+IN_JOB_SKIPS = frozenset({"environment"})   # the node agent running them proves the environment
 
 
 def run_checks(ctx: NodeContext, names: list[str] | None = None) -> list[Finding]:
@@ -190,7 +192,7 @@ def model(ctx: NodeContext) -> list[Finding]:
         if not path.startswith("/"):
             out.append(Finding("model", "skip", f"{path} is not a path (a hub id?): not checked"))
             continue
-        want = path if ctx.plan.engine in ENGINES_WITHOUT_CONFIG else f"{path}/config.json"
+        want = f"{path}/config.json" if _reads_config(ctx.plan.engine) else path
         inside = _container_command(ctx, ["/bin/sh", "-c", 'test -r "$0"', want])
         if inside is not None and not ctx.image_starts:
             out.append(Finding("model", "skip", f"{want} not checked: the image does not start"))
@@ -206,6 +208,12 @@ def model(ctx: NodeContext) -> list[Finding]:
         else:
             out.append(Finding("model", "ok", f"{want} readable {where}"))
     return out or [Finding("model", "skip", "no engine on this node")]
+
+
+def _reads_config(engine_name: str) -> bool:
+    """Whether the engine reads the model's config.json at start (SGLang does; the stand-ins do not)."""
+    from hpcserve.engines.base import ENGINES
+    return bool(getattr(ENGINES.get(engine_name), "reads_model_config", False))
 
 
 @check("ports")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from hpcserve.doctor.checks import Finding, NodeContext, run_checks
+from hpcserve.doctor.checks import CHECKS, IN_JOB_SKIPS, Finding, NodeContext, run_checks
 from hpcserve.plan.model import Plan
 from hpcserve.rundir import RunPaths, atomic_write, read_json
 
@@ -99,11 +99,12 @@ def reach_head(ctx: NodeContext, timeout: float) -> list[Finding]:
     return [Finding("reach", "ok", f"{host}:{port}")]
 
 
-def run_node(plan: Plan, run_dir: Path, rank: int, reach: bool, reach_timeout: float = 60.0) -> list[Finding]:
+def run_node(plan: Plan, run_dir: Path, rank: int, reach: bool, reach_timeout: float = 60.0,
+             in_job: bool = False) -> list[Finding]:
     """Every check on this node; ``reach``: also the rendezvous with the head node (not in a job, where Redis
     itself is the rendezvous, nor on one host)."""
     ctx = NodeContext(plan, rank, Path(run_dir))
-    findings = run_checks(ctx)
+    findings = run_checks(ctx, [n for n in CHECKS if not (in_job and n in IN_JOB_SKIPS)])
     if reach and plan.num_nodes > 1:
         findings += reach_as_head(ctx, reach_timeout) if ctx.is_head else reach_head(ctx, reach_timeout)
     doctor_dir(run_dir)
@@ -119,7 +120,7 @@ def failure_lines(rank: int, hostname: str, findings: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hpcserve.doctor")
-    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--plan", type=Path, required=True, help="plan.json, or - to read it from stdin")
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--node-rank", type=int, default=None, help="default: SLURM_NODEID")
     p.add_argument("--in-job", action="store_true", help="run by the node agent: no reach rendezvous")
@@ -127,13 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reach-timeout", type=float, default=60.0)
     args = p.parse_args(argv)
     try:
-        plan = Plan.from_json(args.plan.read_bytes())
+        plan = Plan.from_json(sys.stdin.buffer.read() if str(args.plan) == "-" else args.plan.read_bytes())
     except (OSError, ValueError) as e:
         print(f"error: cannot read plan {args.plan}: {e}", file=sys.stderr)
         return EXIT_FAILED
     rank = args.node_rank if args.node_rank is not None else int(os.environ.get("SLURM_NODEID", "0"))
     findings = run_node(plan, (args.run_dir or args.plan.parent).resolve(), rank, not args.in_job,
-                        args.reach_timeout)
+                        args.reach_timeout, in_job=args.in_job)
     lines = failure_lines(rank, socket.gethostname(), [f.__dict__ for f in findings])
     for line in lines if not args.quiet else []:
         print(line, flush=True)
