@@ -34,6 +34,16 @@ class HeadWatch:
         """The stack's own readiness signal (our router's /ready; Dynamo's frontend health and model list)."""
         return await self.stack.head_ready(session, self.router_url, self.plan)
 
+    async def _control_ready(self, session: aiohttp.ClientSession) -> bool:
+        """The control API answers (a run called ready can be operated: top, drain); true when none is planned."""
+        if self.plan.control_port is None:
+            return True
+        try:
+            async with session.get(f"http://{self.addr}:{self.plan.control_port}/health") as r:
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
     async def _workers(self) -> dict[str, registry.WorkerRecord] | None:
         try:
             return await registry.load_workers(self.redis, self.run_id)
@@ -53,12 +63,12 @@ class HeadWatch:
                     if dead:
                         return f"worker(s) {', '.join(dead)} died during startup; see their logs in logs/"
                     ready = all(w in recs and recs[w].state == "ready" for w in planned)
-                    if ready and await self._router_ready(session):
+                    if ready and await self._router_ready(session) and await self._control_ready(session):
                         break
                 if loop.time() > deadline:
                     waiting = sorted(w for w in planned if recs is None or w not in recs or recs[w].state != "ready")
                     return (f"not ready after timeouts.startup={self.plan.startup_timeout}s; still waiting for: "
-                            f"{', '.join(waiting) or 'router /ready'}")
+                            f"{', '.join(waiting) or 'router /ready or the control API'}")
                 await asyncio.sleep(self.interval)
         self._publish_endpoint(time.time() - t0)
         await registry.set_status(self.redis, self.run_id, phase="ready", ready_at=f"{time.time():.3f}",
