@@ -72,6 +72,15 @@ def test_sglang_engine_runs_dynamo_sglang_with_sglangs_flags_from_the_engine_pyt
     assert pre.argv[pre.argv.index("--disaggregation-bootstrap-port") + 1] == str(pre.ports["bootstrap"])
 
 
+def test_multi_node_replica_serves_from_rank_0_only():
+    p = _plan(PD, "engine.kind=sglang", "engine.mock={}", "prefill.args={}", "decode.args={}", "prefill.nodes=2",
+              "prefill.tp=16")
+    r0, r1 = (pr for pr in p.processes if pr.name.startswith("prefill-0"))
+    assert (r0.node_rank, r1.node_rank) == (0, 1) and r0.argv[r0.argv.index("--nnodes") + 1] == "2"
+    assert r0.env["DYN_SYSTEM_PORT"] == str(r0.ports["http"]) and "DYN_SYSTEM_PORT" not in r1.env
+    assert r1.env["DYN_FILE_KV"] == "{run_dir}/dynamo" and r1.ports == {}
+
+
 def test_default_stack_is_unchanged():
     p = _plan(AGG, "stack=sglang")
     head = next(pr for pr in p.processes if pr.kind == "router")

@@ -61,6 +61,8 @@ class DynamoStack:
 
     def worker_env(self, recipe, worker, launch) -> dict[str, str]:
         env = runtime_env()
+        if launch.node_rank > 0:   # other ranks of a multi-node replica serve no endpoint of their own
+            return env
         env.update({
             "DYN_SYSTEM_ENABLED": "true", "DYN_SYSTEM_HOST": launch.host, "DYN_SYSTEM_PORT": str(worker.port),
             # /health turns ready when the generate endpoint serves, not when the process merely runs
