@@ -6,6 +6,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from hpcserve.backends.base import get_backend
 from hpcserve.plan.build import plan
 from hpcserve.plan.model import Plan
 from hpcserve.recipe.load import LoadedRecipe, load_recipe, point_name
@@ -45,7 +46,7 @@ def prepare_run(recipe: str | Path, overrides: list[str] = (), cluster: str | No
     out = Path(run_dir).resolve() if run_dir else new_run_dir(plans[0][1].name)
     dirs = list(zip(write_plans(plans, out), (p for _, p in plans)))
     lr, first = plans[0]
-    if first.handover_seconds and first.backend == "slurm":   # odd successor generations: other ports
+    if first.handover_seconds and get_backend(first.backend).time_limited:   # odd successor generations: other ports
         from hpcserve.agent.handover import ALT_PLAN
         [alt] = load_plans(recipe, list(overrides) + shifted_ports(lr.recipe, first, 1), cluster)
         atomic_write(out / ALT_PLAN, alt[1].to_json())
@@ -121,13 +122,13 @@ def sweep_fits_one_allocation(plans: list[Plan]) -> bool:
 def wait_ready(run: "Run", timeout: float) -> dict:
     """Block until the run's router is ready. A job that ended, or waits in the queue for something that
     will never happen (bad partition, account, QOS), raises with Slurm's reason and is cancelled."""
-    from hpcserve.backends.slurm import SlurmBackend
     from hpcserve.status import HOPELESS_PENDING, collect
+    backend = get_backend(run.backend)
 
     def gone() -> str | None:
         [st] = collect([str(run.run_dir)])
         if st.phase == "blocked":
-            SlurmBackend.kill(run.job_id)
+            backend.cancel(run.job_id)
             return f"job {run.job_id} can never start ({st.reason}); cancelled it. Fix the cluster profile"
         if st.slurm_state and st.slurm_state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING") \
                 and st.reason not in HOPELESS_PENDING:
@@ -142,26 +143,26 @@ def cancel(run: "Run", wait: float = 60.0) -> str:
     import time as _t
 
     from hpcserve.agent.handover import generations
-    from hpcserve.backends.slurm import SlurmBackend, query_jobs
+    backend = get_backend(run.backend)
     atomic_write(run.run_dir / "cancel.json", '{"requested": true}\n')   # also stops a continuous chain
     gens = generations(run.run_dir)["jobs"]
     jobs = [run.job_id] + [gens[k] for k in sorted(gens, key=int)]
     live = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED")
-    for job, info in query_jobs(jobs).items():
+    for job, info in backend.status(jobs).items():
         if info.state in ("PENDING", "REQUEUED"):
-            SlurmBackend.kill(job)
+            backend.cancel(job)
         elif info.state in ("RUNNING", "CONFIGURING"):
-            SlurmBackend.signal(job, "TERM")
+            backend.signal(job, "TERM")
     deadline = _t.monotonic() + wait
     while _t.monotonic() < deadline:
-        states = query_jobs(jobs)
+        states = backend.status(jobs)
         if all(i.state not in live for i in states.values()):
             return states[jobs[-1]].state
         _t.sleep(1.0)
-    for job, info in query_jobs(jobs).items():
+    for job, info in backend.status(jobs).items():
         if info.state in live:
-            SlurmBackend.kill(job)
-    return query_jobs(jobs)[jobs[-1]].state
+            backend.cancel(job)
+    return backend.status(jobs)[jobs[-1]].state
 
 
 def prepare_batch(recipe: str | Path, overrides: list[str] = (), cluster: str | None = None,
@@ -224,7 +225,7 @@ def run_batch_job(recipe: str | Path, overrides: list[str] = (), cluster: str | 
         return f"output {b.output} already complete; nothing started"
     out, shards = prepare_batch(recipe, overrides, cluster, run_dir)
     echo(f"run dir {out}")
-    if lr.recipe.cluster.backend == "local":
+    if get_backend(lr.recipe.cluster.backend).attached:   # agents are this process's children: wait here
         from hpcserve.backends.local import LocalBackend
         for d, p in shards:
             backend = LocalBackend()

@@ -81,10 +81,39 @@ class Run:
         return cls(Path(run_dir).resolve(), info["backend"], info.get("job_id"), info.get("pids") or [])
 
 
+@dataclass(frozen=True)
+class JobInfo:
+    """What a backend says about one job (a Slurm job id, or a local agent's pid)."""
+
+    job_id: str
+    state: str            # Slurm's spelling: PENDING RUNNING COMPLETED TIMEOUT CANCELLED FAILED, or UNKNOWN
+    reason: str = ""
+    nodes: str = ""
+    elapsed: str = ""
+    limit: str = ""
+    workdir: str = ""
+
+
 class Backend(Protocol):
+    """Where the node agents of a plan run. Jobs are named by the ids ``submit`` put in the Run."""
+
     name: str
+    time_limited: bool    # jobs end at a wall-clock limit (continuous serving hands over before it)
+    attached: bool        # the agents are children of the calling process, which must wait for them
 
     def submit(self, run_dir: Path, plan, **kw) -> Run: ...
+
+    def signal(self, job: str, sig: str = "TERM") -> None:
+        """Graceful stop: the agents drain and exit 0."""
+
+    def cancel(self, job: str) -> None:
+        """Hard stop, now."""
+
+    def status(self, jobs: list[str]) -> dict[str, JobInfo]:
+        """Every job's state in one call (one squeue for any number of Slurm jobs)."""
+
+    def time_left(self, job: str) -> float | None:
+        """Seconds until the job's time limit, None when there is none or nobody says."""
 
 
 BACKENDS: dict[str, Callable[[], Backend]] = {}

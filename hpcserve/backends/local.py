@@ -9,12 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-from hpcserve.backends.base import Run, register
+from hpcserve.backends.base import JobInfo, Run, register
 from hpcserve.containers.lifecycle import die_with_parent
 
 
 class LocalBackend:
     name = "local"
+    time_limited = False
+    attached = True
 
     def __init__(self):
         self.procs: list[subprocess.Popen] = []
@@ -60,6 +62,37 @@ class LocalBackend:
             except subprocess.TimeoutExpired:
                 pass
         return [p.returncode for p in self.procs]
+
+    # The Backend protocol on job ids, which here are the agents' pids (Run.pids): usable from any process.
+    @staticmethod
+    def signal(job: str, sig: str = "TERM") -> None:
+        try:
+            os.kill(int(job), getattr(signal, f"SIG{sig}"))
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    @staticmethod
+    def cancel(job: str) -> None:
+        try:
+            os.killpg(int(job), signal.SIGKILL)   # the agent leads its session: its children go with it
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    @staticmethod
+    def status(jobs: list[str]) -> dict[str, JobInfo]:
+        return {j: JobInfo(j, "RUNNING" if _alive(int(j)) else "COMPLETED") for j in jobs}
+
+    @staticmethod
+    def time_left(job: str) -> float | None:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()
+    except OSError:
+        return False
 
 
 register("local")(LocalBackend)

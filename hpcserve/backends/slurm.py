@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
-from hpcserve.backends.base import Run, register
+from hpcserve.backends.base import JobInfo, Run, register
 from hpcserve.errors import BackendError
 
 CMD_TIMEOUT = 30
@@ -30,17 +29,6 @@ def slurm_cmd(*argv: str, cwd: Path | None = None, check: bool = True,
         msg = " ".join(line.removeprefix("sbatch: error: ").strip() for line in res.stderr.strip().splitlines()[:2])
         raise BackendError(f"{argv[0]} failed: {msg or 'exit ' + str(res.returncode)}")
     return res
-
-
-@dataclass(frozen=True)
-class JobInfo:
-    job_id: str
-    state: str            # Slurm state, e.g. PENDING RUNNING COMPLETED TIMEOUT CANCELLED FAILED, or UNKNOWN
-    reason: str = ""
-    nodes: str = ""
-    elapsed: str = ""
-    limit: str = ""
-    workdir: str = ""
 
 
 def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
@@ -83,6 +71,8 @@ def time_left(job_id: str) -> float | None:
 
 class SlurmBackend:
     name = "slurm"
+    time_limited = True
+    attached = False
 
     def submit(self, run_dir: Path, plan, extra_args: list[str] = (), env: dict[str, str] | None = None,
                **kw) -> Run:
@@ -113,6 +103,14 @@ class SlurmBackend:
     @staticmethod
     def kill(job_id: str) -> None:
         slurm_cmd("scancel", job_id)
+
+    cancel = kill
+
+    @staticmethod
+    def status(jobs: list[str]) -> dict[str, JobInfo]:
+        return query_jobs(list(jobs))
+
+    time_left = staticmethod(time_left)
 
 
 register("slurm")(SlurmBackend)
