@@ -24,7 +24,7 @@ import orjson
 from hpcserve.http import (
     ConnectError, HttpConnection, UpstreamConn, UpstreamError, UpstreamTimeout, WorkerStalled,
 )
-from hpcserve.router.metrics import RouterMetrics
+from hpcserve.router.metrics import RouterMetrics, StreamMeter
 from hpcserve.router.policies import Policy
 from hpcserve.router.workers import Worker, WorkerSet
 
@@ -229,9 +229,10 @@ class Exchange:
     def relay(self, conn: UpstreamConn, sink: Callable[[bytes], None]) -> None:
         """Stream the worker's response bytes to the client unchanged (re-framed as chunks)."""
         client = self.client
-        leg = next((leg for leg in self.legs() if leg.conn is conn), None)
-        if leg is not None:  # per-worker time to first token, inter-token gaps, tokens
-            sink = self.d.metrics.meter(leg.w.id, conn.sent_at, sink)
+        for leg in self.legs():
+            if leg.conn is conn:  # per-worker time to first token, inter-token gaps, tokens
+                sink = StreamMeter(self.d.metrics, leg.w.id, conn.sent_at, sink)
+                break
         if conn.receiving:  # head and first chunks leave in one write when data_received returns
             client.cork()
             conn.corked = client

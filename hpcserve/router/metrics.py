@@ -6,6 +6,7 @@ inter_token_latency_seconds)."""
 from __future__ import annotations
 
 import os
+import re
 from bisect import bisect_left
 from time import monotonic
 from typing import Iterable
@@ -16,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from hpcserve.router.workers import WorkerSet
 
+_NUMBER = re.compile(rb" *(\d+)")
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
            120.0, 300.0, 600.0)
 
@@ -43,23 +45,14 @@ class RouterMetrics:
         self.requests[key] = self.requests.get(key, 0) + 1
         _observe(self.latency, route, seconds)
 
-    def tokens(self, worker_id: str, n: int) -> None:
-        self.output_tokens[worker_id] = self.output_tokens.get(worker_id, 0) + n
-
     def answer_tokens(self, worker_id: str, body: bytes) -> None:
         """Count the completion tokens a whole (not streamed) answer reports (OpenAI usage or SGLang
         meta_info: the same key)."""
         i = body.rfind(b'"completion_tokens":')
         if i >= 0:
-            j = i + 20
-            k = j
-            while k < len(body) and body[k] in b" 0123456789":
-                k += 1
-            if body[j:k].strip().isdigit():
-                self.tokens(worker_id, int(body[j:k]))
-
-    def meter(self, worker_id: str, sent_at: float, sink):
-        return StreamMeter(self, worker_id, sent_at, sink)
+            m = _NUMBER.match(body, i + 20)
+            if m is not None:
+                self.output_tokens[worker_id] = self.output_tokens.get(worker_id, 0) + int(m.group(1))
 
     def retry(self, role: str) -> None:
         self.retries[role] = self.retries.get(role, 0) + 1
@@ -242,12 +235,15 @@ class StreamMeter:
 
     def __call__(self, piece: bytes) -> None:
         now = monotonic()
-        n = piece.count(b"data:") - piece.count(b"[DONE]")
+        n = piece.count(b"data:")
+        if n and piece.endswith(b"[DONE]\n\n"):
+            n -= 1
         if self.last == 0.0:
             _observe(self.m.ttft, self.wid, now - self.sent_at)
-        elif n > 0:
+        elif n:
             _observe(self.m.itl, self.wid, (now - self.last) / n)
         self.last = now
-        if n > 0:
-            self.m.tokens(self.wid, n)
+        if n:
+            tokens = self.m.output_tokens
+            tokens[self.wid] = tokens.get(self.wid, 0) + n
         self.sink(piece)
