@@ -92,6 +92,7 @@ def test_default_stack_is_unchanged():
     ("stack=dinamo", "stack: unknown stack 'dinamo'; choose one of: dynamo, sglang"),
     ("engine.kind=torch", "engine.kind: torch has no Dynamo worker; use mock or sglang with stack: dynamo"),
     ("engine.kind=dynamo-mocker", "unknown engine kind 'dynamo-mocker'; choose one of: mock, sglang, torch"),
+    ("router.api_key_env=KEY", "router.api_key_env: Dynamo's frontend checks no API key"),
 ])
 def test_user_mistakes_name_the_fix(override, message):
     extra = ["engine.mock={}"] if override == "engine.kind=torch" else []

@@ -52,6 +52,9 @@ class DynamoStack:
         if policy not in ROUTER_MODES:
             raise PlanError(f"router.{'prefill_policy' if mode == 'pd' else 'policy'}: {policy} has no Dynamo "
                             f"router mode; use one of {', '.join(ROUTER_MODES)} with stack: dynamo")
+        if r.api_key_env:   # silently serving without the key the recipe asks for would be worse than refusing
+            raise PlanError("router.api_key_env: Dynamo's frontend checks no API key; remove it (and guard the "
+                            "endpoint otherwise) or use stack: sglang")
         host = "0.0.0.0" if recipe.serve.bind == "all" else "{addr}"
         return [python, "-m", "dynamo.frontend", "--http-host", host, "--http-port", str(r.port),
                 "--router-mode", ROUTER_MODES[policy], *r.args]
