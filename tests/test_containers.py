@@ -147,3 +147,11 @@ def test_charliecloud_names_what_keeps_the_engine_from_starting(tmp_path):
     assert ch.problem(bad) == (f"bind destination /models does not exist in image {img}; create it there "
                                f"(mkdir -p {img}/models) or change cluster.container_mounts")
     assert get_runtime("none").problem(missing) is None
+
+
+def test_pyxis_image_on_the_local_backend_is_refused_in_one_line():
+    res = subprocess.run([sys.executable, "-m", "hpcserve", "validate", str(REPO / "recipes/llama70b-1p1d.yaml"),
+                          "--set", "cluster.backend=local"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    [line] = res.stderr.strip().splitlines()
+    assert "pyxis starts engines as Slurm job steps" in line and "charliecloud" in line

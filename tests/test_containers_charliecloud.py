@@ -95,7 +95,7 @@ cluster:
   container_mounts: [{mounts}]
   signal_seconds: 20
   address: 127.0.0.1
-workers: {{replicas: 1, tp: 8, restart: 2}}
+workers: {{replicas: 1, tp: 8, restart: 2, env: {{GROUP_MARK: crossed}}}}
 router: {{port: {base + 119}, dedicated_node: true}}
 ports: {{base: {base}}}
 timeouts: {{startup: 90, drain: 5}}
@@ -160,6 +160,9 @@ def test_engine_runs_in_image_agent_outside_ready_restart_drain_cancel(image, tm
         assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink(f"/proc/{agent}/ns/mnt")
         assert not Path(f"/proc/{agent}/root/{MARKER}").exists()
         assert f"image-marker={token}" in engine_log.read_text()   # engine.setup ran inside the image
+        # the plan's GPUs and the group's environment crossed into the image
+        environ = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+        assert environ[b"CUDA_VISIBLE_DEVICES"] == b"0,1,2,3,4,5,6,7" and environ[b"GROUP_MARK"] == b"crossed"
         # (b) a killed engine is restarted through the runtime, in the image again, and serves
         os.kill(pid, signal.SIGKILL)
         pids = _wait(lambda: (p := _engine_pids(agent_log))[1:] and p, 60, "engine restarted")

@@ -310,6 +310,9 @@ class Recipe(Strict):
             raise ValueError(f"engine.container: image {self.engine.container} is given but cluster.container_runtime "
                              f"is none; set cluster.container_runtime (pyxis, apptainer, charliecloud) or remove "
                              f"engine.container")
+        if self.engine.container and self.cluster.container_runtime == "pyxis" and self.cluster.backend == "local":
+            raise ValueError("cluster.container_runtime: pyxis starts engines as Slurm job steps, which a local run "
+                             "does not have; submit to Slurm or use apptainer or charliecloud locally")
         return self
 
     def _check_continuous(self) -> None:
