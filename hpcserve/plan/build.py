@@ -8,7 +8,7 @@ lives on node 0, alone when ``router.dedicated_node``.
 Ports are unique across the whole plan, not per node: on test clusters every "node" is the same host, and a
 unique range also keeps logs unambiguous. Layout from ``ports.base``: redis = base, control API = base + 1,
 then per replica k a block of PORT_STRIDE starting at base + 10 + k*PORT_STRIDE: http, bootstrap (+2),
-nccl (+5), dist-init (+10; SGLang derives a few ports above it).
+nccl (+5, SGLang binds it on 127.0.0.1 only), dist-init (+10; SGLang derives a few ports above it).
 """
 
 from __future__ import annotations
@@ -171,8 +171,6 @@ def _engine_processes(recipe: Recipe, engine, stack, group: GroupSpec, w: Worker
             ports["bootstrap"] = w.bootstrap_port
         if w.dist_init_port:
             ports["dist_init"] = w.dist_init_port
-        if w.nccl_port:
-            ports["nccl"] = w.nccl_port
         name = w.id if group.nodes == 1 else f"{w.id}-rank{rank}"
         out.append(ProcessSpec(
             name=name, kind="engine", node=node, argv=engine.argv(launch), env=env, gpus=gpus,
