@@ -199,3 +199,47 @@ def test_status_asks_the_control_api_and_falls_back_to_redis(deployment, tmp_pat
     [st] = json.loads(out.stdout)
     assert (st["source"], st["phase"]) == ("redis", "ready")
     assert [w["id"] for w in st["worker_list"]] == ["decode-0", "decode-1", "prefill-0"]
+
+
+def test_kv_usage_and_cached_token_ratio_come_from_the_engine_metrics(deployment, tmp_path, monkeypatch):
+    """The stand-in engines do not report KV gauges; a worker whose engine does (SGLang's names, served by a
+    small real HTTP server here) shows them in /v1/workers. Its role (both) is not routed in PD mode."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Engine(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = (b'# TYPE sglang:token_usage gauge\nsglang:token_usage{model_name="demo"} 0.42\n'
+                    b'# TYPE sglang:cache_hit_rate gauge\nsglang:cache_hit_rate{model_name="demo"} 0.3\n')
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    d, _ = start(deployment, tmp_path, monkeypatch)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Engine)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        rec = registry.WorkerRecord(id="extra-0", role="both", group="workers", node=0, host="127.0.0.1",
+                                    url=f"http://127.0.0.1:{server.server_port}", state="ready")
+
+        async def register():
+            client = aioredis.from_url(d.redis_url, socket_timeout=5)
+            try:
+                await registry.publish_worker(client, d.run_id, rec, hb_ttl=60)
+            finally:
+                await client.aclose()
+        asyncio.run(register())
+        w = d.get("/v1/workers/extra-0").json()
+        assert (w["kv_usage"], w["cached_token_ratio"], w["state"]) == (0.42, 0.3, "ready")
+        assert w["inflight"] is None          # the router does not route it, so it reports nothing for it
+        mock = d.get("/v1/workers/decode-0").json()
+        assert (mock["kv_usage"], mock["cached_token_ratio"]) == (None, None)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
