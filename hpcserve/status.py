@@ -66,10 +66,9 @@ def _redis_view(run_dir: Path, run_id: str) -> tuple[dict | None, list | None]:
 def _control_view(run_dir: Path) -> tuple[dict | None, list | None]:
     """The head's control API, when it answers within 2 s: the phase and the workers (the registry's records
     with what the router knows); (None, None) otherwise, and the caller falls back to Redis."""
-    from hpcserve.control.client import call
+    from hpcserve.control.client import get_all
     try:
-        run = call(run_dir, "GET", "/v1/run", timeout=2.0)
-        workers = call(run_dir, "GET", "/v1/workers", timeout=2.0)
+        run, workers = get_all(run_dir, ["/v1/run", "/v1/workers"], timeout=2.0)
     except Exception:   # noqa: BLE001 - head away, no control API in this run, no key here: Redis may answer
         return None, None
     return {"phase": run["phase"], **run.get("progress", {})}, workers

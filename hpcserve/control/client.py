@@ -95,6 +95,14 @@ class ControlClient:
                                   f"({type(err).__name__})") from None
 
 
+def get_all(run_dir: str | Path, paths: list[str], timeout: float = 5.0) -> list[Any]:
+    """Several GETs at once, synchronously: one connection attempt bounds the wait when the head is away."""
+    async def go() -> list[Any]:
+        async with ControlClient.for_run(run_dir, timeout) as c:
+            return list(await asyncio.gather(*(c.call("GET", p) for p in paths)))
+    return asyncio.run(go())
+
+
 def call(run_dir: str | Path, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
     """One call, synchronously (for CLI verbs and `status`)."""
     async def go() -> Any:
