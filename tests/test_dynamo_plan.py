@@ -120,6 +120,7 @@ def test_engine_check_uses_dynamos_own_parser():
         f"prefill-0: --bootstrap-ports must have exactly --num-workers (2) ports, got 1: [{bootstrap}]"]
     res = _validate(PD, "--engine-check", "--set", "decode.args.bogus-flag=1")
     assert res.returncode == 2 and "decode-0: unrecognized arguments: --bogus-flag 1" in res.stderr, res.stderr
+    assert "engine check: dynamo.mocker's parser (ai-dynamo 1.6.1)" in res.stderr   # not SGLang's version note
 
 
 def test_engine_check_of_dynamo_sglang_says_when_it_cannot_import():

@@ -31,7 +31,7 @@ def validate(recipes: List[Path] = typer.Argument(..., help="Recipe files."),
         plans = load_plans(path, set_ or [], cluster)
         _notes(plans)
         if engine_check:
-            err_console.print(version_note(plans[0][0].recipe.engine.version), markup=False)
+            err_console.print(version_note(plans[0][0].recipe.engine.version, plans[0][1].engine), markup=False)
             for _, plan in plans:
                 problems = check_plan_engine_args(plan)
                 if problems:

@@ -43,9 +43,14 @@ def check_plan_engine_args(plan) -> list[str]:
     return problems
 
 
-def version_note(wanted: str | None) -> str:
-    """Which SGLang the check used, and a warning when the recipe pins another (flags differ between releases)."""
+def version_note(wanted: str | None, engine: str | None = None) -> str:
+    """Which SGLang the check used, and a warning when the recipe pins another (flags differ between releases).
+    An engine with its own parser (``engine``: the plan's engine name) says which parser it used instead."""
     from hpcserve.engines import sglang_check
+    from hpcserve.engines.base import get_engine
+    own = getattr(get_engine(engine), "check_note", None) if engine else None
+    if own is not None:
+        return own()
     found = sglang_check.sglang_version() or "unknown"
     if wanted is None:
         return f"engine check: sglang {found} (installed here; pin engine.version in the recipe to compare)"

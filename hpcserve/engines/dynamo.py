@@ -32,6 +32,14 @@ def _parse_errors(parse, argv: list[str]) -> list[str]:
     return []
 
 
+def _dynamo_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("ai-dynamo")
+    except PackageNotFoundError:
+        return "not installed"
+
+
 class DynamoMocker:
     """dynamo.mocker: Dynamo's engine simulator (KV cache and timing model) on CPU; run by hpcserve's Python."""
 
@@ -59,6 +67,9 @@ class DynamoMocker:
                                 f"pip install 'hpcserve[dynamo]' (see docs/dynamo.md)") from None
         return _parse_errors(parse_args, args)
 
+    def check_note(self) -> str:
+        return f"engine check: {self.module}'s parser (ai-dynamo {_dynamo_version()})"
+
 
 class DynamoSGLang:
     """dynamo.sglang: SGLang's engine behind Dynamo's runtime; SGLang's flags, run by the engine's Python."""
@@ -80,6 +91,9 @@ class DynamoSGLang:
             raise HpcserveError(f"--engine-check of dynamo.sglang needs dynamo.sglang importable here "
                                 f"({type(e).__name__}: {e}); run it where the engine image's Python is") from None
         return _parse_errors(lambda a: asyncio.run(parse_args(a)), args)
+
+    def check_note(self) -> str:
+        return f"engine check: {self.module}'s parser (ai-dynamo {_dynamo_version()})"
 
 
 register(DynamoMocker())
