@@ -243,3 +243,28 @@ def test_kv_usage_and_cached_token_ratio_come_from_the_engine_metrics(deployment
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+def test_after_a_redis_restart_the_rotation_flag_survives_and_actions_work_again(deployment, tmp_path, monkeypatch):
+    import signal
+
+    from chaos_util import find_pids, one_pid
+    d, backend = start(deployment, tmp_path, monkeypatch)
+    assert d.send("PUT", "/v1/workers/decode-1/rotation", json={"rotation": False}).json()["ok"] is True
+    rport = json.loads((d.run_dir / "redis.json").read_text())["port"]
+    old = one_pid(backend, b"redis-server", f":{rport}".encode())
+    os.kill(old, signal.SIGKILL)   # the head agent starts it again, empty, from the same redis.conf
+    _wait(lambda: (p := find_pids([backend.procs[0].pid], b"redis-server")) and p != [old], 15,
+          "redis-server started again")
+    # the agents re-register their workers with what they hold, rotation included
+    _wait(lambda: {w: r.rotation for w, r in _registry(d)[0].items() if r.state == "ready"}
+          == {"prefill-0": True, "decode-0": True, "decode-1": False}, 15, "workers re-registered")
+    workers = {w["id"]: w for w in d.get("/v1/workers").json()}
+    assert workers["decode-1"]["rotation"] is False
+    _wait(lambda: d.worker_value("hpcserve_router_worker_in_rotation", "decode-1") == 0, 10,
+          "the router still keeps decode-1 out")
+    # the agents listen for commands again: an action round-trips through the new Redis
+    out = _wait(lambda: (r := d.send("PUT", "/v1/workers/decode-1/rotation", json={"rotation": True})).status_code
+                == 200 and r.json(), 15, "rotation back in accepted")
+    assert out["ok"] is True and out["worker"]["rotation"] is True, out
+    assert d.worker_value("hpcserve_router_worker_in_rotation", "decode-1") == 1
