@@ -132,3 +132,50 @@ def test_submitted_job_runs_the_checks_first_and_fails_fast_with_the_reason_in_s
     logs = run.run_dir / "logs"
     assert not (run.run_dir / "redis.json").exists()               # nothing started
     assert not any((logs / f"{name}.log").exists() for name in ("prefill-0", "decode-0", "router", "redis"))
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory) -> Path:
+    """A Charliecloud image directory without hpcserve: hard links to this host's /usr and the merged-/usr
+    links (the way tests/test_containers_charliecloud.py builds its image)."""
+    img = tmp_path_factory.mktemp("image") / "rootfs"
+    img.mkdir()
+    subprocess.run(["cp", "-al", "/usr", str(img / "usr")], check=True, timeout=300)
+    for name in ("bin", "lib", "lib64", "sbin"):
+        if (Path("/") / name).is_symlink():
+            (img / name).symlink_to((Path("/") / name).readlink())
+    for d in ("etc", "dev", "proc", "sys", "tmp", "home", "root", "run", "mnt", "var/tmp"):
+        (img / d).mkdir(parents=True, exist_ok=True)
+    for f in ("passwd", "group"):
+        (img / "etc" / f).write_text(Path("/etc", f).read_text())
+    return img
+
+
+@pytest.mark.skipif(shutil.which("ch-run") is None, reason="no ch-run (tests/run.sh installs charliecloud-runtime)")
+def test_image_checks_go_through_the_container_runtime(tmp_path, rootfs):
+    recipe = _recipe(tmp_path, 24000)
+    sets = ["cluster.container_runtime=charliecloud", "cluster.backend=local"]
+    [(_, plan)] = load_plans(recipe, [*sets, f"engine.container={rootfs}"])
+    got = {f.check: f for f in run_checks(NodeContext(plan, 0, tmp_path), ["container", "model"])}
+    assert (got["container"].status, got["container"].message) == ("ok", f"{rootfs} starts with charliecloud")
+    assert got["model"].status == "ok" and got["model"].message.endswith(f"readable inside {rootfs}")
+    # an image that is not there
+    [(_, plan)] = load_plans(recipe, [*sets, f"engine.container={tmp_path}/nosuch"])
+    [f] = run_checks(NodeContext(plan, 0, tmp_path), ["container"])
+    assert f.line(0, "n0") == (f"node 0 (n0): container: image {tmp_path}/nosuch does not exist on this node; "
+                               f"fix: fix engine.container or copy the image to the shared filesystem")
+    # an image that does not start (an empty directory: no /bin/sh, no mount points); the model is then not
+    # checked inside it, rather than reported as missing
+    (tmp_path / "empty").mkdir()
+    [(_, plan)] = load_plans(recipe, [*sets, f"engine.container={tmp_path}/empty"])
+    got = {f.check: f for f in run_checks(NodeContext(plan, 0, tmp_path), ["container", "model"])}
+    assert got["container"].status == "fail"
+    assert got["container"].message.startswith(f"image {tmp_path}/empty does not start with charliecloud (")
+    assert got["model"].status == "skip" and got["model"].message.endswith("not checked: the image does not start")
+
+
+def test_doctor_json_on_the_local_backend_is_one_document(tmp_path):
+    r = _doctor(str(REPO / "recipes/local-demo.yaml"), "--json", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and doc["ok"] is True and doc["failures"] == []
+    assert [n["node"] for n in doc["nodes"]] == [0, 1]
