@@ -155,3 +155,13 @@ def test_pyxis_image_on_the_local_backend_is_refused_in_one_line():
     assert res.returncode == 2
     [line] = res.stderr.strip().splitlines()
     assert "pyxis starts engines as Slurm job steps" in line and "charliecloud" in line
+
+
+def test_agent_refuses_to_start_an_engine_whose_image_is_missing(tmp_path):
+    from types import SimpleNamespace
+
+    from hpcserve.errors import HpcserveError
+    settings = SimpleNamespace(container=str(tmp_path / "gone.sif"), container_runtime="charliecloud",
+                               container_mounts=[], container_setup=[])
+    with pytest.raises(HpcserveError, match=rf"^decode-0: image {tmp_path}/gone.sif does not exist on this node"):
+        engine_command(settings, "decode-0", ["python3", "-m", "sglang.launch_server"], {}, 0, str(tmp_path))

@@ -168,6 +168,7 @@ def test_engine_runs_in_image_agent_outside_ready_restart_drain_cancel(image, tm
         pids = _wait(lambda: (p := _engine_pids(agent_log))[1:] and p, 60, "engine restarted")
         new = pids[1]
         assert new != pid and _in_image(new, token)
+        assert "workers-0 exited with code -9" in agent_log.read_text()   # the exit status crossed ch-run
         _wait(lambda: _generate_ok(ep["url"]), 60, "serving again after the restart")
     finally:
         final = cancel(run, wait=60)
@@ -207,11 +208,12 @@ def test_missing_image_fails_the_job_fast_with_the_reason(image, tmp_path, monke
     gone = tmp_path / "no-such-image"
     [run] = submit(_recipe(tmp_path, img), [f"engine.container={gone}"], run_dir=tmp_path / "run")
     try:
-        with pytest.raises(BackendError, match=f"workers-0: image {gone} does not exist on this node"):
+        # the job's preflight (hpcserve doctor) or, without it, the agent before the engine says it
+        with pytest.raises(BackendError, match=f"image {gone} does not exist on this node.*fix engine.container"):
             wait_ready(run, 120)
     finally:
         cancel(run, wait=60)
-    assert "fix engine.container" in (run.run_dir / "failure.json").read_text()
+    assert f"image {gone} does not exist" in (run.run_dir / "failure.json").read_text()
 
 
 def test_image_check_runs_a_command_in_the_image_as_the_engine_would(image, tmp_path, monkeypatch):
