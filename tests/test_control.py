@@ -52,7 +52,7 @@ def test_routes_answer_with_the_registry_truth_and_refuse_bad_requests(deploymen
     run = d.get("/v1/run").json()
     plan = json.loads((d.run_dir / "plan.json").read_text())
     assert (run["name"], run["mode"], run["phase"], run["nodes"]) == ("control-demo", "pd", "ready", plan["num_nodes"])
-    assert run["endpoint"] == d.router and run["run_id"] == d.run_id
+    assert run["endpoint"] == d.router and run["run_id"] == d.run_id and run["control"] == d.control
     assert {g["group"]: g["workers"] for g in run["groups"]} == {"prefill": ["prefill-0"],
                                                                   "decode": ["decode-0", "decode-1"]}
     # workers: each field of the registry record as Redis holds it, plus the router's in-flight count

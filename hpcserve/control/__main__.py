@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from hpcserve.agent.redis_server import read_url
 
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from hpcserve.control.app import create_app
     from hpcserve.control.state import Control
-    host = "127.0.0.1" if ns.host in ("0.0.0.0", "::") else ns.host
+    # the address clients use: the node's, as in the router URL (the bind address may be 0.0.0.0)
+    host = urlsplit(ns.router).hostname or ns.host
     control = Control(ns.run_dir, ns.run_id, ns.router, api_key, redis_url, f"http://{host}:{ns.port}")
     uvicorn.run(create_app(control, api_key), host=ns.host, port=ns.port, log_level="info", access_log=False,
                 loop="uvloop", timeout_graceful_shutdown=3)
