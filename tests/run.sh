@@ -111,7 +111,7 @@ install_project() {
 # Return non-zero on failure: the caller turns that into a warning, never a fatal error.
 install_sglang_check_deps() {
   local pin=0.5.23
-  local probe="import importlib.metadata as m, sys; from sglang.srt.server_args import ServerArgs; sys.exit(m.version('sglang') != '$pin')"
+  local probe="import importlib.metadata as m, sys; from sglang.srt.server_args import ServerArgs; import transformers, datasets, sentencepiece, gguf, compressed_tensors, tvm_ffi; sys.exit(m.version('sglang') != '$pin')"
   if (cd / && "$PY" -c "$probe" >/dev/null 2>&1); then
     say "sglang $pin parser already importable"; return 0
   fi
@@ -125,7 +125,8 @@ install_sglang_check_deps() {
   # requirements (CUDA kernels, transformers, ...) are not needed to parse and are skipped (--no-deps).
   say "pip install sglang==$pin --no-deps plus its parser-time imports (triton is ~1 GB)"
   "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore triton==3.9.0 msgspec pybase64 'pyzmq>=25.1.2' \
-      tqdm numpy orjson packaging pillow psutil requests aiohttp ipython pydantic starlette || return 1
+      tqdm numpy orjson packaging pillow psutil requests aiohttp ipython pydantic starlette \
+      transformers==5.19.0 datasets sentencepiece gguf compressed-tensors apache-tvm-ffi || return 1  # + bench_serving imports
   "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps "sglang==$pin" || return 1
   (cd / && "$PY" -c "$probe") || { say "sglang $pin installed but its server_args does not import"; return 1; }
 }
