@@ -38,6 +38,7 @@ from hpcserve.agent.head import HeadWatch
 from hpcserve.agent.main import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, StopEvent, _setup_logging, _start_redis,
                                  check_model_paths, managed_process, record_failure)
 from hpcserve.agent.main import node_rank as rank_of
+from hpcserve.agent.preflight import preflight
 from hpcserve.agent.supervisor import Managed, Supervisor
 from hpcserve.agent.sweep_sync import (Barrier, mark_point_end, point_end, read_points, sync_dir, wait_point_end,
                                        write_node_record)
@@ -112,6 +113,8 @@ class SweepAgent:
         try:
             self.addr = hosts.resolve_address(first.address)
             hosts.publish_address(self.top, self.rank, self.addr)
+            # hpcserve doctor's node checks once, on the point that uses the most nodes, before anything starts
+            await preflight(max((p.plan for p in self.points), key=lambda p: p.num_nodes), self.top, self.rank)
             if self.is_head:
                 self.url = await _start_redis(first, self.top, self.addr, self.base)
             else:
