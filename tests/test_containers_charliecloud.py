@@ -72,7 +72,10 @@ def image(tmp_path_factory) -> tuple[Path, str]:
     return img, token
 
 
-def _recipe(tmp_path: Path, img: Path) -> Path:
+AGGREGATED = "workers: {replicas: 1, tp: 8, restart: 2, env: {GROUP_MARK: crossed}}"
+
+
+def _recipe(tmp_path: Path, img: Path, topology: str = AGGREGATED) -> Path:
     base = free_port_block(120)
     model = tmp_path / "model"
     model.mkdir()
@@ -95,7 +98,7 @@ cluster:
   container_mounts: [{mounts}]
   signal_seconds: 20
   address: 127.0.0.1
-workers: {{replicas: 1, tp: 8, restart: 2, env: {{GROUP_MARK: crossed}}}}
+{topology}
 router: {{port: {base + 119}, dedicated_node: true}}
 ports: {{base: {base}}}
 timeouts: {{startup: 90, drain: 5}}
@@ -231,3 +234,19 @@ def test_image_check_runs_a_command_in_the_image_as_the_engine_would(image, tmp_
     broken = SimpleNamespace(container=str(tmp_path), container_runtime="charliecloud", container_mounts=[])
     why = image_starts(broken, str(tmp_path))
     assert why.startswith(f"image {tmp_path} does not start with charliecloud (exit 1): ") and "ch-run" in why
+
+
+def test_pd_with_a_prefill_over_two_nodes_serves_from_images(image, tmp_path, monkeypatch):
+    """Bind address, HTTP, PD bootstrap and dist-init ports all cross the boundary (host network)."""
+    img, token = image
+    monkeypatch.setenv("USER", os.environ.get("USER") or "root")
+    pd = "prefill: {replicas: 1, nodes: 2, tp: 16}\ndecode: {replicas: 1, tp: 8}"
+    [run] = submit(_recipe(tmp_path, img, pd), run_dir=tmp_path / "run")
+    try:
+        ep = wait_ready(run, 150)
+        assert _generate(ep["url"])
+        ranks = [p for n in (1, 2, 3) for p in _engine_pids(run.run_dir / f"logs/agent-node{n}.log", r"\S+")]
+        assert len(ranks) == 3 and all(_in_image(p, token) for p in ranks)
+    finally:
+        cancel(run, wait=60)
+    assert not any(_alive(p) for p in ranks)
