@@ -40,7 +40,7 @@ def test_agg_plan_runs_frontend_and_mockers_wired_by_file_discovery():
     head = p.processes[1]
     assert head.argv == ["python3", "-m", "dynamo.frontend", "--http-host", "{addr}", "--http-port", "8000",
                          "--router-mode", "round-robin"]
-    assert head.env["DYN_FILE_KV"] == "{run_dir}/dynamo" and head.env["DYN_DISCOVERY_BACKEND"] == "file"
+    assert head.env["DYN_FILE_KV"] == "{run_dir}/dynamo/{epoch}" and head.env["DYN_DISCOVERY_BACKEND"] == "file"
     w0, w1 = p.processes[2:]
     assert w0.argv == ["python3", "-m", "dynamo.mocker", "--model-path", "/lustre/models/tiny-byte-model",
                        "--model-name", "tiny", "--speedup-ratio", "10.0"]
@@ -78,7 +78,7 @@ def test_multi_node_replica_serves_from_rank_0_only():
     r0, r1 = (pr for pr in p.processes if pr.name.startswith("prefill-0"))
     assert (r0.node_rank, r1.node_rank) == (0, 1) and r0.argv[r0.argv.index("--nnodes") + 1] == "2"
     assert r0.env["DYN_SYSTEM_PORT"] == str(r0.ports["http"]) and "DYN_SYSTEM_PORT" not in r1.env
-    assert r1.env["DYN_FILE_KV"] == "{run_dir}/dynamo" and r1.ports == {}
+    assert r1.env["DYN_FILE_KV"] == "{run_dir}/dynamo/{epoch}" and r1.ports == {}
 
 
 def test_default_stack_is_unchanged():

@@ -113,7 +113,9 @@ def test_agg_ready_from_frontend_answers_openai_and_shows_workers(agg):
     assert [p["argv"][2] for p in plan["processes"] if p["kind"] in ("router", "engine")] == \
         ["dynamo.frontend", "dynamo.mocker", "dynamo.mocker"]
     assert len(_generate_ids(ep["url"], "backend")) == 2           # both workers behind the frontend
-    assert (run.run_dir / "dynamo" / "v1" / "instances").is_dir()   # file discovery on the run dir
+    # file discovery on the run dir, one store per start of the job (Slurm job id . restart count)
+    assert [p.relative_to(run.run_dir).parts for p in (run.run_dir / "dynamo").glob("*/v1/instances")] == \
+        [("dynamo", f"{run.job_id}.0", "v1", "instances")]
     _openai_both_ways(ep["url"])
     res = _hpcserve("status", str(run.run_dir), "--json")
     assert res.returncode == 0, res.stderr

@@ -105,7 +105,7 @@ def managed_process(plan: Plan, spec, run_dir: Path, run_id: str, redis_url: str
                     addrs: dict[int, str], rank: int) -> Managed:
     """A plan process ready to start on this node: placeholders filled, environment built (the Redis URL with
     its password reaches the router and stages through the environment, never argv)."""
-    extra = {"run_dir": str(run_dir), "run_id": run_id}
+    extra = {"run_dir": str(run_dir), "run_id": run_id, "epoch": hosts.epoch()}   # epoch: this start of the job
     spec_env = dict(zip(spec.env, hosts.fill(list(spec.env.values()), addr, addrs, extra)))   # stacks' DYN_* too
     env = child_env(plan.env, spec_env, {"HPCSERVE_REDIS_URL": redis_url, "HPCSERVE_RUN_ID": run_id}
                     if spec.kind in ("router", "batch", "bench") else {})

@@ -29,8 +29,10 @@ COMPONENT_OF_ROLE = {"both": "backend", "decode": "backend", "prefill": "prefill
 
 
 def runtime_env() -> dict[str, str]:
-    """What the frontend and every worker share: file discovery on the run dir, TCP requests, ZMQ events."""
-    return {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": "{run_dir}/" + RunPaths.DYNAMO,
+    """What the frontend and every worker share: file discovery on the run dir, TCP requests, ZMQ events. One
+    store per start of the job: a SIGKILLed worker's entries stay listed until their lease runs out (about
+    10 s), which a requeued job in the same run dir must not see."""
+    return {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": "{run_dir}/" + RunPaths.DYNAMO + "/{epoch}",
             "DYN_REQUEST_PLANE": "tcp", "DYN_EVENT_PLANE": "zmq",
             "DYN_SDK_DISABLE_ANSI_LOGGING": "1"}   # plain lines in logs/ for `hpcserve logs`
 
