@@ -220,3 +220,87 @@ def test_router_process_with_kv_aware_sends_a_repeated_prefix_to_its_cache(two_m
         router.terminate()
         router.wait(10)
         log.close()
+
+
+def test_predicted_blocks_count_until_an_event_confirms_them_or_they_expire():
+    idx = KVIndex()
+    chain = own("abcdefgh")                                              # two blocks
+    idx.predict("a", chain, expires=10.0)
+    assert idx.match(chain, {"a"}) == {"a": 2} and idx.blocks("a") == 0  # predicted, not yet reported
+    idx.expire(5.0)
+    assert idx.match(chain, {"a"}) == {"a": 2}
+    apply_payload(idx, "a", payload(stored([11], None, "abcd")))        # the engine confirms the first block
+    idx.expire(10.0)
+    assert idx.match(chain, {"a"}) == {"a": 1} and idx.pending["a"] == {}
+    idx.predict("b", chain, expires=20.0)
+    idx.clear("b")                                                       # restart: its predictions go too
+    assert idx.match(chain, {"a", "b"}) == {"a": 1}
+    idx.expire(30.0)
+    assert idx.match(chain, {"a", "b"}) == {"a": 1} and idx.predicted_blocks == 4
+
+
+class _Worker:
+    def __init__(self, wid: str) -> None:
+        self.id, self.inflight = wid, 0
+
+
+def _live_policy(workers, **kw) -> KVAware:
+    policy = KVAware(kv_block_size=BS, **kw)
+    for w in workers:
+        feed = Feed(w.id, policy.index, "tcp://127.0.0.1:1", block_size=BS)   # not started: no events
+        feed.state = "live"
+        policy.feeds.feeds[w.id] = feed
+    return policy
+
+
+def test_requests_arriving_together_follow_the_first_one_to_its_worker():
+    workers = [_Worker("a"), _Worker("b"), _Worker("c")]
+    prompt = "a system prompt every user shares, then a question " * 3
+    policy = _live_policy(workers)
+    first = policy.pick(workers, prompt + "one")
+    # no event has arrived yet: the shared prefix is predicted on the first worker, so the next ones follow
+    assert [policy.pick(workers, prompt + q) for q in ("two", "three")] == [first, first]
+    # each block predicted once: the three chains share all but the last block of the longest one
+    assert policy.describe()["predicted_blocks"] == (len(prompt + "three") - 1) // BS
+    # without predictions all three look uncached everywhere and ties rotate over the workers
+    plain = _live_policy(workers, predict_ttl=0)
+    assert len({plain.pick(workers, prompt + q).id for q in ("one", "two", "three")}) == 3
+
+
+def test_in_flight_requests_outweigh_a_cached_prefix_by_the_request_weight():
+    a, b = _Worker("a"), _Worker("b")
+    policy = _live_policy([a, b], overlap_weight=4, request_weight=64)
+    prompt = "x" * (40 * BS) + "?"                                       # 41 blocks, the first 40 reusable
+    data = prompt.encode()
+    policy.index.stored("a", list(range(1, 41)), None, encode(prompt[:40 * BS]), BS)
+    picks = []
+    for _ in range(4):
+        w = policy.pick([a, b], prompt)
+        w.inflight += 1                                                  # what the dispatcher counts
+        picks.append(w.id)
+    # cost on a: 4 x 1 block to prefill + 1 uncached block per request in flight + 64 per request in flight;
+    # on b: 4 x 41 = 164. With 0, 1, 2 requests in flight a costs 4, 69, 134; with 3 it costs 199.
+    assert picks == ["a", "a", "a", "b"], picks
+    assert policy.index.match(policy.hashes(data[:40 * BS], BS), {"a"}) == {"a": 40}
+
+
+def test_match_counts_each_workers_leading_blocks_like_a_walk_down_the_chain():
+    import random
+
+    rng = random.Random(3)
+    idx = KVIndex()
+    texts = ["".join(rng.choice("ab") for _ in range(rng.randrange(4, 60))) for _ in range(40)]
+    for i, text in enumerate(texts):                                     # prefix-closed, as engines store
+        wid = "w%d" % (i % 3)
+        chain = own(text)
+        idx.stored(wid, [hash((wid, h)) for h in chain], None, encode(text[:len(chain) * BS]), BS)
+    for text in texts + ["abab" * 9, "b" * 30, "a"]:
+        chain = own(text)
+        walk = {}
+        for wid in ("w0", "w1", "w2", "nobody"):
+            n = 0
+            while n < len(chain) and idx.owners.get(chain[n], 0) & idx.bits.get(wid, 0):
+                n += 1
+            if n:
+                walk[wid] = n
+        assert idx.match(chain, {"w0", "w1", "w2", "nobody"}) == walk, text

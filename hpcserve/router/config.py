@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tree-chars", type=int, default=8_000_000, help="cache_aware: prefix tree size bound")
     g.add_argument("--kv-overlap-weight", type=float, default=4.0,
                    help="kv_aware: weight of blocks to prefill against in-flight uncached blocks (docs/kv-routing.md)")
+    g.add_argument("--kv-request-weight", type=float, default=64.0,
+                   help="kv_aware: cost of each in-flight request on a worker, in blocks (docs/kv-routing.md)")
     g.add_argument("--kv-block-size", type=int, default=None,
                    help="kv_aware: tokens per KV block (default: the workers' /server_info kv_events)")
     g.add_argument("--kv-tokenizer", default=None, metavar="TOKENIZER_JSON",

@@ -6,14 +6,18 @@ each block by its own chained hash of those tokens (``prefix_hashes``), which th
 from a request's prompt. Per worker it keeps engine hash -> own hash, so BlockRemoved (engine hashes only)
 can be applied. ``match`` walks a prompt's chain and returns, per candidate worker, how many leading
 blocks it holds.
+
+Predictions: when the router sends a prompt to a worker, ``predict`` marks the prompt's blocks as held
+there before the worker's events say so (it is computing them), for ``ttl`` seconds unless an event
+confirms them. Without this, requests that arrive together with a new shared prefix (a burst of users of
+one system prompt) all look uncached everywhere and spread over every worker, each computing the prefix
+(Dynamo's router has the same option, ``--router-predicted-ttl-secs``).
 """
 
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_left
-from itertools import accumulate, repeat, takewhile
-from operator import and_
+from collections import deque
 
 BYTE_OFFSET = 3  # the mock's byte tokenizer: token id = byte + 3
 
@@ -55,15 +59,20 @@ def prefix_hashes(data: bytes, block_size: int, width: int = 1, parent: int | No
 
 
 class KVIndex:
-    """Own block hash -> bit mask of the workers holding it (one bit per worker id): matching a prompt is
-    then a running AND over the chain, done by C loops (map, accumulate, bisect) instead of set algebra."""
+    """Own block hash -> bit mask of the workers holding it (one bit per worker id), so that one lookup per
+    block answers for every worker."""
 
     def __init__(self, codec=ByteCodec) -> None:
         self.codec = codec
         self.owners: dict[int, int] = {}                # own block hash -> mask of workers holding it
         self.by_worker: dict[str, dict[int, int]] = {}  # worker -> engine hash -> own hash
         self.bits: dict[str, int] = {}                  # worker -> its bit (kept for the worker id's life)
+        self.held: dict[str, set[int]] = {}             # worker -> own hashes its events confirmed
+        self.pending: dict[str, dict[int, int]] = {}    # worker -> predicted own hash -> predictions open
+        self.due: deque[tuple[float, str, int, list[int]]] = deque()  # (expiry, worker, generation, hashes)
+        self.gen: dict[str, int] = {}                   # worker -> generation (a clear voids older predictions)
         self.orphans = 0                                 # stored blocks whose parent we never saw
+        self.predicted_blocks = 0
 
     def blocks(self, wid: str) -> int:
         return len(self.by_worker.get(wid, ()))
@@ -85,9 +94,11 @@ class KVIndex:
                 return
         bit = self.bit(wid)
         owners = self.owners
+        held = self.held.setdefault(wid, set())
         data = self.codec.pack(token_ids[:len(engine_hashes) * block_size])
         for eh, oh in zip(engine_hashes, prefix_hashes(data, block_size, self.codec.width, own_parent)):
             mine[eh] = oh
+            held.add(oh)
             owners[oh] = owners.get(oh, 0) | bit
 
     def removed(self, wid: str, engine_hashes: list[int]) -> None:
@@ -95,18 +106,57 @@ class KVIndex:
         if not mine:
             return
         bit = self.bits[wid]
+        held = self.held.get(wid, set())
         for eh in engine_hashes:
             oh = mine.pop(eh, None)
             if oh is not None:
+                held.discard(oh)
                 self._drop(oh, bit)
 
     def clear(self, wid: str) -> None:
         """The worker's cache is empty (AllBlocksCleared, restart, unrecoverable gap) or it left."""
         mine = self.by_worker.pop(wid, None)
-        if mine:
+        self.held.pop(wid, None)
+        pending = self.pending.pop(wid, None)
+        self.gen[wid] = self.gen.get(wid, 0) + 1
+        bit = self.bits.get(wid, 0)
+        for oh in (mine or {}).values():
+            self._drop(oh, bit)
+        for oh in pending or ():
+            self._drop(oh, bit)
+
+    def predict(self, wid: str, hashes: list[int], expires: float) -> None:
+        """``wid`` is about to compute these blocks: count them as held there until ``expires`` (a
+        ``time.monotonic()`` value) unless its events confirm them by then."""
+        if not hashes:
+            return
+        bit = self.bit(wid)
+        owners = self.owners
+        pending = self.pending.setdefault(wid, {})
+        for oh in hashes:
+            owners[oh] = owners.get(oh, 0) | bit
+            pending[oh] = pending.get(oh, 0) + 1
+        self.predicted_blocks += len(hashes)
+        self.due.append((expires, wid, self.gen.get(wid, 0), hashes))
+
+    def expire(self, now: float) -> None:
+        """Withdraw the predictions due by ``now`` that no event confirmed (cheap when none is due)."""
+        due = self.due
+        while due and due[0][0] <= now:
+            _, wid, gen, hashes = due.popleft()
+            if gen != self.gen.get(wid, 0):
+                continue  # the worker was cleared since: its predictions went with it
+            pending = self.pending.get(wid, {})
+            held = self.held.get(wid, ())
             bit = self.bits[wid]
-            for oh in mine.values():
-                self._drop(oh, bit)
+            for oh in hashes:
+                left = pending.get(oh, 0) - 1
+                if left > 0:
+                    pending[oh] = left
+                    continue
+                pending.pop(oh, None)
+                if oh not in held:
+                    self._drop(oh, bit)
 
     def _drop(self, oh: int, bit: int) -> None:
         m = self.owners.get(oh, 0) & ~bit
@@ -116,22 +166,32 @@ class KVIndex:
             self.owners.pop(oh, None)
 
     def match(self, hashes: list[int], candidates: set[str]) -> dict[str, int]:
-        """Leading blocks of ``hashes`` held by each candidate (absent = 0)."""
-        bits = self.bits
-        mask = 0
-        for wid in candidates:
-            mask |= bits.get(wid, 0)
-        if not mask or not hashes:
-            return {}
-        # running AND of the chain's masks, from the candidates' mask, until no candidate is left
-        run = list(takewhile(bool, accumulate(map(self.owners.get, hashes, repeat(0, len(hashes))), and_,
-                                              initial=mask)))
+        """Leading blocks of ``hashes`` held by each candidate (absent = 0).
+
+        A worker's blocks are prefix-closed here: a stored block whose parent is unknown is not indexed,
+        and engines evict leaves first (SGLang's radix cache and the mock do), so a worker that holds
+        block i holds every block before it. That makes the answer a binary search per candidate,
+        O(log B) lookups instead of a walk over the whole chain. An engine evicting a parent before its
+        children would make this overestimate that worker's overlap until the children go too."""
         out: dict[str, int] = {}
-        if len(run) < 2:
+        n = len(hashes)
+        if not n:
             return out
+        get, bits = self.owners.get, self.bits
+        first, last = get(hashes[0], 0), get(hashes[-1], 0)
         for wid in candidates:
             b = bits.get(wid, 0)
-            if b & run[1]:
-                # the running AND only loses bits: the first position without b ends b's prefix
-                out[wid] = bisect_left(run, True, 1, len(run), key=lambda m, b=b: not m & b) - 1
+            if not b & first:
+                continue
+            if b & last:
+                out[wid] = n
+                continue
+            lo, hi = 1, n - 1  # hashes[:lo] held, hashes[hi] not: the answer is in [lo, hi]
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if get(hashes[mid], 0) & b:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            out[wid] = lo
         return out

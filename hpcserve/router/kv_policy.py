@@ -4,14 +4,21 @@ For each candidate worker w, with the prompt cut into B blocks of ``block_size``
 
     overlap(w)  = leading prompt blocks w holds, from KVIndex (0 while w's events are not live or stale)
     load(w)     = uncached blocks of the requests the router sent to w that are still in flight
-    cost(w)     = overlap_weight * (B - overlap(w)) + load(w)
+    inflight(w) = how many those are
+    cost(w)     = overlap_weight * (B - overlap(w)) + load(w) + request_weight * inflight(w)
 
 and the lowest cost wins (ties rotate). This is the shape of the cost Dynamo's KV router minimises
-(blocks to prefill, weighted by ``--kv-overlap-weight``, plus blocks held by running requests), with the
+(blocks to prefill, weighted by ``--kv-overlap-weight``, plus the load of running requests), with the
 load counted as the blocks each in-flight request added to its worker (its uncached part): requests that
-share a cached prefix share its blocks, so co-locating them costs only their own tails. The default weight
-4 was chosen on bench/kv_routing.py (docs/kv-routing.md); weight 0 is pure least-uncached-load. The books
-are trimmed to the worker's in-flight count, oldest first, so no completion hook is needed.
+share a cached prefix share its blocks, so co-locating them costs only their own tails. Each running
+request also costs ``request_weight`` blocks (Dynamo's decode_active_request_weight): without it, chat
+sessions whose histories are cached cost their worker almost nothing and all pile onto one worker. The
+defaults (4 and 64) were chosen on bench/kv_routing.py (docs/kv-routing.md). The books are trimmed to the
+worker's in-flight count, oldest first, so no completion hook is needed.
+
+The prompt's blocks a worker does not hold yet are predicted on it once it is picked (KVIndex.predict)
+for ``predict_ttl`` seconds or until its events confirm them, so that requests arriving together with a
+new shared prefix follow the first one instead of each computing the prefix elsewhere.
 
 A worker counts as stale, and is scored on load only, when ``stale_after`` requests that should have
 stored new blocks went to it without any event arriving from it (its event stream is not reaching us).
@@ -22,6 +29,7 @@ Tokenization: a model directory's tokenizer.json through the ``tokenizers`` pack
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from hpcserve.router.kv_feed import Feeds
@@ -44,37 +52,36 @@ def chat_text(key: str) -> str:
 
 
 class _Books:
-    """In-flight requests the router sent to one worker: (uncached blocks, total blocks), oldest first."""
+    """In-flight requests the router sent to one worker: their uncached blocks, oldest first."""
 
-    __slots__ = ("q", "prefill", "active", "unanswered", "seen")
+    __slots__ = ("q", "prefill", "unanswered", "seen")
 
     def __init__(self) -> None:
-        self.q: deque[tuple[int, int]] = deque()
+        self.q: deque[int] = deque()
         self.prefill = 0
-        self.active = 0
         self.unanswered = 0
         self.seen = 0
 
     def trim(self, inflight: int) -> None:
         q = self.q
         while len(q) > inflight:
-            p, a = q.popleft()
-            self.prefill -= p
-            self.active -= a
+            self.prefill -= q.popleft()
 
-    def add(self, prefill: int, total: int) -> None:
-        self.q.append((prefill, total))
+    def add(self, prefill: int) -> None:
+        self.q.append(prefill)
         self.prefill += prefill
-        self.active += total
 
 
 class KVAware:
     name = "kv_aware"
     needs_key = True
 
-    def __init__(self, *, overlap_weight: float = 4.0, kv_block_size: int | None = None,
-                 kv_tokenizer: str | None = None, stale_after: int = 16, **_: object) -> None:
+    def __init__(self, *, overlap_weight: float = 4.0, request_weight: float = 64.0,
+                 kv_block_size: int | None = None, kv_tokenizer: str | None = None, stale_after: int = 16,
+                 predict_ttl: float = 5.0, **_: object) -> None:
         self.overlap_weight = float(overlap_weight)
+        self.predict_ttl = predict_ttl
+        self.request_weight = float(request_weight)
         self.block_size = kv_block_size
         self.stale_after = stale_after
         self.codec = ByteCodec
@@ -140,6 +147,10 @@ class KVAware:
 
     def pick(self, workers: list, key: str | None):
         feeds, all_books = self.feeds, self.books
+        index = self.index
+        now = time.monotonic()
+        if index.due:
+            index.expire(now)
         live: set[str] = set()
         for w in workers:
             b = all_books.get(w.id)
@@ -156,23 +167,27 @@ class KVAware:
         n_tokens = len(data) // width
         total = -(-n_tokens // bs)
         overlap: dict[str, int] = {}
+        chain: list[int] = []
         if live and n_tokens > bs:
             reusable = (n_tokens - 1) // bs * bs * width  # the last prompt token is always computed
-            overlap = self.index.match(self.hashes(data[:reusable], bs), live)
+            chain = self.hashes(data[:reusable], bs)
+            overlap = index.match(chain, live)
         n = len(workers)
         start = self._start = (self._start + 1) % n
         best = None
         best_cost = 0.0
-        weight = self.overlap_weight
+        weight, per_request = self.overlap_weight, self.request_weight
         for i in range(n):
             w = workers[(start + i) % n]
             b = all_books[w.id]
-            cost = weight * (total - overlap.get(w.id, 0)) + b.active
+            cost = weight * (total - overlap.get(w.id, 0)) + b.prefill + per_request * len(b.q)
             if best is None or cost < best_cost:
                 best, best_cost = w, cost
         hit = overlap.get(best.id, 0)
+        if hit < len(chain) and best.id in live and self.predict_ttl > 0:
+            index.predict(best.id, chain[hit:], now + self.predict_ttl)
         b = all_books[best.id]
-        b.add(total - hit, total - hit)
+        b.add(total - hit)
         if total - hit > 0:
             b.unanswered += 1
         self.picks += 1
@@ -184,7 +199,9 @@ class KVAware:
         self.feeds.drop(worker.id)
 
     def describe(self) -> dict:
-        return {"name": self.name, "overlap_weight": self.overlap_weight, "block_size": self.block_size,
-                "stale_after": self.stale_after, "indexed_blocks": len(self.index.owners),
+        return {"name": self.name, "overlap_weight": self.overlap_weight,
+                "request_weight": self.request_weight, "block_size": self.block_size,
+                "stale_after": self.stale_after, "predict_ttl": self.predict_ttl,
+                "indexed_blocks": len(self.index.owners), "predicted_blocks": self.index.predicted_blocks,
                 "picks": self.picks, "overlap_blocks": self.overlap_blocks,
                 "feeds": {wid: f.view() for wid, f in self.feeds.feeds.items()}}

@@ -41,7 +41,8 @@ def build(ns) -> tuple[RouterApp, HealthChecker, RegistryFollower | None]:
         raise ConfigError(str(err)) from None
     opts = dict(cache_threshold=ns.cache_threshold, balance_abs_threshold=ns.balance_abs_threshold,
                 balance_rel_threshold=ns.balance_rel_threshold, max_tree_chars=ns.max_tree_chars,
-                overlap_weight=ns.kv_overlap_weight, kv_block_size=ns.kv_block_size, kv_tokenizer=ns.kv_tokenizer)
+                overlap_weight=ns.kv_overlap_weight, request_weight=ns.kv_request_weight,
+                kv_block_size=ns.kv_block_size, kv_tokenizer=ns.kv_tokenizer)
     if ns.mode == "pd":
         policies = {"prefill": make_policy(ns.prefill_policy, **opts), "decode": make_policy(ns.decode_policy, **opts)}
     else:
