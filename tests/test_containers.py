@@ -78,13 +78,15 @@ def test_pyxis_engine_is_an_overlapping_step_in_the_image_with_binds():
     assert f"--container-workdir={RUN_DIR}" in cmd
     assert sig == signal.SIGUSR1                       # srun kills a step on SIGTERM; USR1 is relayed
     assert "export CUDA_VISIBLE_DEVICES=0,1" in cmd[cmd.index("-c") + 1]
+    ro = get_runtime("pyxis").command(EngineLaunch(["x"], image="i.sqsh", binds=["/m:/models:ro"], workdir="/"))
+    assert "--container-mounts=/m:/models:ro" in ro              # mount options are kept
 
 
 def test_apptainer_and_charliecloud_commands():
     launch = EngineLaunch(["python3", "-m", "sglang.launch_server"], image="/img/sglang.sif",
-                          binds=["/lustre:/lustre", "/scratch"], workdir=RUN_DIR, env={"USER": "u"})
+                          binds=["/lustre:/lustre:ro", "/scratch"], workdir=RUN_DIR, env={"USER": "u"})
     assert get_runtime("apptainer").command(launch) == [
-        "apptainer", "exec", "--nv", "--bind", "/lustre:/lustre", "--bind", "/scratch:/scratch", "--pwd", RUN_DIR,
+        "apptainer", "exec", "--nv", "--bind", "/lustre:/lustre:ro", "--bind", "/scratch:/scratch", "--pwd", RUN_DIR,
         "/img/sglang.sif", "python3", "-m", "sglang.launch_server"]
     assert get_runtime("charliecloud").command(launch) == [
         "ch-run", "--bind=/lustre:/lustre", "--bind=/scratch:/scratch", f"--cd={RUN_DIR}", "/img/sglang.sif", "--",

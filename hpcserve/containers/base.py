@@ -75,8 +75,15 @@ def get_runtime(name: str) -> ContainerRuntime:
 
 
 def split_bind(bind: str) -> tuple[str, str]:
+    """SRC[:DST[:OPTIONS]] -> (SRC, DST)."""
     src, _, dst = bind.partition(":")
     return src, (dst.split(":", 1)[0] if dst else src)
+
+
+def full_bind(bind: str) -> str:
+    """SRC:DST[:OPTIONS] with DST filled in (pyxis and apptainer take options such as ro)."""
+    parts = bind.split(":")
+    return ":".join([parts[0], parts[1] if len(parts) > 1 and parts[1] else parts[0], *parts[2:]])
 
 
 def binds_for(run_dir: str, model_path: str | None, mounts: list[str]) -> list[str]:

@@ -7,7 +7,8 @@ import os
 import pwd
 import signal
 
-from hpcserve.containers.base import EngineLaunch, missing_image, missing_tool, register, shell_wrapper, split_bind
+from hpcserve.containers.base import (EngineLaunch, full_bind, missing_image, missing_tool, register, shell_wrapper,
+                                     split_bind)
 
 
 class Bare:
@@ -38,7 +39,7 @@ class Pyxis:
         if launch.image is None:
             return shell_wrapper(launch)
         where = f"--nodelist={launch.node_name}" if launch.node_name else f"--relative={launch.node}"
-        mounts = ",".join(f"{src}:{dst}" for src, dst in map(split_bind, launch.binds))
+        mounts = ",".join(map(full_bind, launch.binds))
         # Slurm sets CUDA_VISIBLE_DEVICES for a step itself: restate the plan's choice inside the image.
         gpus = launch.env.get("CUDA_VISIBLE_DEVICES")
         inner = EngineLaunch(launch.argv, setup=([f"export CUDA_VISIBLE_DEVICES={gpus}"] if gpus else [])
@@ -68,7 +69,7 @@ class Apptainer:
     def command(self, launch: EngineLaunch) -> list[str]:
         if launch.image is None:
             return shell_wrapper(launch)
-        binds = [a for b in launch.binds for a in ("--bind", ":".join(split_bind(b)))]
+        binds = [a for b in launch.binds for a in ("--bind", full_bind(b))]
         return [self.name, "exec", "--nv", *binds, "--pwd", launch.workdir, launch.image, *shell_wrapper(launch)]
 
     def stop_signal(self, launch: EngineLaunch) -> int:
@@ -91,7 +92,7 @@ class Charliecloud:
     def command(self, launch: EngineLaunch) -> list[str]:
         if launch.image is None:
             return shell_wrapper(launch)
-        binds = [f"--bind={':'.join(split_bind(b))}" for b in launch.binds]
+        binds = [f"--bind={':'.join(split_bind(b))}" for b in launch.binds]   # ch-run takes no mount options
         # ch-run refuses to start without $USER, which a job's environment does not always carry
         user = [] if launch.env.get("USER") else ["env", f"USER={pwd.getpwuid(os.getuid()).pw_name}"]
         return [*user, "ch-run", *binds, f"--cd={launch.workdir}", launch.image, "--", *shell_wrapper(launch)]
