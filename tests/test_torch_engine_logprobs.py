@@ -127,3 +127,17 @@ def test_chat_top_logprobs_pd_equals_aggregated(cluster):
                         for c in ch["logprobs"]["content"]]
     assert flat(_events(cluster["pd"], "/v1/chat/completions", body)) == content
     assert flat(_events(cluster["agg"], "/v1/chat/completions", body)) == content
+
+
+def test_parameters_the_torch_engine_cannot_honour_are_refused(cluster):
+    for where in ("agg", "pd"):
+        native = httpx.post(cluster[where] + "/generate", timeout=30,
+                            json={"text": "x", "sampling_params": {"max_new_tokens": 2, "stop": ["a"]}})
+        assert native.status_code == 400 and "sampling_params.stop" in native.json()["error"]["message"]
+        for body in ({"stop": ["a"]}, {"min_tokens": 3}, {"frequency_penalty": 0.5},
+                     {"stream": True, "stream_options": {"continuous_usage_stats": True}}):
+            r = httpx.post(cluster[where] + "/v1/completions", timeout=30,
+                           json={"model": "tiny", "prompt": "x", "max_tokens": 2, **body})
+            assert r.status_code == 400, (body, r.text)
+            doc = r.json()
+            assert doc["object"] == "error" and "not supported by the torch engine" in doc["message"]

@@ -24,7 +24,9 @@ from hpcserve.torchengine.errors import RequestError, oai_error
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEAD = b"cache-control: no-cache\r\n"
-UNSUPPORTED = ("stop", "min_tokens", "logit_bias", "frequency_penalty", "presence_penalty", "repetition_penalty")
+# parameters this engine cannot honour, with the values that mean "off": anything else is refused
+UNSUPPORTED = {"stop": (None, "", []), "min_tokens": (None, 0), "logit_bias": (None, {}),
+               "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "repetition_penalty": (None, 1)}
 
 
 def token_offsets(ids: list[int], base: int) -> list[int]:
@@ -42,10 +44,12 @@ def token_offsets(ids: list[int], base: int) -> list[int]:
 
 
 def _unsupported(body: dict) -> None:
-    for k in UNSUPPORTED:
-        v = body.get(k)
-        if v not in (None, 0, 0.0, 1.0 if k == "repetition_penalty" else 0, [], {}, ""):
+    for k, off in UNSUPPORTED.items():
+        if body.get(k) not in off:
             raise proto.ApiError(f"{k} is not supported by the torch engine (see docs/api.md)")
+    opts = body.get("stream_options")
+    if isinstance(opts, dict) and opts.get("continuous_usage_stats"):
+        raise proto.ApiError("stream_options.continuous_usage_stats is not supported by the torch engine")
 
 
 class _Choices:

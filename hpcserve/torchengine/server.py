@@ -32,6 +32,19 @@ VERSION = "0.5.0-torch"
 DONE = b"data: [DONE]\n\n"
 
 
+# sampling_params this engine cannot honour, with the value that means "off": anything else is refused
+NATIVE_OFF = {"stop": (None, "", []), "min_new_tokens": (None, 0), "n": (None, 1), "frequency_penalty": (None, 0),
+              "presence_penalty": (None, 0), "repetition_penalty": (None, 1), "regex": (None,), "ebnf": (None,),
+              "json_schema": (None,), "structural_tag": (None,)}
+
+
+def refuse_unsupported(sp: object) -> None:
+    if isinstance(sp, dict):
+        for k, off in NATIVE_OFF.items():
+            if sp.get(k) not in off:
+                raise RequestError(400, f"sampling_params.{k} is not supported by the torch engine (see docs/api.md)")
+
+
 def prompt_digest(ids: list[int]) -> str:
     return hashlib.sha256(orjson.dumps(ids)).hexdigest()[:32]
 
@@ -82,6 +95,8 @@ class TorchServer:
             raise RequestError(400, f"the prompt must have at least one token, every id in [0, {vocab})")
         if len(prompt) >= self.cfg.context_length:
             raise RequestError(400, f"the prompt has {len(prompt)} tokens; the context length is {self.cfg.context_length}")
+        if sampling is None:
+            refuse_unsupported(body.get("sampling_params"))
         try:
             sp = Sampling.from_dict(body.get("sampling_params") if sampling is None else sampling,
                                     self.cfg.default_max_tokens, random.getrandbits(62))
