@@ -66,3 +66,21 @@ def test_job_size_comes_from_slurm_when_not_given(monkeypatch):
         hosts.resolve_address("interface:lo")
     monkeypatch.setenv("SLURM_NNODES", "1")
     assert hosts.resolve_address("interface:lo") == "127.0.0.1"
+
+
+def test_literal_loopback_on_nodes_that_are_different_hosts_is_refused(tmp_path):
+    """The head collects the nodes' published addresses: 127.0.0.1 from two different hosts cannot work."""
+    import asyncio
+    import json
+
+    (tmp_path / "hosts").mkdir()
+    for rank, name in ((0, "gpu01"), (1, "gpu02")):
+        (tmp_path / "hosts" / f"node-{rank}.json").write_text(json.dumps(
+            {"rank": rank, "addr": "127.0.0.1", "epoch": hosts.epoch(), "hostname": name}))
+    with pytest.raises(BackendError, match=r"loopback addresses but the nodes are different hosts "
+                                           r"\(node 0 on gpu01, node 1 on gpu02\)"):
+        asyncio.run(hosts.wait_addresses(tmp_path, {0, 1}, timeout=5))
+    # the local Slurm: every node is this one host, loopback is fine
+    (tmp_path / "hosts" / "node-1.json").write_text(json.dumps(
+        {"rank": 1, "addr": "127.0.0.1", "epoch": hosts.epoch(), "hostname": "gpu01"}))
+    assert asyncio.run(hosts.wait_addresses(tmp_path, {0, 1}, timeout=5)) == {0: "127.0.0.1", 1: "127.0.0.1"}

@@ -154,22 +154,33 @@ async def wait_addresses(run_dir: Path, ranks: set[int], timeout: float) -> dict
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     out: dict[int, str] = {}
+    names: dict[int, str] = {}
     while True:
         for r in ranks - out.keys():
             f = run_dir / "hosts" / f"node-{r}.json"
             try:
                 info = json.loads(f.read_text())
                 if info.get("epoch") == epoch():
-                    out[r] = info["addr"]
+                    out[r], names[r] = info["addr"], info.get("hostname", "")
             except (OSError, ValueError, KeyError):
                 pass
         if len(out) == len(ranks):
+            check_one_host_for_loopback(out, names)
             return out
         if loop.time() > deadline:
             missing = sorted(ranks - out.keys())
             raise BackendError(f"nodes {missing} never published their address within {timeout:.0f}s "
                                f"(their agents did not start; see logs/agent-node*.log)")
         await asyncio.sleep(0.2)
+
+
+def check_one_host_for_loopback(addrs: dict[int, str], hostnames: dict[int, str]) -> None:
+    """A loopback address written in the profile declares that every node is one host; nodes that turn out to
+    run on different hosts could never reach each other, so say so instead of timing out later."""
+    if any(unroutable(a) for a in addrs.values()) and len(set(hostnames.values()) - {""}) > 1:
+        where = ", ".join(f"node {r} on {h}" for r, h in sorted(hostnames.items()))
+        raise BackendError(f"cluster.address gives loopback addresses but the nodes are different hosts ({where}); "
+                           f"set cluster.address to auto or interface:NAME")
 
 
 def needed_hosts(argvs: list[list[str]]) -> set[int]:
