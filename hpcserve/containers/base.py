@@ -89,7 +89,7 @@ def full_bind(bind: str) -> str:
 def binds_for(run_dir: str, model_path: str | None, mounts: list[str]) -> list[str]:
     """The run dir (plan, logs, outputs), the model when it is a path, then the profile's mounts; a path
     already under one of the other binds' destinations is not bound twice."""
-    out = [f"{m}" for m in mounts]
+    out = list(mounts)
     for path in (run_dir, model_path):
         if path and path.startswith("/") and not any(_under(path, split_bind(b)[1]) for b in out):
             out.insert(0, f"{path}:{path}")
