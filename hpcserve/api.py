@@ -35,7 +35,26 @@ def write_plans(plans: list[tuple[LoadedRecipe, Plan]], out: Path) -> list[Path]
     out.mkdir(parents=True, exist_ok=True)
     index = [{"dir": d.name, "point": lr.point} for d, (lr, _) in zip(dirs, plans)]
     atomic_write(out / "sweep.json", orjson.dumps(index, option=orjson.OPT_INDENT_2) + b"\n")
+    alloc = sweep_allocation([p for _, p in plans])
+    if alloc is not None:   # what submit submits: the whole sweep, point after point, in one job
+        (out / "logs").mkdir(exist_ok=True)
+        atomic_write(out / "job.sbatch", sweep_script(alloc, list(zip(dirs, (p for _, p in plans)))), mode=0o755)
     return dirs
+
+
+def sweep_allocation(plans: list[Plan]) -> Plan | None:
+    """The plan of the one allocation a sweep runs in (the most nodes any point needs), or None when its
+    points are submitted as one job each (see sweep_fits_one_allocation)."""
+    if len(plans) < 2 or not sweep_fits_one_allocation(plans):
+        return None
+    first = plans[0]
+    nodes = max(p.num_nodes for p in plans)
+    return first.model_copy(update={"slurm": first.slurm.model_copy(update={"nodes": nodes})})
+
+
+def sweep_script(alloc: Plan, dirs: list[tuple[Path, Plan]]) -> str:
+    from hpcserve.render import render_sbatch
+    return render_sbatch(alloc, points=[(d.name, p.num_nodes) for d, p in dirs])
 
 
 def prepare_run(recipe: str | Path, overrides: list[str] = (), cluster: str | None = None,
@@ -86,17 +105,16 @@ def submit(recipe: str | Path, overrides: list[str] = (), cluster: str | None = 
     share the cluster settings runs inside ONE allocation, point after point; otherwise one job per point."""
     from hpcserve.backends.base import Run
     from hpcserve.backends.slurm import SlurmBackend
+    from hpcserve.errors import RecipeError
     backend = SlurmBackend()
+    [(lr, _)] = load_plans(recipe, overrides, cluster)[:1]
+    if lr.recipe.cluster.backend != "slurm":
+        raise RecipeError(f"{recipe} runs on the {lr.recipe.cluster.backend} backend (cluster.backend); run it "
+                          f"with hpcserve up, or submit it with --cluster slurm/clusters/NAME.yaml")
     dirs = prepare_run(recipe, overrides, cluster, run_dir)
-    if len(dirs) > 1 and sweep_fits_one_allocation([p for _, p in dirs]):
-        from hpcserve.render import render_sbatch
+    alloc = sweep_allocation([p for _, p in dirs])
+    if alloc is not None:   # write_plans wrote the sweep's job.sbatch (render -o shows the same file)
         top = dirs[0][0].parent
-        nodes = max(p.num_nodes for _, p in dirs)
-        first = dirs[0][1]
-        alloc = first.model_copy(update={"slurm": first.slurm.model_copy(update={"nodes": nodes})})
-        (top / "logs").mkdir(exist_ok=True)
-        atomic_write(top / "job.sbatch", render_sbatch(alloc, points=[(d.name, p.num_nodes) for d, p in dirs]),
-                     mode=0o755)
         run = backend.submit(top, alloc, extra_args=list(sbatch_args))
         for d, _ in dirs:
             Run(d, "slurm", job_id=run.job_id).save()
@@ -199,30 +217,54 @@ def _shard_outputs(recipe_batch) -> list[tuple[str, int, int]]:
     return [(recipe_batch.output if n == 1 else str(part_path(recipe_batch.output, i, n)), i, n) for i in range(n)]
 
 
+def batch_outputs(recipe_batch) -> list[str]:
+    """The files the batch driver(s) append rows to: the output, or one part per shard."""
+    return [out for out, _, _ in _shard_outputs(recipe_batch)]
+
+
 def batch_complete(recipe_batch) -> bool:
     from hpcserve.batch import detect_complete
     return all(Path(out).exists() and detect_complete(recipe_batch.input, out, i, n)
                for out, i, n in _shard_outputs(recipe_batch))
 
 
+class BatchOutcome(str):
+    """The verb's summary line, with the counts behind it (rows written, error rows among them)."""
+
+    rows: int = 0
+    errors: int = 0
+
+    def __new__(cls, text: str, rows: int = 0, errors: int = 0) -> "BatchOutcome":
+        out = super().__new__(cls, text)
+        out.rows, out.errors = rows, errors
+        return out
+
+
+def finish_batch(b) -> BatchOutcome:
+    """Write the output in input order (shards merged; an unsharded output, written in finish order,
+    reordered in place) and say how many rows and error rows it holds."""
+    from hpcserve.batch import merge, merge_shards
+    m = merge_shards(b.input, b.output, b.shards) if b.shards > 1 else merge(b.input, b.output, [b.output])
+    how = "merged" if b.shards > 1 else "in input order"
+    return BatchOutcome(f"complete: {m.rows} rows ({m.errors} errors) {how} in {b.output}", m.rows, m.errors)
+
+
 def run_batch_job(recipe: str | Path, overrides: list[str] = (), cluster: str | None = None,
                   run_dir: str | Path | None = None, wait: bool = True, timeout: float = 86400,
-                  echo=print) -> str:
+                  echo=print, tick=None) -> str:
     """Offline batch on the recipe's backend. Finished output is detected before anything starts; shards
-    run as a Slurm job array (local backend: one after another) and are merged in input order at the end."""
-    import time as _t
-
+    run as a Slurm job array (local backend: one after another); the output ends in input order.
+    ``tick()`` runs about once a second while the batch runs (progress display). A failed stage raises naming
+    it, once every process of the deployment has stopped (docs/cli.md gives the bound)."""
     from hpcserve.backends.base import Run
-    from hpcserve.batch import merge_shards
     from hpcserve.errors import BackendError
     [lr] = load_recipe(recipe, list(overrides), cluster)[:1]
     b = lr.recipe.batch
     if not Path(b.input).is_file():
         raise BackendError(f"batch input {b.input} does not exist; fix --input")
     if batch_complete(b):
-        if b.shards > 1:
-            merge_shards(b.input, b.output, b.shards)
-        return f"output {b.output} already complete; nothing started"
+        done = finish_batch(b)
+        return BatchOutcome(f"{done}; it was complete already, nothing started", done.rows, done.errors)
     out, shards = prepare_batch(recipe, overrides, cluster, run_dir)
     echo(f"run dir {out}")
     if get_backend(lr.recipe.cluster.backend).attached:   # agents are this process's children: wait here
@@ -230,33 +272,72 @@ def run_batch_job(recipe: str | Path, overrides: list[str] = (), cluster: str | 
         for d, p in shards:
             backend = LocalBackend()
             backend.submit(d, p)
-            deadline = _t.monotonic() + timeout
-            while any(pr.poll() is None for pr in backend.procs) and _t.monotonic() < deadline:
-                _t.sleep(0.5)
-            codes = backend.stop(grace=30)
+            try:   # one agent ending (stage done or failed) ends the rest within the backend's follow bound
+                finished = backend.wait(timeout, tick=tick)
+            finally:
+                codes = backend.stop(grace=30)
             fail = Run(d, "local").failure
             if fail or any(codes):
-                raise BackendError(f"batch shard {d.name} failed: {fail['message'] if fail else codes}")
+                where = f"node {fail['node']}: {fail['message']}" if fail else f"agent exit codes {codes}"
+                raise BackendError(f"batch failed on {where} (run dir {d})")
+            if not finished:
+                raise BackendError(f"batch still running after {timeout:.0f}s; stopped it. Rerun the same "
+                                   f"command to resume, or raise --timeout (run dir {d})")
     else:
-        from hpcserve.backends.slurm import SlurmBackend, query_jobs
+        from hpcserve.backends.slurm import SlurmBackend
         run = SlurmBackend().submit(out, shards[0][1])
         for i, (d, _) in enumerate(shards):
             if len(shards) > 1:
                 Run(d, "slurm", job_id=f"{run.job_id}_{i}").save()
         echo(f"job {run.job_id}" + (f" (array of {len(shards)})" if len(shards) > 1 else ""))
         if not wait:
-            return "submitted"
-        deadline = _t.monotonic() + timeout
-        live = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED")
-        while _t.monotonic() < deadline:
-            ids = [f"{run.job_id}_{i}" for i in range(len(shards))] if len(shards) > 1 else [run.job_id]
-            states = query_jobs(ids)
-            if all(s.state not in live and s.state != "UNKNOWN" for s in states.values()):
-                break
-            _t.sleep(2)
+            return BatchOutcome("submitted")
+        ids = [f"{run.job_id}_{i}" for i in range(len(shards))] if len(shards) > 1 else [run.job_id]
+        wait_batch_jobs(ids, [d for d, _ in shards], timeout, tick=tick)
     if not batch_complete(b):
         raise BackendError(f"batch ended with rows left; rerun the same command to resume (run dir {out})")
-    if b.shards > 1:
-        m = merge_shards(b.input, b.output, b.shards)
-        return f"complete: {m.rows} rows ({m.errors} errors) merged into {b.output}"
-    return f"complete: {b.output}"
+    return finish_batch(b)
+
+
+def wait_batch_jobs(ids: list[str], dirs: list[Path], timeout: float, tick=None, poll: float = 2.0) -> None:
+    """Until every job (array task ``ids[i]`` runs in ``dirs[i]``) has ended. Slurm says so while it remembers
+    the job; the run dir's own records (stopped.json, failure.json, done.json of that job) say so when it
+    does not (no accounting: squeue forgets finished jobs after MinJobAge, sacct is off). Raises naming the
+    failure when a job recorded one, and when ``timeout`` passes first."""
+    import time as _t
+
+    from hpcserve.backends.slurm import query_jobs
+    from hpcserve.errors import BackendError
+    from hpcserve.rundir import RunPaths, read_json
+    live = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED", "REQUEUE_HOLD")
+
+    def recorded_end(job: str, d: Path) -> str | None:
+        rp = RunPaths(d)
+        stopped, fail, done = rp.read(RunPaths.STOPPED), rp.read(RunPaths.FAILURE), rp.read(RunPaths.DONE)
+        if isinstance(fail, dict) and fail.get("job") == job:
+            return "failed"
+        if isinstance(stopped, dict) and stopped.get("job") == job and not stopped.get("requeued"):
+            return "stopped"
+        if isinstance(done, dict) and done.get("job") == job:
+            return "done"
+        return None
+
+    deadline = _t.monotonic() + timeout
+    last_tick = 0.0
+    while True:
+        states = query_jobs(ids)
+        ended = [s.state not in live and s.state != "UNKNOWN" or recorded_end(j, d) is not None
+                 for (j, s), d in zip(((j, states[j]) for j in ids), dirs)]
+        if all(ended):
+            break
+        if _t.monotonic() > deadline:
+            raise BackendError(f"batch job {ids[0].split('_')[0]} still running after {timeout:.0f}s; it keeps "
+                               f"running (hpcserve status / cancel {dirs[0].parent if len(dirs) > 1 else dirs[0]})")
+        if tick is not None and _t.monotonic() - last_tick >= 1.0:
+            last_tick = _t.monotonic()
+            tick()
+        _t.sleep(poll)
+    for j, d in zip(ids, dirs):
+        fail = read_json(RunPaths(d) / RunPaths.FAILURE)
+        if isinstance(fail, dict) and fail.get("job") in (j, None):
+            raise BackendError(f"batch failed on node {fail.get('node')}: {fail.get('message')} (run dir {d})")

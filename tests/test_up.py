@@ -193,3 +193,37 @@ def test_redis_killed_is_restarted_workers_reregister_router_keeps_serving(deplo
     recs = _wait(lambda: (a := _worker(run, "prefill-0")) and (b := _worker(run, "decode-0")) and (a, b), 5)
     assert {recs[0].state, recs[1].state} == {"ready"}
     assert "restart 1" in (run.run_dir / "logs/agent-node0.log").read_text()
+
+
+def test_sigint_on_up_drains_open_streams(tmp_path):
+    """Ctrl-C while a stream is open: the stream ends complete ([DONE], every token, no error event) within
+    timeouts.drain, then everything stops."""
+    recipe = tmp_path / "slow.yaml"
+    recipe.write_text(DEMO.read_text().replace("mock: {time-scale: 0}", "mock: {time-scale: 1, decode-step-ms: 100}"))
+    proc = subprocess.Popen([sys.executable, "-m", "hpcserve", "up", str(recipe), "--run-dir", str(tmp_path / "run"),
+                             *sum((["--set", o] for o in demo_overrides(["timeouts.drain=20"])), [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 90
+        while "endpoint" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+        url = line.split()[1]
+        tree = descendants(proc.pid)
+        sp = {"max_new_tokens": 30, "temperature": 0, "ignore_eos": True}
+        events = []
+        with httpx.stream("POST", url + "/generate", json={"text": PROMPT, "sampling_params": sp, "stream": True},
+                          timeout=60) as r:
+            for ev in r.iter_lines():
+                if ev.startswith("data: "):
+                    events.append(ev[6:])
+                    if len(events) == 2:
+                        proc.send_signal(signal.SIGINT)   # mid-stream: about 2.8 s of decoding left
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events), events[-3:]
+        assert json.loads(events[-2])["meta_info"]["completion_tokens"] == 30
+        assert proc.wait(90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _wait(lambda: pids_alive(tree) == [], 15)

@@ -28,7 +28,7 @@ from hpcserve.agent.supervisor import Managed, Supervisor
 from hpcserve.containers.base import engine_command
 from hpcserve.errors import HpcserveError
 from hpcserve.plan.model import Plan
-from hpcserve.render import atomic_write
+from hpcserve.rundir import RunPaths, atomic_write, read_json
 
 log = logging.getLogger("hpcserve.agent")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -70,9 +70,20 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
 
 
 def record_failure(run_dir: Path, rank: int, message: str) -> None:
-    path = run_dir / "failure.json"
-    if not path.exists():   # the first failure is the cause; later ones are consequences
-        atomic_write(path, json.dumps({"node": rank, "message": message, "ts": time.time()}) + "\n")
+    """The first failure of this start of the job is the cause; later ones are consequences (a previous
+    start's record, from before a requeue or a rerun in the same run dir, is replaced)."""
+    if failed_now(run_dir) is None:
+        atomic_write(RunPaths(run_dir) / RunPaths.FAILURE, json.dumps(
+            {"node": rank, "message": message, "ts": time.time(), "epoch": hosts.epoch(),
+             "job": stages.job_ref()}) + "\n")
+
+
+def failed_now(run_dir: Path) -> dict | None:
+    """failure.json of this start of the job (same epoch), else None."""
+    fail = read_json(RunPaths(run_dir) / RunPaths.FAILURE)
+    if not isinstance(fail, dict) or fail.get("epoch", hosts.epoch()) != hosts.epoch():
+        return None
+    return fail
 
 
 async def _start_redis(plan: Plan, run_dir: Path, addr: str, managed: list[Managed]) -> str:
@@ -174,13 +185,15 @@ async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: "St
             except Exception:   # noqa: BLE001 - Redis may be the thing that failed
                 pass
         log.info("stopping (%s)", reason and "failure" or outcome.get("why", stop.signal_name))
+        if outcome.get("phase") == "draining":   # a stop signal: open streams finish first (timeouts.drain)
+            await drain_requests(run_dir, sup, float(plan.drain_timeout))
         await sup.drain_and_stop(grace=min(10.0, plan.drain_timeout or 10.0), stage_grace=30.0)
         if is_head and not reason:
             batch = next((m for m in managed if m.spec.kind == "batch"), None)
             requeued = stages.requeue_if_allowed(plan, batch.exit_code if batch else None, stop.signal_name)
-            atomic_write(run_dir / "stopped.json", json.dumps(
-                {"signal": stop.signal_name, "why": outcome.get("why"), "requeued": requeued,
-                 "batch_exit": batch.exit_code if batch else None, "ts": time.time()}) + "\n")
+            RunPaths(run_dir).write(RunPaths.STOPPED, {
+                "signal": stop.signal_name, "why": outcome.get("why"), "requeued": requeued,
+                "batch_exit": batch.exit_code if batch else None, "ts": time.time(), "job": stages.job_ref()})
     await client.aclose()
     return EXIT_FAILED if reason else EXIT_OK
 
@@ -189,7 +202,8 @@ async def _wait_outcome(plan, run_dir, run_id, client, addr, is_head, stop, sup)
     """Wait for whichever ends this agent first: a stop signal, a critical failure, the head's startup or
     critical-group verdict, the batch stage finishing, or (other nodes) the head declaring the job over."""
     waits: dict[asyncio.Future, str] = {asyncio.ensure_future(stop.wait()): "signal", sup.fatal: "fatal",
-                                        sup.stage_exit: "stage"}
+                                        sup.stage_exit: "stage",
+                                        asyncio.ensure_future(_peer_failed(run_dir)): "peer"}
     if is_head:
         async def start_stages():
             for m in sup.managed:
@@ -211,7 +225,7 @@ async def _wait_outcome(plan, run_dir, run_id, client, addr, is_head, stop, sup)
     kind = waits[fut]
     if kind == "fatal":
         return {"failure": fut.result()}
-    if kind == "head":
+    if kind in ("head", "peer"):
         return {"failure": fut.result()}
     if kind == "stage":
         stage, code = fut.result()
@@ -222,6 +236,57 @@ async def _wait_outcome(plan, run_dir, run_id, client, addr, is_head, stop, sup)
     if kind == "handover":
         return {"phase": "done", "why": fut.result()}
     return {"phase": "draining", "why": stop.signal_name}
+
+
+async def drain_requests(run_dir: Path, sup: Supervisor, timeout: float, poll: float = 0.25) -> None:
+    """Before any engine stops: mark this node's workers draining (the router sends them no new work) and
+    wait until the router has no request in flight, for at most ``timeout`` seconds. Every node waits on the
+    same router (endpoint.json), so engines on other nodes do not cut the streams it relays either."""
+    for m in sup.managed:
+        if m.is_worker and m.state not in ("dead", "draining"):
+            m.state = "draining"
+            try:
+                await sup.publish(m)
+            except Exception:   # noqa: BLE001 - Redis may be gone; the wait below still bounds the drain
+                pass
+    ep = read_json(RunPaths(run_dir) / RunPaths.ENDPOINT)
+    if not isinstance(ep, dict) or not ep.get("host") or not ep.get("port"):
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        n = await router_inflight(ep["host"], int(ep["port"]))
+        if not n:   # 0, or the router is gone
+            return
+        await asyncio.sleep(poll)
+    log.warning("drain: requests still in flight after timeouts.drain=%.0fs; stopping anyway", timeout)
+
+
+async def router_inflight(host: str, port: int, timeout: float = 2.0) -> int | None:
+    """hpcserve_router_inflight_requests from the router's /metrics; None when it does not answer."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        try:
+            writer.write(f"GET /metrics HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            body = await asyncio.wait_for(reader.read(), timeout)
+        finally:
+            writer.close()
+    except (OSError, asyncio.TimeoutError):
+        return None
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("hpcserve_router_inflight_requests "):
+            return int(float(line.split()[1]))
+    return None
+
+
+async def _peer_failed(run_dir: Path, interval: float = 0.5) -> str:
+    """Another node recorded the job's failure in the shared run dir: this node ends too. The file outlives
+    Redis, which the head stops within a second of failing (too fast for a poll of the phase alone)."""
+    while True:
+        await asyncio.sleep(interval)
+        fail = failed_now(run_dir)
+        if fail:
+            return f"node {fail.get('node')} failed: {fail.get('message')}"
 
 
 async def _job_over(client, run_id: str, run_dir: Path, interval: float = 0.5) -> str:

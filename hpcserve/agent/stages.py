@@ -51,8 +51,16 @@ def batch_already_complete(plan: Plan) -> bool:
     return False
 
 
+def job_ref() -> str | None:
+    """The Slurm job this agent runs in as the login node names it (array task: ARRAYID_TASK), else None.
+    `hpcserve batch` matches it against the run dir's records when Slurm can no longer say a job ended."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
 def write_done(run_dir: Path, message: str) -> None:
-    atomic_write(run_dir / DONE_JSON, json.dumps({"epoch": epoch(), "message": message, "ts": time.time()}) + "\n")
+    atomic_write(run_dir / DONE_JSON, json.dumps({"epoch": epoch(), "message": message, "ts": time.time(),
+                                                  "job": job_ref()}) + "\n")
 
 
 def done_now(run_dir: Path) -> bool:

@@ -11,6 +11,11 @@ from pathlib import Path
 
 from hpcserve.backends.base import JobInfo, Run, register
 from hpcserve.containers.lifecycle import die_with_parent
+from hpcserve.rundir import RunPaths
+
+# Seconds the other agents get to follow one that ended (they poll the run dir every 0.5 s and drain for up
+# to 10 s) before they are stopped; docs/cli.md states the whole bound.
+FOLLOW_SECONDS = 15.0
 
 
 class LocalBackend:
@@ -22,6 +27,10 @@ class LocalBackend:
         self.procs: list[subprocess.Popen] = []
 
     def submit(self, run_dir: Path, plan, **kw) -> Run:
+        # a rerun in the same run dir: the previous start's records would read as this one's (the local
+        # backend's epoch is always the same), e.g. its failure would stop the new agents at once
+        for name in (RunPaths.FAILURE, RunPaths.ENDPOINT, RunPaths.STOPPED, RunPaths.DONE):
+            (RunPaths(run_dir) / name).unlink(missing_ok=True)
         for rank in range(plan.num_nodes):
             out = open(run_dir / "logs" / f"agent-node{rank}.out", "ab")
             self.procs.append(subprocess.Popen(
@@ -40,6 +49,25 @@ class LocalBackend:
             if p.poll() is not None:
                 return f"node agent {rank} exited with code {p.returncode}; see logs/agent-node{rank}.log"
         return None
+
+    def wait(self, timeout: float, settle: float = FOLLOW_SECONDS, tick=None) -> bool:
+        """Wait until every agent has exited (True) or ``timeout`` passed (False). Once one agent has ended,
+        the others get ``settle`` seconds to follow (they watch the run dir); then ``stop()`` ends them, so a
+        failed stage never leaves the rest of the deployment running. ``tick()`` runs about once a second."""
+        deadline = time.monotonic() + timeout
+        first_exit = None
+        last_tick = 0.0
+        while any(p.poll() is None for p in self.procs):
+            now = time.monotonic()
+            if first_exit is None and any(p.poll() is not None for p in self.procs):
+                first_exit = now
+            if now > deadline or (first_exit is not None and now - first_exit > settle):
+                return False
+            if tick is not None and now - last_tick >= 1.0:
+                last_tick = now
+                tick()
+            time.sleep(0.2)
+        return True
 
     def stop(self, grace: float = 30.0) -> list[int | None]:
         """SIGTERM every agent (they drain and stop their children), then SIGKILL what is left."""

@@ -6,6 +6,7 @@ every job of interest; sacct is used only for jobs squeue no longer knows, and o
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,17 +18,36 @@ CMD_TIMEOUT = 30
 SQUEUE_FMT = "%i|%T|%r|%N|%M|%l|%Z"
 
 
+# What Slurm's clients say when they find no cluster from here (no slurm.conf, no configless DNS record).
+NO_CLUSTER = ("Could not establish a configuration source", "Unable to process configuration file",
+              "Unable to contact slurm controller")
+
+
+def slurm_error(cmd: str, stderr: str, code: int) -> str:
+    """One line for a failed Slurm client: its fatal (else first error) line in full, and the fix when no
+    cluster is reachable from here at all (not a cluster profile problem)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    fatal = next((x for x in lines if f"{cmd}: fatal:" in x), None) or (lines[0] if lines else f"exit {code}")
+    fatal = fatal.removeprefix(f"{cmd}: fatal: ").removeprefix(f"{cmd}: error: ")
+    if any(m in stderr for m in NO_CLUSTER):
+        return (f"{cmd} finds no Slurm cluster from here ({fatal}); run on the cluster's login node or export "
+                f"SLURM_CONF=/path/to/slurm.conf")
+    return f"{cmd} failed: {fatal}"
+
+
 def slurm_cmd(*argv: str, cwd: Path | None = None, check: bool = True,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     if shutil.which(argv[0]) is None:
         raise BackendError(f"{argv[0]} not found: run on a Slurm login node (or start slurm/start-local-slurm.sh)")
+    conf = (env or os.environ).get("SLURM_CONF")
+    if conf and not os.path.isfile(conf):   # the clients would retry for 60 s before saying so
+        raise BackendError(f"SLURM_CONF={conf} does not exist; export the path of the cluster's slurm.conf")
     try:
         res = subprocess.run(list(argv), capture_output=True, text=True, timeout=CMD_TIMEOUT, cwd=cwd, env=env)
     except subprocess.TimeoutExpired:
         raise BackendError(f"{argv[0]} did not answer within {CMD_TIMEOUT}s; is slurmctld up?") from None
     if check and res.returncode != 0:
-        msg = " ".join(line.removeprefix("sbatch: error: ").strip() for line in res.stderr.strip().splitlines()[:2])
-        raise BackendError(f"{argv[0]} failed: {msg or 'exit ' + str(res.returncode)}")
+        raise BackendError(slurm_error(argv[0], res.stderr, res.returncode))
     return res
 
 
@@ -37,11 +57,11 @@ def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
         return {}
     res = slurm_cmd("squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", SQUEUE_FMT, check=False)
     if res.returncode != 0 and "Invalid job id" not in res.stderr:
-        raise BackendError(f"squeue failed: {res.stderr.strip()[:200]}")
+        raise BackendError(slurm_error("squeue", res.stderr, res.returncode))
     out: dict[str, JobInfo] = {}
     for line in res.stdout.splitlines():
         parts = line.strip().split("|")
-        if len(parts) >= 7 and parts[0].split("_")[0] in job_ids:
+        if len(parts) >= 7 and (parts[0] in job_ids or parts[0].split("_")[0] in job_ids):   # array task ids
             out[parts[0]] = JobInfo(parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], parts[6])
     missing = [j for j in job_ids if j not in out]
     if missing and shutil.which("sacct"):
@@ -78,6 +98,8 @@ class SlurmBackend:
                **kw) -> Run:
         res = slurm_cmd("sbatch", "--parsable", *extra_args, "job.sbatch", cwd=run_dir, check=False, env=env)
         if res.returncode != 0:
+            if any(m in res.stderr for m in NO_CLUSTER):
+                raise BackendError(slurm_error("sbatch", res.stderr, res.returncode))
             msg = " ".join(line.removeprefix("sbatch: error: ").strip() for line in res.stderr.strip().splitlines())
             raise BackendError(f"Slurm refused the job: {msg}; fix the cluster profile (partition, account, "
                                f"time) and resubmit (run dir kept: {run_dir})")

@@ -15,6 +15,20 @@ from hpcserve.errors import HpcserveError
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
+SetOpt = typer.Option(None, "--set", help="Override a recipe key: a.b=value (repeatable).")
+ClusterOpt = typer.Option(None, "--cluster", help="Cluster profile YAML replacing the recipe's cluster.")
+
+
+def table_console() -> Console:
+    """Tables fit the terminal; piped or redirected they print every value in full (no '...')."""
+    if sys.stdout.isatty():
+        return Console(highlight=False)
+    return Console(file=sys.stdout, highlight=False, width=100_000)
+
+
+def print_table(table: Table) -> None:
+    table_console().print(table)
+
 
 def fail(msg: str, code: int = 2) -> NoReturn:
     err_console.print(f"error: {msg}", markup=False)
@@ -43,4 +57,4 @@ def show_plan_table(plan) -> None:
         gpus = ",".join(map(str, p.gpus)) or "-"
         ports = " ".join(f"{k}={v}" for k, v in sorted(p.ports.items())) or "-"
         t.add_row(str(p.node), p.name, p.role or p.kind, gpus, ports)
-    Console(file=sys.stdout, highlight=False, width=120).print(t)
+    print_table(t)

@@ -12,10 +12,21 @@ import typer
 from hpcserve.cli.common import console, err_console, guarded
 
 
+def drain_grace(run_dir: Path) -> float:
+    """Seconds the agents get after SIGTERM: timeouts.drain for open streams, then stopping the processes."""
+    from hpcserve.plan.model import Plan
+    from hpcserve.rundir import RunPaths
+    try:
+        return Plan.from_json((RunPaths(run_dir) / RunPaths.PLAN).read_bytes()).drain_timeout + 30.0
+    except (OSError, ValueError):
+        return 60.0
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     @guarded
-    def up(recipe: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a.b=value."),
+    def up(recipe: Path = typer.Argument(..., help="Recipe file."),
+           set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a.b=value."),
            run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/NAME-TIME)."),
            timeout: Optional[float] = typer.Option(None, help="Seconds to wait for readiness.")):
         """Run the recipe here (local backend): prints the endpoint when ready; Ctrl-C stops everything."""
@@ -40,7 +51,7 @@ def register(app: typer.Typer) -> None:
                     break
                 time.sleep(0.2)
         finally:
-            codes = backend.stop()
+            codes = backend.stop(grace=drain_grace(run.run_dir))
             console.print(f"stopped (agent exit codes {codes})", markup=False)
         if not stop["sig"]:
             raise typer.Exit(1)
