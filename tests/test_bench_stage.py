@@ -25,7 +25,8 @@ decode: {replicas: 1}
 benchmark: {isl: 64, osl: 8, concurrency: [1, 4], num_prompts: 8, warmup: 1}
 """)
     [(d, plan)] = prepare_run(recipe, demo_overrides(), run_dir=tmp_path / "run")
-    assert [p.kind for p in plan.processes if p.node == 0][:3] == ["redis", "router", "bench"]
+    kinds = [p.kind for p in plan.processes if p.node == 0]
+    assert kinds[:2] == ["redis", "router"] and "bench" in kinds   # (and the control API)
     backend = LocalBackend()
     backend.submit(d, plan)
     deadline = time.monotonic() + 120

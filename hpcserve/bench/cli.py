@@ -24,14 +24,22 @@ class _Parser(argparse.ArgumentParser):
         raise HpcserveError(f"{self.prog}: {message} (see --help)")
 
 
-def _int_list(text: str) -> list[int]:
+def parse_levels(text: str) -> list[int]:
+    """--concurrency 1,8,64 -> [1, 8, 64]; a one-line HpcserveError naming the option otherwise."""
     try:
         vals = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8,64, got {text!r}") from None
+        raise HpcserveError(f"--concurrency: expected comma-separated integers like 1,8,64, got {text!r}") from None
     if not vals:
-        raise argparse.ArgumentTypeError("expected at least one concurrency level, e.g. 1,8,64")
+        raise HpcserveError("--concurrency: expected at least one level, e.g. 1,8,64")
     return vals
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return parse_levels(text)
+    except HpcserveError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--concurrency: ")) from None
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -126,8 +134,13 @@ def _bench(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
+    warning = next((o.timing_warning for o in outcomes if o.timing_warning), None)
+    if warning:   # before and after the table: a number that looks good must not hide it
+        print(f"WARNING: {warning}", file=sys.stderr)
     print_summary(outcomes)
     print(f"results: {out}/ (level_c*.json, rollup.csv)")
+    if warning:
+        print("WARNING: these numbers are not a model's (mock engine, time-scale 0); see above", file=sys.stderr)
     bad = [o for o in outcomes if not o.valid]
     for o in bad:
         print(f"INVALID c={o.concurrency}: {'; '.join(o.reasons)}", file=sys.stderr)

@@ -80,6 +80,35 @@ async def fetch_model_name(session: aiohttp.ClientSession, target: Target) -> st
     return str(data[0]["id"])
 
 
+async def probe_server(session: aiohttp.ClientSession, target: Target, timeout_s: float = 10.0) -> dict:
+    """The server's /server_info (SGLang's, also proxied by the router), {} when it has none. A server that
+    does not answer at all is a one-line BenchError before any level starts (no table of failed levels)."""
+    base = target.endpoint.rsplit(_API_PATHS[target.api], 1)[0]
+    try:
+        async with session.get(base + "/server_info", headers=target.headers,
+                               timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            body = await resp.read()
+            info = orjson.loads(body) if resp.status == 200 else {}
+    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+        os_err = getattr(e, "os_error", None)
+        why = (f"no answer within {timeout_s:g}s" if isinstance(e, asyncio.TimeoutError)
+               else (os_err.strerror if os_err is not None and os_err.strerror else None) or str(e) or type(e).__name__)
+        raise BenchError(f"cannot reach {base} ({why}); start the deployment (hpcserve up, or submit --wait) "
+                         f"or fix the URL") from None
+    except orjson.JSONDecodeError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def timing_warning(info: dict) -> str | None:
+    """Why the numbers are not a model's: the mock engine answering without a timing model (time scale 0)."""
+    if info.get("mock") and not float((info.get("mock_args") or {}).get("time_scale") or 0):
+        return ("the engine is the mock without a timing model (time-scale 0): latencies and tok/s measure "
+                "only the HTTP path, not a model. Use recipes/local-demo-realistic.yaml or engine.mock "
+                "time-scale: 1")
+    return None
+
+
 def request_body(target: Target, spec: RequestSpec) -> dict:
     n = spec.output_len
     if target.api == "generate":

@@ -2,9 +2,12 @@
 
   throughput_vs_tpot.png   output tok/s/GPU vs p50 TPOT, one line per run (or sweep point), points = levels
   throughput_vs_user.png   output tok/s/GPU vs tok/s/user, same lines
-  pareto.png               every valid level of every run, and the frontier that no other level beats on
-                           both tok/s/GPU and tok/s/user
-Invalid levels are never plotted; they are listed under the plots with their reason.
+  ttft_vs_concurrency.png  p50 TTFT (p99 dashed) by concurrency level, same lines
+  pareto.png               every valid level of every run, and per workload (ISL/OSL or dataset) the frontier
+                           that no other level of that workload beats on both tok/s/GPU and tok/s/user
+Axes fit the data (they do not start at 0); labels stay inside the figure. Invalid levels are never
+plotted; they are listed under the plots with their reason. A run measured on the mock engine without a
+timing model is marked in the legend: its numbers are not a model's.
 """
 
 from __future__ import annotations
@@ -46,16 +49,22 @@ def make_report(paths: Iterable[Path | str], out_dir: Path | str) -> list[Path]:
         _line_plot(plt, series, out / "throughput_vs_user.png", x=("tok_per_s_per_user", None),
                    xlabel="Output speed per user (tok/s/user = 1 / p50 TPOT)  -- higher is better",
                    title="Output throughput per GPU vs speed per user", subtitle=subtitle, invalid=invalid),
+        _ttft_plot(plt, series, out / "ttft_vs_concurrency.png", subtitle=subtitle, invalid=invalid),
         _pareto_plot(plt, series, out / "pareto.png", subtitle=subtitle, invalid=invalid),
         write_rollup(paths, out / ROLLUP_NAME),
     ]
     return written
 
 
+MOCK_MARK = " (mock, no timing model)"
+
+
 def _group(records: Sequence[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for r in records:
         groups.setdefault(series_key(r), []).append(r)
+    for name in [n for n, levels in groups.items() if any(r.get("timing_warning") for r in levels)]:
+        groups[name + MOCK_MARK] = groups.pop(name)
     for levels in groups.values():
         levels.sort(key=lambda r: (r.get("concurrency", 0), r.get("request_rate") or 0))
     return groups
@@ -74,6 +83,13 @@ def _ygpu(rec: dict) -> float | None:
 def _level_label(rec: dict) -> str:
     rate = rec.get("request_rate")
     return f"c={rec.get('concurrency')}" + (f"@{rate:g}/s" if rate else "")
+
+
+def workload_of(rec: dict) -> str:
+    """ISL/OSL (or the dataset) of a level: levels of different workloads are never on one frontier."""
+    if rec.get("dataset"):
+        return f"dataset {Path(str(rec['dataset'])).name}" + (f", OSL {rec['osl']}" if rec.get("osl") else "")
+    return f"ISL {rec.get('isl')} / OSL {rec.get('osl')}"
 
 
 def _workload_subtitle(records: Sequence[dict]) -> str:
@@ -111,9 +127,7 @@ def _finish(plt, fig, ax, path: Path, note: str, has_data: bool) -> Path:
         ax.text(0.5, 0.5, "no valid levels to plot", transform=ax.transAxes, ha="center", va="center",
                 fontsize=12, color="#aa0000")
     else:
-        ax.margins(x=0.08, y=0.08)   # room for the level labels at the edges
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
+        ax.margins(x=0.12, y=0.12)   # fitted to the data, with room for the level labels at the edges
         ax.legend(loc="best", fontsize=9, framealpha=0.85)
     bottom = 0.1
     if note:
@@ -121,7 +135,7 @@ def _finish(plt, fig, ax, path: Path, note: str, has_data: bool) -> Path:
         bottom = 0.1 + 0.035 * n_lines
         fig.text(0.01, 0.01, note, fontsize=8, color="#aa0000", va="bottom", ha="left")
     fig.subplots_adjust(bottom=bottom, top=0.88, left=0.1, right=0.97)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)   # nothing cut at an edge
     plt.close(fig)
     return path
 
@@ -139,9 +153,38 @@ def _line_plot(plt, series: dict[str, list[dict]], path: Path, *, x: tuple[str, 
             continue
         has_data = True
         line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linewidth=1.8, label=name)
-        for px, py, label in pts:
-            ax.annotate(label, (px, py), textcoords="offset points", xytext=(5, 5), fontsize=8,
-                        color=line.get_color())
+        _label_points(ax, pts, line.get_color())
+    return _finish(plt, fig, ax, path, note, has_data)
+
+
+def _label_points(ax, pts, color, fontsize: int = 8) -> None:
+    """Level labels next to their points; points in the right third get theirs on the left, so that no
+    label runs past the right edge of the figure."""
+    xs = [p[0] for p in pts]
+    for px, py, label in pts:
+        right = len(set(xs)) > 1 and px > min(xs) + (max(xs) - min(xs)) * 0.66
+        ax.annotate(label, (px, py), textcoords="offset points", xytext=(-6, 5) if right else (6, 5),
+                    ha="right" if right else "left", fontsize=fontsize, color=color)
+
+
+def _ttft_plot(plt, series: dict[str, list[dict]], path: Path, *, subtitle: str, invalid: Sequence[dict]) -> Path:
+    note = _invalid_note(invalid)
+    fig, ax = _figure(plt, "Time to first token by load level", subtitle, note)
+    ax.set_xlabel("Concurrency (requests in flight)")
+    ax.set_ylabel("TTFT (ms): p50 solid, p99 dashed  -- lower is better")
+    has_data = False
+    for name, levels in series.items():
+        pts = [(float(r.get("concurrency") or 0), _metric(r, "ttft_ms", "p50"), _metric(r, "ttft_ms", "p99"))
+               for r in levels]
+        pts = [p for p in pts if p[1] is not None]
+        if not pts:
+            continue
+        has_data = True
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linewidth=1.8, label=name)
+        p99 = [p for p in pts if p[2] is not None]
+        ax.plot([p[0] for p in p99], [p[2] for p in p99], linestyle="--", linewidth=1.2, color=line.get_color())
+    if has_data and len({p for levels in series.values() for p in (r.get("concurrency") for r in levels)}) > 2:
+        ax.set_xscale("log", base=2)
     return _finish(plt, fig, ax, path, note, has_data)
 
 
@@ -168,12 +211,23 @@ def _pareto_plot(plt, series: dict[str, list[dict]], path: Path, *, subtitle: st
         if not pts:
             continue
         sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=36, alpha=0.8, label=name)
-        for px, py, label in pts:
-            ax.annotate(label, (px, py), textcoords="offset points", xytext=(6, 4), fontsize=7,
-                        color=sc.get_facecolor()[0])
+        _label_points(ax, pts, sc.get_facecolor()[0], fontsize=7)
         every.extend((p[0], p[1]) for p in pts)
-    if every:
-        front = pareto_frontier(every)
-        ax.plot([p[0] for p in front], [p[1] for p in front], color="black", linestyle="--", linewidth=1.4,
-                marker="D", markersize=5, markerfacecolor="none", label="Pareto frontier", zorder=3)
+    fronts = frontiers(series)
+    styles = ["--", ":", "-.", (0, (5, 1))]
+    for i, (workload, front) in enumerate(fronts.items()):
+        label = "Pareto frontier" + (f" ({workload})" if len(fronts) > 1 else "")
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="black", linestyle=styles[i % len(styles)],
+                linewidth=1.4, marker="D", markersize=5, markerfacecolor="none", label=label, zorder=3)
     return _finish(plt, fig, ax, path, note, bool(every))
+
+
+def frontiers(series: dict[str, list[dict]]) -> dict[str, list[tuple[float, float]]]:
+    """One Pareto frontier (tok/s/user, tok/s/GPU) per workload: a long-prompt run never hides a short one."""
+    by_workload: dict[str, list[tuple[float, float]]] = {}
+    for levels in series.values():
+        for r in levels:
+            x, y = _metric(r, "tok_per_s_per_user", None), _ygpu(r)
+            if x is not None and y is not None:
+                by_workload.setdefault(workload_of(r), []).append((x, y))
+    return {w: pareto_frontier(pts) for w, pts in sorted(by_workload.items())}

@@ -75,6 +75,7 @@ class LevelOutcome:
     metrics: LevelMetrics
     reasons: list[str]
     path: Path
+    timing_warning: str | None = None    # the numbers are not a model's (mock without a timing model)
 
     @property
     def valid(self) -> bool:
@@ -105,6 +106,9 @@ async def run_benchmark(cfg: BenchConfig, out_dir: Path | str, *, restart_counte
     rules = ValidityRules(max_error_rate=cfg.max_error_rate, require_full_output=cfg.force_output_len)
     outcomes: list[LevelOutcome] = []
     async with loadgen.make_session(max(cfg.concurrency), cfg.timeout_s) as session:
+        warning = loadgen.timing_warning(await loadgen.probe_server(session, target))
+        if warning and progress is not None and hasattr(progress, "warn"):
+            progress.warn(warning)
         if target.api == "completions" and not target.model:
             target = _with_model(target, await loadgen.fetch_model_name(session, target))
         offset = 0
@@ -129,9 +133,10 @@ async def run_benchmark(cfg: BenchConfig, out_dir: Path | str, *, restart_counte
                                     request_rate=cfg.request_rate)
             reasons = check_level(results, rules, restarts_before=before, restarts_after=after)
             record = _level_record(cfg, target, c, metrics, reasons, results, started)
+            record["timing_warning"] = warning
             path = await asyncio.to_thread(write_level, out, record)
             await asyncio.to_thread(write_rollup, [out], out / ROLLUP_NAME)
-            outcomes.append(LevelOutcome(c, cfg.request_rate, metrics, reasons, path))
+            outcomes.append(LevelOutcome(c, cfg.request_rate, metrics, reasons, path, warning))
     return outcomes
 
 

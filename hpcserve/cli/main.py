@@ -8,59 +8,92 @@ from typing import List, Optional
 
 import typer
 
-from hpcserve.cli.common import console, err_console, fail, guarded, show_plan_table
+from hpcserve.cli.common import ClusterOpt, SetOpt, console, err_console, fail, guarded, show_plan_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Recipes -> Slurm jobs -> SGLang prefill/decode worker groups behind one router.")
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
-SetOpt = typer.Option(None, "--set", help="Override a recipe key: a.b=value (repeatable).")
-ClusterOpt = typer.Option(None, "--cluster", help="Cluster profile YAML replacing the recipe's cluster.")
 
 
 @app.command()
 @guarded
-def validate(recipes: List[Path] = typer.Argument(..., help="Recipe files."),
+def validate(recipes: List[Path] = typer.Argument(..., help="Recipe files (each one is checked)."),
              set_: Optional[List[str]] = SetOpt, cluster: Optional[str] = ClusterOpt,
              engine_check: bool = typer.Option(False, "--engine-check",
                                                help="Also parse every SGLang command line with SGLang's parser.")):
-    """Validate recipes (schema, topology, ports); optionally check engine flags with SGLang itself."""
+    """Validate recipes (schema, topology, ports); optionally check engine flags with SGLang itself. Every file
+    is checked: one line per file (ok, or error naming the fix); exit 2 when any failed."""
     from hpcserve.api import load_plans
     from hpcserve.engines.check import check_plan_engine_args, version_note
+    from hpcserve.errors import HpcserveError
+    failed = 0
     for path in recipes:
-        plans = load_plans(path, set_ or [], cluster)
-        _notes(plans)
-        if engine_check:
-            err_console.print(version_note(plans[0][0].recipe.engine.version, plans[0][1].engine), markup=False)
-            for _, plan in plans:
-                problems = check_plan_engine_args(plan)
-                if problems:
-                    fail(f"{path}: {problems[0]}")
+        try:
+            plans = load_plans(path, set_ or [], cluster)
+            _notes(plans)
+            if engine_check:
+                err_console.print(version_note(plans[0][0].recipe.engine.version, plans[0][1].engine), markup=False)
+                for _, plan in plans:
+                    problems = check_plan_engine_args(plan)
+                    if problems:
+                        raise HpcserveError(f"{path}: {problems[0]}")
+        except HpcserveError as e:
+            failed += 1
+            err_console.print(f"error: {e}", markup=False)
+            continue
         pts = f" ({len(plans)} sweep points)" if len(plans) > 1 else ""
-        console.print(f"ok {path}{pts}")
+        console.print(f"ok {path}{pts}", markup=False)
+    if failed:
+        raise typer.Exit(2)
 
 
 @app.command()
 @guarded
-def render(recipe: Path, out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the run dir here."),
+def render(recipe: Path = typer.Argument(..., help="Recipe file."),
+           out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the run dir here."),
            set_: Optional[List[str]] = SetOpt, cluster: Optional[str] = ClusterOpt,
-           as_json: bool = typer.Option(False, "--json", help="Print plan.json instead of the script.")):
-    """Dry run: print the batch script and a node table, or write the run directory with -o."""
-    from hpcserve.api import load_plans, write_plans
+           as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON document (a sweep: "
+                                                              "every point's plan in one document).")):
+    """Dry run: print the batch script submit would submit and a node table, or write the run directory with
+    -o (a sweep that runs in one allocation: its top-level job.sbatch too)."""
+    from hpcserve.api import load_plans, sweep_allocation, sweep_script, write_plans
+    from hpcserve.recipe.load import point_name
     from hpcserve.render import render_sbatch
     plans = load_plans(recipe, set_ or [], cluster)
     _notes(plans)
     if out is not None:
-        for d in write_plans(plans, out):
-            console.print(f"wrote {d}")
+        dirs = write_plans(plans, out)
+        top = Path(out) / "job.sbatch"
+        if len(dirs) > 1 and top.exists():
+            console.print(f"wrote {top}  (submit runs the whole sweep in this one job)", markup=False)
+        for d in dirs:
+            console.print(f"wrote {d}", markup=False)
         return
+    sweep = len(plans) > 1 or bool(plans[0][0].point)
+    if as_json:
+        if not sweep:
+            sys.stdout.write(plans[0][1].to_json().decode())
+            return
+        import json
+        alloc = sweep_allocation([p for _, p in plans])
+        doc = {"one_allocation": alloc is not None,
+               "points": [{"dir": point_name(i, lr.point), "point": lr.point, "plan": json.loads(p.to_json())}
+                          for i, (lr, p) in enumerate(plans)]}
+        sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+        return
+    alloc = sweep_allocation([p for _, p in plans]) if sweep else None
+    if alloc is not None:
+        console.print("# the whole sweep runs in one allocation, point after point: the job submit submits",
+                      markup=False)
+        sys.stdout.write(sweep_script(alloc, [(Path(point_name(i, lr.point)), p)
+                                              for i, (lr, p) in enumerate(plans)]))
     for loaded, plan in plans:
-        if as_json:
-            sys.stdout.write(plan.to_json().decode())
-            continue
         if loaded.point:
-            console.print(f"# sweep point {loaded.point}", markup=False)
-        sys.stdout.write(render_sbatch(plan))
+            own = "" if alloc is not None else " (its own job)"
+            console.print(f"# sweep point {loaded.point}{own}", markup=False)
+        if alloc is None:
+            sys.stdout.write(render_sbatch(plan))
         show_plan_table(plan)
 
 

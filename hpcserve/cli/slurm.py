@@ -11,13 +11,14 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from hpcserve.cli.common import console, fail, guarded
+from hpcserve.cli.common import console, fail, guarded, print_table
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     @guarded
-    def submit(recipe: Path, set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a.b=value."),
+    def submit(recipe: Path = typer.Argument(..., help="Recipe file."),
+               set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a.b=value."),
                cluster: Optional[str] = typer.Option(None, "--cluster", help="Cluster profile YAML."),
                run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/...)."),
                wait: bool = typer.Option(False, "--wait", help="Wait until the endpoint is ready."),
@@ -38,7 +39,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @guarded
     def status(targets: List[str] = typer.Argument(..., help="Run dirs or job ids."),
-               as_json: bool = typer.Option(False, "--json")):
+               as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead.")):
         """Phase, Slurm state and reason, workers by role/state, endpoint (one squeue call for all)."""
         from hpcserve.status import collect
         sts = collect(list(targets))
@@ -56,13 +57,15 @@ def register(app: typer.Typer) -> None:
             job = (s.job_id or "-") + (f" (gen {s.generation})" if s.generation else "")
             t.add_row(job, s.phase, s.slurm_state or "-", s.failure or s.reason or "",
                       workers or "-", batch, s.endpoint or "-", s.run_dir or "-")
-        console.print(t)
+        print_table(t)
 
     @app.command()
     @guarded
-    def logs(run: Path, role: Optional[str] = typer.Option(None, help="prefill|decode|both|router|redis"),
+    def logs(run: Path = typer.Argument(..., help="Run directory."),
+             role: Optional[str] = typer.Option(None, help="prefill|decode|both|router|redis"),
              node: Optional[int] = typer.Option(None, help="Node index"),
-             follow: bool = typer.Option(False, "-f", "--follow"), lines: int = typer.Option(40, "-n")):
+             follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new lines (Ctrl-C stops)."),
+             lines: int = typer.Option(40, "-n", help="Lines of each log to show first.")):
         """Show the logs of a run's processes (filtered by role or node); a continuous run's current generation."""
         from hpcserve.agent.handover import current_dir
         from hpcserve.plan.model import Plan

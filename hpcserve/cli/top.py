@@ -29,6 +29,9 @@ def run_dir_of(target: str) -> Path:
     p = Path(target)
     if (p / "plan.json").exists() or (p / "job.json").exists():
         return current_dir(p)
+    if not target.replace("_", "").isdigit():
+        fail(f"{target}: not a run directory (no plan.json) nor a Slurm job id; pass --run RUN_DIR|JOB_ID"
+             if target == "." else f"{target}: not a run directory (no plan.json) nor a Slurm job id")
     from hpcserve.status import collect
     st = collect([target])[0]
     if not st.run_dir:
@@ -167,7 +170,7 @@ def register(app: typer.Typer) -> None:
     @guarded
     def drain(worker: str = typer.Argument(..., help="Worker id (see `hpcserve top` or `status`)."),
               run: str = RunOpt, timeout: float = typer.Option(60.0, help="Seconds to wait for in-flight requests."),
-              as_json: bool = typer.Option(False, "--json")):
+              as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead.")):
         """Take a worker out of rotation and wait until its in-flight requests are done."""
         action("drain", worker, run, "POST", timeout, as_json)
 
@@ -175,6 +178,6 @@ def register(app: typer.Typer) -> None:
     @guarded
     def restart(worker: str = typer.Argument(..., help="Worker id (see `hpcserve top` or `status`)."),
                 run: str = RunOpt, timeout: float = typer.Option(120.0, help="Seconds to wait until it is ready."),
-                as_json: bool = typer.Option(False, "--json")):
+                as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead.")):
         """Restart a worker's engine and wait until it serves again (outside its restart budget)."""
         action("restart", worker, run, "POST", timeout, as_json)

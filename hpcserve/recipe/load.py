@@ -111,6 +111,16 @@ def format_error(err: ValidationError | dict, model: type[BaseModel], src: Sourc
     return f"{where} {key}: {msg}"
 
 
+def _error_key(err: dict) -> tuple[str, ...]:
+    """The key path an error is about: its location, or the key a whole-recipe check names in its message
+    ("router.port: port 99999 is outside ...")."""
+    loc = tuple(str(p) for p in err["loc"] if p != "__root__")
+    m = re.match(r"^([A-Za-z_]+(?:\.[A-Za-z_-]+)*): ", err["msg"].removeprefix("Value error, "))
+    if m and (not loc or m.group(1).startswith(".".join(loc) + ".")):
+        return tuple(m.group(1).split("."))
+    return loc
+
+
 def _resolve_profile(ref: str, recipe_dir: Path) -> Path:
     candidates = [recipe_dir / ref, Path.cwd() / ref]
     candidates += [Path.cwd() / d / ref for d in PROFILE_DIRS]
@@ -197,7 +207,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), cluster: str | None
             Recipe.model_validate({k: v for k, v in data.items() if k != "sweep"} | {"sweep": {}})
         except ValidationError as e:
             for err in e.errors():
-                if tuple(str(p) for p in err["loc"])[: len(key)] == key:
+                if _error_key(err)[: len(key)] == key:   # the override's value is at fault, not the file
                     msg = format_error(err, Recipe, Source("--set", {})).split(": ", 1)[1]
                     raise RecipeError(f"--set {item}: {msg}") from None
     batch = data.get("batch")
