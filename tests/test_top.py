@@ -140,3 +140,11 @@ def test_top_once_json_is_one_document_with_the_router_numbers(deployment, tmp_p
                          text=True, timeout=60)
     assert out.returncode == 1 and out.stderr.startswith("error: head unreachable: the control API at "), out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_wrong_target_is_one_line_and_exit_2(tmp_path):
+    for args in (["drain", "decode-0"], ["top", str(tmp_path / "nope")], ["restart", "decode-0", "--run", "x"]):
+        out = subprocess.run([sys.executable, "-m", "hpcserve", *args], capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+        assert "not a run directory (no plan.json) nor a Slurm job id" in out.stderr
