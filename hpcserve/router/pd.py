@@ -46,7 +46,9 @@ class Pair(Exchange):
         self.raw = raw  # the client's bytes: the bootstrap fields are spliced in when safe
         self.pre: Leg | None = None
         self.dec: Leg | None = None
-        self.want_logprob = logprobs.wanted(self.path, body)  # the merger format, or None
+        # the merger format, or None; two dict lookups decide for the common request that wants none
+        self.want_logprob = (logprobs.wanted(self.path, body)
+                             if body.get("return_logprob") is not None or body.get("echo") else None)
         self.prefill_items: dict | None = None
         self.merger: logprobs.SseMerger | None = None
         self.head_waiting = False  # decode's stream head came before the prefill logprobs it needs
