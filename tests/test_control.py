@@ -82,6 +82,9 @@ def test_routes_answer_with_the_registry_truth_and_refuse_bad_requests(deploymen
         (d.send("PUT", "/v1/groups/nope/policy", json={"policy": "random"}), 404, "unknown group 'nope'; groups: "),
         (d.send("PUT", "/v1/workers/decode-0/rotation", json={}), 422, "rotation: Field required"),
         (d.send("POST", "/v1/workers/decode-0/drain", params={"timeout": -1}), 422, "timeout:"),
+        (d.send("POST", "/v1/workers/prefill-0/drain"), 409,
+         "prefill-0 is the last prefill worker in rotation: new requests would be refused (503); pass force=true"),
+        (d.send("PUT", "/v1/workers/prefill-0/rotation", json={"rotation": False}), 409, "last prefill worker"),
     ]
     for r, status, words in bad:
         detail = r.json()["detail"]

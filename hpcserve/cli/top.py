@@ -155,10 +155,11 @@ def register(app: typer.Typer) -> None:
         except HeadUnreachable as err:
             fail(str(err), 1)
 
-    def action(verb: str, worker: str, target: str, method: str, timeout: float, as_json: bool) -> None:
+    def action(verb: str, worker: str, target: str, method: str, timeout: float, as_json: bool,
+               force: bool = False) -> None:
         from hpcserve.control.client import call
-        doc = call(run_dir_of(target), method, f"/v1/workers/{worker}/{verb}?timeout={timeout:g}",
-                   timeout=timeout + 15)
+        query = f"timeout={timeout:g}" + ("&force=true" if force else "")
+        doc = call(run_dir_of(target), method, f"/v1/workers/{worker}/{verb}?{query}", timeout=timeout + 15)
         if as_json:
             sys.stdout.write(json.dumps(doc) + "\n")
         else:
@@ -170,9 +171,11 @@ def register(app: typer.Typer) -> None:
     @guarded
     def drain(worker: str = typer.Argument(..., help="Worker id (see `hpcserve top` or `status`)."),
               run: str = RunOpt, timeout: float = typer.Option(60.0, help="Seconds to wait for in-flight requests."),
-              as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead.")):
+              as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead."),
+              force: bool = typer.Option(False, "--force", help="Drain even the last worker of its role in "
+                                         "rotation (new requests then get 503).")):
         """Take a worker out of rotation and wait until its in-flight requests are done."""
-        action("drain", worker, run, "POST", timeout, as_json)
+        action("drain", worker, run, "POST", timeout, as_json, force)
 
     @app.command()
     @guarded

@@ -88,9 +88,10 @@ def create_app(control: Control, api_key: str | None) -> FastAPI:
         return EventList(events=await control.events(count))
 
     @v1.post("/workers/{worker_id}/drain", response_model=ActionResult, tags=["act"])
-    async def drain(worker_id: str, timeout: float = Query(60.0, gt=0, le=3600)) -> ActionResult:
-        """Out of rotation, then wait (up to ``timeout`` s) until its in-flight requests have finished."""
-        return await control.drain(worker_id, timeout)
+    async def drain(worker_id: str, timeout: float = Query(60.0, gt=0, le=3600), force: bool = False) -> ActionResult:
+        """Out of rotation, then wait (up to ``timeout`` s) until its in-flight requests have finished. The last
+        worker of a role in rotation is refused (409) unless ``force=true``."""
+        return await control.drain(worker_id, timeout, force)
 
     @v1.post("/workers/{worker_id}/restart", response_model=ActionResult, tags=["act"])
     async def restart(worker_id: str, timeout: float = Query(120.0, gt=0, le=3600)) -> ActionResult:
@@ -98,9 +99,10 @@ def create_app(control: Control, api_key: str | None) -> FastAPI:
         return await control.restart(worker_id, timeout)
 
     @v1.put("/workers/{worker_id}/rotation", response_model=ActionResult, tags=["act"])
-    async def rotation(worker_id: str, change: RotationChange) -> ActionResult:
-        """Take a worker out of the router's rotation (false) or put it back (true)."""
-        return await control.rotation(worker_id, change.rotation)
+    async def rotation(worker_id: str, change: RotationChange, force: bool = False) -> ActionResult:
+        """Take a worker out of the router's rotation (false) or put it back (true); the last worker of a role
+        in rotation stays in (409) unless ``force=true``."""
+        return await control.rotation(worker_id, change.rotation, force=force)
 
     @v1.put("/groups/{group}/policy", response_model=ActionResult, tags=["act"])
     async def policy(group: str, change: PolicyChange) -> ActionResult:

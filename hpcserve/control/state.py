@@ -252,10 +252,21 @@ class Control:
         m = await self.router_metrics()
         return m is not None and all(m.get(wid, {}).get(k) == v for k, v in want.items())
 
-    async def drain(self, wid: str, timeout: float) -> ActionResult:
+    async def _not_last(self, rec: registry.WorkerRecord, force: bool) -> None:
+        """Refuse to take the last serving worker of a role out of rotation (new requests would get 503)."""
+        if force:
+            return
+        others = [r for r in (await self.records()).values()
+                  if r.id != rec.id and r.role == rec.role and r.state == "ready" and r.rotation]
+        if not others:
+            raise ControlError(409, f"{rec.id} is the last {rec.role} worker in rotation: new requests would be "
+                                    f"refused (503); pass force=true to do it anyway")
+
+    async def drain(self, wid: str, timeout: float, force: bool = False) -> ActionResult:
         rec = await self.record(wid)
         if rec.state != "ready":
             raise ControlError(409, f"worker {wid} is {rec.state}; only a ready worker can be drained")
+        await self._not_last(rec, force)
         await self._send("drain", wid)
         marked = await until(lambda: self._state_is(wid, "draining"), 10.0)
         idle = marked and await until(lambda: self._router_has(wid, rotation=0, inflight=0), timeout)
@@ -290,10 +301,12 @@ class Control:
         return await self._record_event(ActionResult(action="restart", target=wid, ok=ok, message=msg,
                                                      worker=views[0]))
 
-    async def rotation(self, wid: str, rotation: bool, timeout: float = 10.0) -> ActionResult:
+    async def rotation(self, wid: str, rotation: bool, timeout: float = 10.0, force: bool = False) -> ActionResult:
         rec = await self.record(wid)
         if rec.state not in ("ready", "draining"):
             raise ControlError(409, f"worker {wid} is {rec.state}; only a ready or draining worker changes rotation")
+        if not rotation and rec.rotation and rec.state == "ready":
+            await self._not_last(rec, force)
         action = "rotate_in" if rotation else "rotate_out"
         await self._send(action, wid)
 
