@@ -74,8 +74,9 @@ def test_engine_arg_sweep_keeps_prefill_router_and_redis(tmp_path):
     head, dec = node_records(run_dir, 0), node_records(run_dir, 1)
     for name in ("prefill-0", "router", "redis"):                     # one process for the whole sweep
         assert len({r["pids"][name] for r in head}) == 1, (name, head)
-    assert [r["kept"] for r in head] == [[], ["control", "prefill-0", "router"], ["control", "prefill-0", "router"]]
-    assert [r["started"] for r in head] == [["router", "control", "prefill-0"], [], []]
+    assert [r["kept"] for r in head] == [[], ["prefill-0", "router"], ["prefill-0", "router"]]
+    # the control API is per point (its argv names the point): it reads that point's run dir
+    assert [r["started"] for r in head] == [["router", "control", "prefill-0"], ["control"], ["control"]]
     assert len({r["pids"]["decode-0"] for r in dec}) == 3, dec        # a new decode server per point
     assert [(r["stopped"], r["started"]) for r in dec[1:]] == [(["decode-0"], ["decode-0"])] * 2
     for i, length in enumerate((4096, 8192, 16384)):                  # and it got that point's argument

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", required=True)
     p.add_argument("--router", required=True, help="the router's base URL on the head node")
     p.add_argument("--api-key-env", default=None, help="environment variable holding the router's bearer key")
+    p.add_argument("--point", default=None, help="the sweep point this run dir holds (logged; see plan/router_cmd)")
     ns = p.parse_args(argv)
     api_key = None
     if ns.api_key_env:
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcserve control: error: no redis.json in {ns.run_dir}; the head agent writes it before "
               "starting the control API", file=sys.stderr)
         return 2
+    if ns.point:
+        print(f"hpcserve control: sweep point {ns.point} ({ns.run_dir})", file=sys.stderr, flush=True)
     import uvicorn
 
     from hpcserve.control.app import create_app

@@ -39,6 +39,7 @@ class RunView(BaseModel):
     engine: str
     backend: str
     nodes: int
+    point: dict = {}                        # the sweep point's values (empty outside sweeps)
     phase: str
     endpoint: str | None = None
     control: str

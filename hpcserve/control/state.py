@@ -172,7 +172,7 @@ class Control:
             except (KeyError, ValueError):
                 return None
         return RunView(run_id=self.run_id, name=p.name, mode=p.mode, engine=p.engine, backend=p.backend,
-                       nodes=p.num_nodes, phase=status.get("phase", "unknown"),
+                       nodes=p.num_nodes, point=p.point, phase=status.get("phase", "unknown"),
                        endpoint=endpoint.get("url") or status.get("endpoint"), control=self.control_url,
                        started_at=num("started_at"), ready_at=num("ready_at"), groups=await self.group_views(),
                        progress={k: v for k, v in status.items() if k.startswith("batch_")})

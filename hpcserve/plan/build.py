@@ -115,7 +115,7 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
     head_procs.append(router_spec(recipe, head, mode, workers, hp_python, stack))
     control_port = base + 1 if recipe.router.kind == "hpcserve" and stack.steers_router else None   # steers ours only
     if control_port is not None:
-        head_procs.append(control_spec(recipe, head, hp_python, control_port))
+        head_procs.append(control_spec(recipe, head, hp_python, control_port, point))
     if recipe.batch is not None:
         head_procs.append(batch_spec(recipe, head, hp_python, shard))
     if recipe.benchmark is not None:

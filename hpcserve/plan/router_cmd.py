@@ -83,11 +83,14 @@ def _label(name: str, point: dict) -> str:
     return f"{name}[{','.join(f'{k}={v}' for k, v in point.items())}]" if point else name
 
 
-def control_spec(recipe: Recipe, head: int, python: str, port: int) -> ProcessSpec:
+def control_spec(recipe: Recipe, head: int, python: str, port: int, point: dict | None = None) -> ProcessSpec:
     """The control API (hpcserve.control): FastAPI next to the router, same bind and bearer key; it reads the
-    Redis URL from the run dir's redis.json (mode 0600), never from argv."""
+    Redis URL from the run dir's redis.json (mode 0600), never from argv. A sweep point's label is in argv so
+    each point gets its own control API reading that point's run dir (the sweep agent keeps unchanged specs)."""
     argv = [python, "-m", "hpcserve.control", "--host", listen_host(recipe), "--port", str(port),
             "--run-dir", "{run_dir}", "--run-id", "{run_id}", "--router", f"http://{{addr}}:{recipe.router.port}"]
+    if point:
+        argv += ["--point", _label(recipe.name, point)]
     if recipe.router.api_key_env:
         argv += ["--api-key-env", recipe.router.api_key_env]
     return ProcessSpec(name="control", kind="control", node=head, argv=argv, ports={"control": port},
