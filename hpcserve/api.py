@@ -80,8 +80,10 @@ def shifted_ports(recipe, first: Plan, i: int) -> list[str]:
     return [f"ports.base={recipe.ports.base + i * span}"] + ([f"router.port={recipe.router.port + i}"] if i else [])
 
 
-def up(recipe: str | Path, overrides: list[str] = (), run_dir: str | Path | None = None, timeout: float | None = None):
-    """Start a deployment on this machine; returns (Run, LocalBackend) once ready (raises on failure)."""
+def up(recipe: str | Path, overrides: list[str] = (), run_dir: str | Path | None = None, timeout: float | None = None,
+       tick=None):
+    """Start a deployment on this machine; returns (Run, LocalBackend) once ready (raises on failure).
+    ``tick(run_dir)`` runs while it waits (readiness progress)."""
     from hpcserve.backends.local import LocalBackend
     from hpcserve.errors import HpcserveError
     [(lr, _)] = load_plans(recipe, overrides)[:1] or [(None, None)]
@@ -92,7 +94,11 @@ def up(recipe: str | Path, overrides: list[str] = (), run_dir: str | Path | None
     backend = LocalBackend()
     run = backend.submit(d, plan)
     try:
-        run.wait_ready(timeout or plan.startup_timeout + 10, alive=backend.gone)
+        def alive() -> str | None:
+            if tick is not None:
+                tick(d)
+            return backend.gone()
+        run.wait_ready(timeout or plan.startup_timeout + 10, alive=alive)
     except (HpcserveError, KeyboardInterrupt):
         backend.stop()
         raise
@@ -137,7 +143,7 @@ def sweep_fits_one_allocation(plans: list[Plan]) -> bool:
     return len({lasting(plan) for plan in plans}) == 1
 
 
-def wait_ready(run: "Run", timeout: float) -> dict:
+def wait_ready(run: "Run", timeout: float, tick=None) -> dict:
     """Block until the run's router is ready. A job that ended, or waits in the queue for something that
     will never happen (bad partition, account, QOS), raises with Slurm's reason and is cancelled."""
     from hpcserve.status import HOPELESS_PENDING, collect
@@ -145,6 +151,8 @@ def wait_ready(run: "Run", timeout: float) -> dict:
 
     def gone() -> str | None:
         [st] = collect([str(run.run_dir)])
+        if tick is not None:
+            tick(run.run_dir, st)
         if st.phase == "blocked":
             backend.cancel(run.job_id)
             return f"job {run.job_id} can never start ({st.reason}); cancelled it. Fix the cluster profile"

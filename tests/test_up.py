@@ -227,3 +227,22 @@ def test_sigint_on_up_drains_open_streams(tmp_path):
         if proc.poll() is None:
             proc.kill()
     _wait(lambda: pids_alive(tree) == [], 15)
+
+
+def test_readiness_progress_names_workers_per_role(tmp_path):
+    """What `up` and `submit --wait` show while they wait: a live line on a terminal at once, plain lines every
+    `every` seconds otherwise (none for a quick start)."""
+    import io
+
+    from hpcserve.api import prepare_run
+    from hpcserve.cli.progress import ReadinessProgress
+    [(d, _)] = prepare_run(DEMO, demo_overrides(), run_dir=tmp_path / "run")
+    tty, plain, quiet = io.StringIO(), io.StringIO(), io.StringIO()
+    for stream, is_tty, every in ((tty, True, 10.0), (plain, False, 0.0), (quiet, False, 10.0)):
+        p = ReadinessProgress(stream=stream, tty=is_tty, every=every)
+        p.tick(d)
+        p.close()
+    want = "waiting: starting; workers decode 0/1 ready, prefill 0/1 ready"
+    assert tty.getvalue().startswith("\r\x1b[2K" + want) and tty.getvalue().endswith("\n")
+    assert plain.getvalue().splitlines()[0] == want
+    assert quiet.getvalue() == ""

@@ -1,11 +1,13 @@
-"""Progress of `hpcserve batch` as the login node sees it: rows answered and failed, read from the output
-file(s) the driver appends to (the same on the local backend and on Slurm, and no Redis needed). A rich bar
-on a terminal; otherwise one plain line at the start, every ``every`` seconds and at the end."""
+"""Progress of long verbs as the login node sees it. `hpcserve batch`: rows answered and failed, read from
+the output file(s) the driver appends to (the same on the local backend and on Slurm, and no Redis needed).
+`up` and `submit --wait`: workers ready per role, from `hpcserve status`'s view of the run. A live line on a
+terminal; otherwise one plain line at the start, every ``every`` seconds and at the end."""
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,3 +99,74 @@ class BatchProgress:
             self._bar.stop()
         else:
             print(self.line(), file=self.stream, flush=True)
+
+
+class ReadinessProgress:
+    """``tick(run_dir, status=None)`` while a deployment starts: which workers of each role are ready (a live
+    line on a terminal, else a line every ``every`` seconds of waiting). The status is read in a background
+    thread (Redis and the control API can take a second to answer), so the
+    wait itself notices readiness as fast as without progress."""
+
+    def __init__(self, every: float = 10.0, stream=None, tty: bool | None = None, interval: float = 1.0):
+        self.every, self.interval = every, interval
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        # not a terminal: the first line after ``every`` seconds, so a quick start prints nothing extra
+        self._last_line = None if self.tty else time.monotonic()
+        self._printed = False
+        self._planned: dict[str, int] = {}
+        self._thread = None
+        self._stop = threading.Event()
+
+    def _plan_counts(self, run_dir: Path) -> dict[str, int]:
+        from hpcserve.plan.model import Plan
+        from hpcserve.rundir import RunPaths
+        try:
+            plan = Plan.from_json((RunPaths(run_dir) / RunPaths.PLAN).read_bytes())
+        except (OSError, ValueError):
+            return {}
+        counts: dict[str, int] = {}
+        for p in plan.processes:
+            if p.kind == "engine" and p.role and p.worker_id:
+                counts[p.role] = counts.get(p.role, 0) + 1
+        return counts
+
+    def line(self, phase: str, workers: dict) -> str:
+        roles = sorted(set(self._planned) | set(workers))
+        parts = [f"{r} {workers.get(r, {}).get('ready', 0)}/{self._planned.get(r, '?')} ready" for r in roles]
+        phase = "starting" if phase == "unknown" else phase
+        return f"waiting: {phase}" + (f"; workers {', '.join(parts)}" if parts else "")
+
+    def tick(self, run_dir: Path, status=None) -> None:
+        if self._thread is None:
+            self._planned = self._plan_counts(Path(run_dir))
+            self._show(self.line("starting", {}))   # at once: what it waits for
+            self._thread = threading.Thread(target=self._watch, args=(Path(run_dir),), daemon=True)
+            self._thread.start()
+
+    def _watch(self, run_dir: Path) -> None:
+        from hpcserve.status import collect
+        while not self._stop.is_set():
+            try:
+                [status] = collect([str(run_dir)])
+            except Exception:   # noqa: BLE001 - progress is display only; the wait has its own bound
+                status = None
+            if status is not None and not self._stop.is_set():
+                self._show(self.line(status.phase, status.workers))
+            self._stop.wait(self.interval)
+
+    def _show(self, text: str) -> None:
+        now = time.monotonic()
+        if self.tty:
+            print(f"\r\x1b[2K{text}", end="", file=self.stream, flush=True)
+            self._printed = True
+        elif self._last_line is None or now - self._last_line >= self.every:
+            self._last_line = now
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.tty and self._printed:
+            print("", file=self.stream, flush=True)

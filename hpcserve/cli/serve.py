@@ -31,8 +31,13 @@ def register(app: typer.Typer) -> None:
            timeout: Optional[float] = typer.Option(None, help="Seconds to wait for readiness.")):
         """Run the recipe here (local backend): prints the endpoint when ready; Ctrl-C stops everything."""
         from hpcserve.api import up as api_up
+        from hpcserve.cli.progress import ReadinessProgress
         t0 = time.monotonic()
-        run, backend = api_up(recipe, set_ or [], run_dir, timeout)
+        progress = ReadinessProgress()
+        try:
+            run, backend = api_up(recipe, set_ or [], run_dir, timeout, tick=progress.tick)
+        finally:
+            progress.close()
         ep = run.endpoint
         console.print(f"run dir   {run.run_dir}", markup=False)
         console.print(f"endpoint  {ep['url']}   (ready in {time.monotonic() - t0:.1f}s; Ctrl-C stops)", markup=False)

@@ -30,8 +30,13 @@ def register(app: typer.Typer) -> None:
         for run in runs:
             console.print(f"job {run.job_id}  run dir {run.run_dir}", markup=False)
         if wait:
+            from hpcserve.cli.progress import ReadinessProgress
             for run in runs:
-                ep = wait_ready(run, timeout)
+                progress = ReadinessProgress()
+                try:
+                    ep = wait_ready(run, timeout, tick=progress.tick)
+                finally:
+                    progress.close()
                 console.print(f"endpoint  {ep['url']}", markup=False)
                 console.print(f"laptop    ssh -N -L {ep['port']}:{ep['host']}:{ep['port']} <login-node>  "
                               f"then http://localhost:{ep['port']}", markup=False)
