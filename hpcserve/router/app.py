@@ -122,13 +122,15 @@ class RouterApp:
         try:
             body = orjson.loads(req.body)
         except orjson.JSONDecodeError as err:
-            status = self._error(conn, req.path, 400, f"request body is not valid JSON: {err}", extra, "invalid_request_error")
+            status = self._error(conn, req.path, 400, f"request body is not valid JSON: {err}", extra,
+                                 "invalid_request_error")
         else:
             if isinstance(body, dict):
                 if self.limiter.try_enter():
                     return self._start(req, conn, body, extra, label, t0)
                 return self._queued(req, conn, body, extra, label, t0)
-            status = self._error(conn, req.path, 400, "request body must be a JSON object", extra, "invalid_request_error")
+            status = self._error(conn, req.path, 400, "request body must be a JSON object", extra,
+                                 "invalid_request_error")
         self.metrics.observe(label, status, time.perf_counter() - t0)
         return None
 
