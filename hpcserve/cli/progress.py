@@ -49,7 +49,7 @@ class BatchProgress:
         for t in self.tails:
             t.poll()
         self.start_rows = self.done
-        self.t0 = time.monotonic()
+        self.t0 = time.monotonic()   # moved up to the last poll before the first new row: startup is not rate
         self._last_line = None
         self._bar = self._task = None
         if self.tty:
@@ -84,6 +84,8 @@ class BatchProgress:
     def tick(self) -> None:
         for t in self.tails:
             t.poll()
+        if self.done == self.start_rows:
+            self.t0 = time.monotonic()
         if self._bar is not None:
             self._bar.update(self._task, completed=min(self.done, self.total), failed=self.failed,
                              rate=f"{self.rate:.1f}")
