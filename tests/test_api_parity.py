@@ -225,3 +225,38 @@ def test_framing_error_closes_the_connection(cluster, where):
             data += part
     assert data.startswith(b"HTTP/1.1 400 ") and data.count(b"HTTP/1.1 ") == 1
     assert b"connection: close" in data.lower()
+
+
+def test_a_handler_crash_answers_in_the_endpoints_error_shape():
+    """The HTTP layer's own 500 (a handler raised) has SGLang's OpenAI shape on /v1/* and the native one
+    elsewhere, and closes the connection."""
+    import asyncio
+
+    from hpcserve.http import HttpServer
+
+    def crash(req, conn):
+        raise RuntimeError("boom")
+
+    async def main():
+        server = HttpServer(crash)
+        port = await server.start("127.0.0.1", 0)
+        out = {}
+        try:
+            for path in ("/v1/completions", "/generate"):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(b"POST %b HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}" % path.encode())
+                data = await asyncio.wait_for(r.read(), 10)  # read() ends: the server closed the connection
+                w.close()
+                out[path] = data
+        finally:
+            await server.stop()
+        return out
+
+    out = asyncio.run(main())
+    for path, data in out.items():
+        assert data.startswith(b"HTTP/1.1 500 ")
+        doc = orjson.loads(data.split(b"\r\n\r\n", 1)[1])
+        if path.startswith("/v1/"):
+            assert set(doc) == ERROR_KEYS and doc["code"] == 500
+        else:
+            assert set(doc) == {"error"} and doc["error"]["code"] == 500

@@ -229,7 +229,7 @@ class HttpConnection(asyncio.Protocol):
             pending = self.server.handler(req, self)
         except Exception:
             log.exception("handler failed for %s %s", req.method.decode(), req.path.decode(errors="replace"))
-            self._internal_error()
+            self._internal_error(req.path)
             return
         if pending is not None:
             self._task = asyncio.get_running_loop().create_task(self._run(pending, req))
@@ -241,14 +241,16 @@ class HttpConnection(asyncio.Protocol):
             self._keep_alive = False
         except Exception:
             log.exception("handler failed for %s %s", req.method.decode(), req.path.decode(errors="replace"))
-            self._internal_error()
+            self._internal_error(req.path)
         finally:
             self._task = None
 
-    def _internal_error(self) -> None:
+    def _internal_error(self, path: bytes) -> None:
         self._keep_alive = False
-        if not self.started:
-            self.respond(500, b'{"error":{"message":"internal router error","type":"internal_error","code":500}}')
+        if not self.started:  # SGLang's OpenAI ErrorResponse on /v1/*, its native error object elsewhere
+            self.respond(500, b'{"object":"error","message":"internal server error","type":"internal_error",'
+                              b'"param":null,"code":500}' if path[:4] == b"/v1/" else
+                         b'{"error":{"message":"internal server error","type":"internal_error","code":500}}')
         else:
             self.close()
 
