@@ -209,4 +209,5 @@ def print_summary(outcomes: Sequence[LevelOutcome]) -> None:
                   _f(m.e2e_ms["p50"]),
                   *((f"{m.cached_token_ratio:.1%}" if m.cached_token_ratio is not None else "-",) if cached else ()),
                   errors, "[green]ok[/green]")
-    Console(width=max(140, Console().width)).print(t)
+    # piped: every value in full (a terminal: at least 140 columns, wider when the terminal is)
+    Console(width=max(140, Console().width) if sys.stdout.isatty() else 100_000).print(t)
