@@ -38,11 +38,12 @@ def no_accounting_env(tmp_path: Path) -> dict:
     return {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}
 
 
-def test_slurm_driver_killed_ends_job_frees_ports_and_names_the_stage(tmp_path):
+@pytest.mark.parametrize("accounting", ["on", "off"])
+def test_slurm_driver_killed_ends_job_frees_ports_and_names_the_stage(tmp_path, accounting):
     recipe, ports = batch_recipe(tmp_path, LOCAL)
     run_dir = tmp_path / "run"
     p = verb(str(recipe), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
-             "--run-dir", str(run_dir))
+             "--run-dir", str(run_dir), env=no_accounting_env(tmp_path) if accounting == "off" else None)
     try:
         code, err, _ = kill_driver_and_wait(p, run_dir)
     finally:
