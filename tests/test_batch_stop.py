@@ -89,3 +89,27 @@ def test_local_driver_killed_ends_deployment_frees_ports_and_names_the_stage(tmp
     assert [p for p in ports if not port_free(p)] == []
     fail = json.loads((run_dir / "failure.json").read_text())
     assert fail["node"] == 0 and "batch stage exited with code -9" in fail["message"]
+
+
+def test_local_lost_worker_is_named_when_the_driver_gives_up(tmp_path):
+    """The only worker dies (no restarts): the driver gives up, and the verb's line names the dead worker."""
+    recipe, ports = batch_recipe(tmp_path, "{backend: local, gpus_per_node: 0, address: 127.0.0.1}")
+    recipe.write_text(recipe.read_text().replace("workers: {replicas: 1, tp: 1}",
+                                                 "workers: {replicas: 1, tp: 1, restart: 0}"))
+    run_dir = tmp_path / "run"
+    verb = subprocess.Popen([sys.executable, "-m", "hpcserve", "batch", str(recipe), "--input",
+                             str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                             "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        driver_pid(run_dir)   # the batch is answering rows
+        m = re.search(r"started workers-0 \(pid (\d+)\)", (run_dir / "logs/agent-node1.log").read_text())
+        os.kill(int(m.group(1)), signal.SIGKILL)
+        _, err = verb.communicate(timeout=VERB_BOUND)
+    finally:
+        if verb.poll() is None:
+            verb.kill()
+            verb.communicate()
+    err = err.decode()
+    assert verb.returncode == 1 and errors(err) == 1, err
+    assert "batch gave up" in err and "(dead workers: workers-0 on node 1)" in err
+    assert run_pids(run_dir) == [] and [p for p in ports if not port_free(p)] == []

@@ -230,7 +230,10 @@ async def _wait_outcome(plan, run_dir, run_id, client, addr, is_head, stop, sup)
     if kind == "stage":
         stage, code = fut.result()
         failure = stages.stage_failure(stage, code)
-        return {"failure": failure} if failure else {"phase": "done", "why": f"{stage} complete"}
+        if failure:   # a stage that gave up often only reports a consequence: name the workers that died
+            dead = await _dead_workers(client, run_id)
+            return {"failure": failure + (f" (dead workers: {dead})" if dead else "")}
+        return {"phase": "done", "why": f"{stage} complete"}
     if kind == "over":
         return {"phase": "done", "why": f"head node says {fut.result()}"}
     if kind == "handover":
@@ -277,6 +280,15 @@ async def router_inflight(host: str, port: int, timeout: float = 2.0) -> int | N
         if line.startswith("hpcserve_router_inflight_requests "):
             return int(float(line.split()[1]))
     return None
+
+
+async def _dead_workers(client, run_id: str, timeout: float = 2.0) -> str:
+    """"ID on node N, ..." for the registry's dead workers; "" when none or Redis does not answer in time."""
+    try:
+        recs = await asyncio.wait_for(registry.load_workers(client, run_id), timeout)
+    except Exception:   # noqa: BLE001 - Redis may be what failed; the stage's own reason stands
+        return ""
+    return ", ".join(f"{w} on node {r.node}" for w, r in sorted(recs.items()) if r.state == "dead")
 
 
 async def _peer_failed(run_dir: Path, interval: float = 0.5) -> str:
