@@ -111,3 +111,13 @@ def test_status_table_prints_full_values_when_piped(deployment):
     res = hs("status", str(run.run_dir))
     assert res.returncode == 0, res.stderr
     assert run.endpoint["url"] in res.stdout and str(run.run_dir) in res.stdout and "…" not in res.stdout
+
+
+def test_usage_mistakes_are_one_line_and_exit_2():
+    for args, want in ((["batch", DEMO], "error: Missing option '--input'. (see hpcserve batch --help)"),
+                       (["bench"], "error: Missing argument 'URL|RUN_DIR'. (see hpcserve bench --help)"),
+                       (["nosuchverb"], "error: No such command 'nosuchverb'. (see hpcserve --help)")):
+        res = hs(*args)
+        assert res.returncode == 2 and res.stdout == "" and res.stderr.strip() == want, (args, res.stderr)
+    res = hs("bench", "--help")
+    assert res.returncode == 0 and "--concurrency" in res.stdout

@@ -10,8 +10,28 @@ import typer
 
 from hpcserve.cli.common import ClusterOpt, SetOpt, console, err_console, fail, guarded, show_plan_table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Recipes -> Slurm jobs -> SGLang prefill/decode worker groups behind one router.")
+class OneLineErrors(typer.Typer):
+    """Usage mistakes (missing option, bad value) as one line `error: ... (see hpcserve VERB --help)` and exit
+    2, like every other mistake, instead of click's framed panel."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            code = super().__call__(*args, standalone_mode=False, **kwargs)
+        except Exception as e:   # click's ClickException family: a message and an exit code
+            if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+                raise
+            if type(e).__name__ == "NoArgsIsHelpError":   # bare `hpcserve`: the help, as before
+                print(e.ctx.get_help() if getattr(e, "ctx", None) else e.format_message(), file=sys.stderr)
+                sys.exit(2)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            print(f"error: {e.format_message()}{hint}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = OneLineErrors(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                    help="Recipes -> Slurm jobs -> SGLang prefill/decode worker groups behind one router.")
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
