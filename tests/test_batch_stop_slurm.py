@@ -76,6 +76,8 @@ def test_sharded_batch_returns_and_merges_with_accounting(tmp_path, accounting):
         pytest.fail("hpcserve batch --shards 2 did not return although both array tasks had ended")
     assert p.returncode == 0, err.decode()
     assert f"complete: {rows} rows (0 errors)" in out.decode()
+    progress = [x for x in err.decode().splitlines() if x.startswith("batch: ")]   # shard parts, read on the login node
+    assert progress[-1].startswith(f"batch: {rows}/{rows} rows done, 0 failed, ")
     merged = [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert merged == [f"q{i}" for i in range(rows)]
 
