@@ -87,6 +87,8 @@ def test_readme_tour(tmp_path):
         res = sh(bench.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), wd)
         assert res.returncode == 0, res.stdout + res.stderr
         levels = re.findall(r"^\W*(c=\d+)\W.*\b(ok)\b", res.stdout, re.M)
+        warned = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("WARNING: ")]
+        assert [w.split(":")[1].split()[:3] for w in warned] == [["the", "engine", "is"], ["these", "numbers", "are"]]
         assert [lv for lv, _ in levels] == ["c=1", "c=4"], res.stdout
         assert sorted(p.name for p in (wd / "bench").glob("level_c*.json")) == ["level_c0001.json", "level_c0004.json"]
     finally:
@@ -111,7 +113,11 @@ def test_readme_batch_command(tmp_path):
     (wd / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = sh(f"{cmd} --set ports.base={base} --set router.port={base + 119}", wd)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert [line.split()[0] for line in shown] == [line.split()[0] for line in res.stdout.strip().splitlines()[-2:]]
+    out_shown = [line for line in shown if not line.startswith("batch:")]
+    assert [line.split()[0] for line in out_shown] == [line.split()[0] for line in res.stdout.strip().splitlines()[-2:]]
+    assert res.stdout.strip().splitlines()[-1].startswith("complete: 40 rows (0 errors) in input order in ")
+    # the progress lines go to stderr: the last one as the README shows it, up to the rate
+    assert shown[2].split(",")[:2] == res.stderr.strip().splitlines()[-1].split(",")[:2] == ["batch: 40/40 rows done", " 0 failed"]
     ids = [json.loads(line)["id"] for line in (wd / "results.jsonl").read_text().splitlines()]
     assert sorted(ids) == sorted(r["id"] for r in rows)
 
