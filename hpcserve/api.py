@@ -11,7 +11,7 @@ from hpcserve.plan.build import plan
 from hpcserve.plan.model import Plan
 from hpcserve.recipe.load import LoadedRecipe, load_recipe, point_name
 from hpcserve.render import write_run_dir
-from hpcserve.rundir import atomic_write
+from hpcserve.rundir import RunPaths, atomic_write
 
 if TYPE_CHECKING:
     from hpcserve.backends.base import Run
@@ -34,11 +34,11 @@ def write_plans(plans: list[tuple[LoadedRecipe, Plan]], out: Path) -> list[Path]
         dirs.append(write_run_dir(out / point_name(i, lr.point), lr.raw, p))
     out.mkdir(parents=True, exist_ok=True)
     index = [{"dir": d.name, "point": lr.point} for d, (lr, _) in zip(dirs, plans)]
-    atomic_write(out / "sweep.json", orjson.dumps(index, option=orjson.OPT_INDENT_2) + b"\n")
+    atomic_write(out / RunPaths.SWEEP, orjson.dumps(index, option=orjson.OPT_INDENT_2) + b"\n")
     alloc = sweep_allocation([p for _, p in plans])
     if alloc is not None:   # what submit submits: the whole sweep, point after point, in one job
         (out / "logs").mkdir(exist_ok=True)
-        atomic_write(out / "job.sbatch", sweep_script(alloc, list(zip(dirs, (p for _, p in plans)))), mode=0o755)
+        atomic_write(out / RunPaths.SCRIPT, sweep_script(alloc, list(zip(dirs, (p for _, p in plans)))), mode=0o755)
     return dirs
 
 
@@ -170,7 +170,7 @@ def cancel(run: "Run", wait: float = 60.0) -> str:
 
     from hpcserve.agent.handover import generations
     backend = get_backend(run.backend)
-    atomic_write(run.run_dir / "cancel.json", '{"requested": true}\n')   # also stops a continuous chain
+    atomic_write(run.run_dir / RunPaths.CANCEL, '{"requested": true}\n')   # also stops a continuous chain
     gens = generations(run.run_dir)["jobs"]
     jobs = [run.job_id] + [gens[k] for k in sorted(gens, key=int)]
     live = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED")
@@ -214,8 +214,8 @@ def prepare_batch(recipe: str | Path, overrides: list[str] = (), cluster: str | 
         shards.append((write_run_dir(out / f"shard-{i:04d}", lri.raw, p), p))
     array_plan = shards[0][1].model_copy(update={"slurm": shards[0][1].slurm.model_copy(update={"array": n})})
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "job.sbatch", render_sbatch(array_plan), mode=0o755)
-    atomic_write(out / "recipe.resolved.yaml", Path(shards[0][0] / "recipe.resolved.yaml").read_text())
+    atomic_write(out / RunPaths.SCRIPT, render_sbatch(array_plan), mode=0o755)
+    atomic_write(out / RunPaths.RECIPE, Path(shards[0][0] / RunPaths.RECIPE).read_text())
     return out, shards
 
 

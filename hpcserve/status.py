@@ -9,8 +9,9 @@ from pathlib import Path
 from hpcserve import registry
 from hpcserve.agent.handover import current_dir, root_of
 from hpcserve.agent.redis_server import read_url
-from hpcserve.backends.base import ENDPOINT_JSON, Run, read_json
+from hpcserve.backends.base import ENDPOINT_JSON, Run
 from hpcserve.errors import BackendError
+from hpcserve.rundir import RunPaths, read_json
 
 # Pending reasons that will never resolve by waiting: report them instead of sitting in the queue.
 HOPELESS_PENDING = {"PartitionNodeLimit", "PartitionConfig", "ReqNodeNotAvail", "AccountNotAllowed",
@@ -76,9 +77,9 @@ def _control_view(run_dir: Path) -> tuple[dict | None, list | None]:
 
 def _phase(st: RunStatus, run_dir: Path | None, redis_status: dict | None) -> str:
     s = st.slurm_state
-    files = {n: (read_json(run_dir / n) if run_dir else None) for n in ("failure.json", "stopped.json", "cancel.json")}
-    if files["failure.json"]:
-        st.failure = files["failure.json"].get("message")
+    files = {n: (read_json(run_dir / n) if run_dir else None) for n in (RunPaths.FAILURE, RunPaths.STOPPED, RunPaths.CANCEL)}
+    if files[RunPaths.FAILURE]:
+        st.failure = files[RunPaths.FAILURE].get("message")
     if s in ("PENDING", "CONFIGURING", "REQUEUED"):
         return "blocked" if st.reason in HOPELESS_PENDING else "queued"
     if s in (None, "RUNNING", "COMPLETING", "SUSPENDED"):
@@ -89,9 +90,9 @@ def _phase(st: RunStatus, run_dir: Path | None, redis_status: dict | None) -> st
         return "ready" if st.endpoint else ("starting" if s else "unknown")
     if st.failure and s != "TIMEOUT":
         return "failed"
-    if files["cancel.json"]:
+    if files[RunPaths.CANCEL]:
         return "cancelled"
-    if s == "COMPLETED" and files["stopped.json"] and files["stopped.json"].get("signal") == "SIGUSR2":
+    if s == "COMPLETED" and files[RunPaths.STOPPED] and files[RunPaths.STOPPED].get("signal") == "SIGUSR2":
         return "timeout"      # the agents drained on the time-limit signal and ended before Slurm had to
     return FINAL_PHASE.get(s, s.lower() if s else "unknown")
 
@@ -115,7 +116,7 @@ def collect(targets: list[str]) -> list[RunStatus]:
     for run, job_id in runs:
         info = jobs.get(job_id) if job_id else None
         run_dir = run.run_dir if run else (Path(info.workdir) if info and info.workdir else None)
-        if run is None and run_dir is not None and not (run_dir / "job.json").exists():
+        if run is None and run_dir is not None and not (run_dir / RunPaths.JOB).exists():
             run_dir = None
         st = RunStatus(run_dir=str(run_dir) if run_dir else None, job_id=job_id,
                        backend=run.backend if run else "slurm", generation=root_of(run_dir)[1] if run_dir else 0)

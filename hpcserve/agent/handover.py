@@ -20,11 +20,11 @@ import shutil
 import time
 from pathlib import Path
 
-from hpcserve.backends.base import ENDPOINT_JSON, FAILURE_JSON, read_json
-from hpcserve.rundir import atomic_write
+from hpcserve.backends.base import ENDPOINT_JSON, FAILURE_JSON
+from hpcserve.rundir import RunPaths, atomic_write, read_json
 
 log = logging.getLogger("hpcserve.agent")
-GENERATIONS_JSON, GENERATION_MARK, ALT_PLAN = "generations.json", "generation.json", "plan.alt.json"
+GENERATIONS_JSON, GENERATION_MARK, ALT_PLAN = RunPaths.GENERATIONS, "generation.json", "plan.alt.json"
 CHECK_EVERY = 30.0       # seconds between asking Slurm for the time left (the limit can be changed)
 
 
@@ -59,7 +59,7 @@ def prepare_successor(root: Path, gen: int) -> Path:
     """The successor's run dir: the plan for its port parity, the same job script and recipe."""
     d = generation_dir(root, gen)
     (d / "logs").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(root / (ALT_PLAN if gen % 2 else "plan.json"), d / "plan.json")
+    shutil.copyfile(root / (ALT_PLAN if gen % 2 else RunPaths.PLAN), d / RunPaths.PLAN)
     for name in ("job.sbatch", "recipe.resolved.yaml"):
         if (root / name).exists():
             shutil.copy2(root / name, d / name)
@@ -94,7 +94,7 @@ def promote(run_dir: Path, endpoint: dict) -> None:
 
 
 def cancelled(root: Path) -> bool:
-    return (root / "cancel.json").exists()
+    return (root / RunPaths.CANCEL).exists()
 
 
 class Handover:

@@ -18,9 +18,9 @@ import redis.asyncio as aioredis
 
 from hpcserve.agent.hosts import epoch
 from hpcserve.errors import BackendError
-from hpcserve.rundir import atomic_write
+from hpcserve.rundir import RunPaths, atomic_write
 
-REDIS_JSON = "redis.json"
+REDIS_JSON = RunPaths.REDIS
 
 
 def find_redis_server(configured: str | None = None) -> str:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from hpcserve.agent.hosts import epoch
 from hpcserve.plan.model import Plan, ProcessSpec
-from hpcserve.rundir import atomic_write
+from hpcserve.rundir import RunPaths, atomic_write
 
 log = logging.getLogger("hpcserve.agent")
-DONE_JSON = "done.json"
+DONE_JSON = RunPaths.DONE
 STAGE_KINDS = ("batch", "bench")
 # hpcserve.batch exit codes (docs/batch.md): 0 complete, 3 stopped with rows left, 4 gave up early.
 STAGE_EXIT = {

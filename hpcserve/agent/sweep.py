@@ -44,7 +44,7 @@ from hpcserve.agent.sweep_sync import (Barrier, mark_point_end, point_end, read_
                                        write_node_record)
 from hpcserve.errors import HpcserveError
 from hpcserve.plan.model import Plan, ProcessSpec
-from hpcserve.rundir import atomic_write
+from hpcserve.rundir import RunPaths, atomic_write
 
 log = logging.getLogger("hpcserve.agent")
 STOP_JSON = "stop.json"
@@ -66,7 +66,7 @@ def load_points(top: Path) -> list[Point]:
     points = []
     for i, d in enumerate(read_points(top)):
         try:
-            points.append(Point(i, d, Plan.from_json((d / "plan.json").read_bytes())))
+            points.append(Point(i, d, Plan.from_json((d / RunPaths.PLAN).read_bytes())))
         except OSError as e:
             raise HpcserveError(f"cannot read {d / 'plan.json'}: {e.strerror}; re-render the sweep") from None
     if not points:
@@ -235,7 +235,7 @@ class SweepAgent:
     def _stopped(self, pt: Point) -> None:
         self._announce_stop()
         if self.is_head:
-            atomic_write(pt.dir / "stopped.json", json.dumps(
+            atomic_write(pt.dir / RunPaths.STOPPED, json.dumps(
                 {"signal": self.stop.signal_name, "why": "sweep stopped", "ts": time.time()}) + "\n")
 
     # -- processes ------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from hpcserve.agent.hosts import epoch
 from hpcserve.errors import BackendError
-from hpcserve.rundir import atomic_write
+from hpcserve.rundir import RunPaths, atomic_write
 
-SWEEP_JSON = "sweep.json"
+SWEEP_JSON = RunPaths.SWEEP
 POLL = 0.2
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from hpcserve.errors import BackendError
+from hpcserve.rundir import RunPaths, read_json
 
-FAILURE_JSON, ENDPOINT_JSON, JOB_JSON = "failure.json", "endpoint.json", "job.json"
+FAILURE_JSON, ENDPOINT_JSON, JOB_JSON = RunPaths.FAILURE, RunPaths.ENDPOINT, RunPaths.JOB
 
 
 def new_run_dir(name: str, root: str | Path | None = None) -> Path:
@@ -20,13 +21,6 @@ def new_run_dir(name: str, root: str | Path | None = None) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     d = root / f"{name}-{stamp}-{secrets.token_hex(2)}"
     return d.resolve()
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @dataclass

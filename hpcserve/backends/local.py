@@ -34,7 +34,7 @@ class LocalBackend:
         for rank in range(plan.num_nodes):
             out = open(run_dir / "logs" / f"agent-node{rank}.out", "ab")
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "hpcserve", "node", "--plan", str(run_dir / "plan.json"),
+                [sys.executable, "-m", "hpcserve", "node", "--plan", str(run_dir / RunPaths.PLAN),
                  "--run-dir", str(run_dir), "--node-rank", str(rank)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=run_dir,
                 start_new_session=True, preexec_fn=die_with_parent))

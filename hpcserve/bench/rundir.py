@@ -13,10 +13,11 @@ from typing import AsyncIterator
 
 from hpcserve.bench.validity import RestartCounter, registry_restart_counter
 from hpcserve.bench.workload import BenchError
+from hpcserve.rundir import RunPaths
 
 log = logging.getLogger(__name__)
 
-ENDPOINT_JSON, PLAN_JSON, REDIS_JSON, SWEEP_JSON = "endpoint.json", "plan.json", "redis.json", "sweep.json"
+ENDPOINT_JSON, PLAN_JSON, REDIS_JSON, SWEEP_JSON = RunPaths.ENDPOINT, RunPaths.PLAN, RunPaths.REDIS, RunPaths.SWEEP
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from typing import List, Optional
 import typer
 
 from hpcserve.cli.common import ClusterOpt, SetOpt, console, err_console, fail, guarded, show_plan_table
+from hpcserve.rundir import RunPaths
+
 
 class OneLineErrors(typer.Typer):
     """Usage mistakes (missing option, bad value) as one line `error: ... (see hpcserve VERB --help)` and exit
@@ -84,7 +86,7 @@ def render(recipe: Path = typer.Argument(..., help="Recipe file."),
     _notes(plans)
     if out is not None:
         dirs = write_plans(plans, out)
-        top = Path(out) / "job.sbatch"
+        top = Path(out) / RunPaths.SCRIPT
         if len(dirs) > 1 and top.exists():
             console.print(f"wrote {top}  (submit runs the whole sweep in this one job)", markup=False)
         for d in dirs:

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from hpcserve.cli.common import console, fail, guarded, print_table
+from hpcserve.rundir import RunPaths
 
 
 def register(app: typer.Typer) -> None:
@@ -75,7 +76,7 @@ def register(app: typer.Typer) -> None:
         from hpcserve.agent.handover import current_dir
         from hpcserve.plan.model import Plan
         run = current_dir(run)
-        plan = Plan.from_json((run / "plan.json").read_bytes())
+        plan = Plan.from_json((run / RunPaths.PLAN).read_bytes())
         files = [(p.name, run / p.log) for p in plan.processes
                  if (role is None or role in (p.role, p.kind)) and (node is None or p.node == node)]
         if role is None:

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hpcserve.cli.common import console, fail, guarded
+from hpcserve.rundir import RunPaths
 
 RunOpt = typer.Option(".", "--run", "-r", help="Run directory or Slurm job id (default: the current directory).")
 
@@ -27,7 +28,7 @@ def run_dir_of(target: str) -> Path:
     """A run directory (a continuous run's current generation) or the run dir of a Slurm job id."""
     from hpcserve.agent.handover import current_dir
     p = Path(target)
-    if (p / "plan.json").exists() or (p / "job.json").exists():
+    if (p / RunPaths.PLAN).exists() or (p / RunPaths.JOB).exists():
         return current_dir(p)
     if not target.replace("_", "").isdigit():
         fail(f"{target}: not a run directory (no plan.json) nor a Slurm job id; pass --run RUN_DIR|JOB_ID"

@@ -44,12 +44,12 @@ class ControlClient:
     def for_run(cls, run_dir: str | Path, timeout: float = 5.0) -> "ControlClient":
         paths = RunPaths(run_dir)
         try:
-            plan = Plan.from_json((paths / "plan.json").read_bytes())
+            plan = Plan.from_json((paths / RunPaths.PLAN).read_bytes())
         except (OSError, ValueError):
             raise HpcserveError(f"{run_dir}: no readable plan.json; give a run directory or a job id") from None
         if plan.control_port is None:
             raise HpcserveError(f"{run_dir}: this run has no control API (it comes with router.kind hpcserve)")
-        endpoint = paths.read("endpoint.json")
+        endpoint = paths.read(RunPaths.ENDPOINT)
         if not endpoint or not endpoint.get("host"):
             raise HeadUnreachable(f"{run_dir}: no endpoint.json yet (the run is not ready, or not started); "
                                   "see `hpcserve status`")

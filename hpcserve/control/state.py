@@ -77,7 +77,7 @@ class Control:
     def __init__(self, run_dir: Path, run_id: str, router_url: str, api_key: str | None, redis_url: str,
                  control_url: str) -> None:
         self.paths = RunPaths(run_dir)
-        self.plan = Plan.from_json((self.paths / "plan.json").read_bytes())
+        self.plan = Plan.from_json((self.paths / RunPaths.PLAN).read_bytes())
         self.run_id = run_id
         self.router_url = router_url.rstrip("/")
         self.control_url = control_url
@@ -163,7 +163,7 @@ class Control:
     async def run(self) -> RunView:
         status = {k.decode(): v.decode() for k, v in (await self.redis.hgetall(
             registry.status_key(self.run_id))).items()}
-        endpoint = read_json(self.paths / "endpoint.json") or {}
+        endpoint = read_json(self.paths / RunPaths.ENDPOINT) or {}
         p = self.plan
 
         def num(key: str) -> float | None:

@@ -16,7 +16,7 @@ from hpcserve.doctor.directives import local_options, unknown_directives
 from hpcserve.doctor.node import failure_lines, node_file, run_node
 from hpcserve.errors import BackendError
 from hpcserve.plan.model import Plan
-from hpcserve.rundir import read_json
+from hpcserve.rundir import RunPaths, read_json
 
 
 @dataclass
@@ -58,7 +58,7 @@ def srun_argv(plan: Plan, run_dir: Path, queue_timeout: int) -> list[str]:
                                             ("gpus-per-node", s.gpus_per_node)) if v]
         known = (local_options("srun") or ("", frozenset()))[1]
         argv += [d for d in s.directives if d.split("=", 1)[0] in known and d.split("=", 1)[0] != "--requeue"]
-    return argv + [f"--chdir={run_dir}", plan.python, "-m", "hpcserve.doctor", "--plan", str(run_dir / "plan.json"),
+    return argv + [f"--chdir={run_dir}", plan.python, "-m", "hpcserve.doctor", "--plan", str(run_dir / RunPaths.PLAN),
                    "--run-dir", str(run_dir), "--quiet"]
 
 
