@@ -151,7 +151,7 @@ def rootfs(tmp_path_factory) -> Path:
     return img
 
 
-@pytest.mark.skipif(shutil.which("ch-run") is None, reason="no ch-run (tests/run.sh installs charliecloud-runtime)")
+@pytest.mark.skipif(shutil.which("ch-run") is None, reason="ch-run not installed (tests/run.sh installs charliecloud-runtime)")
 def test_image_checks_go_through_the_container_runtime(tmp_path, rootfs):
     recipe = _recipe(tmp_path, 24000)
     sets = ["cluster.container_runtime=charliecloud", "cluster.backend=local"]

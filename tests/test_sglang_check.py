@@ -188,8 +188,8 @@ def test_help_flag_is_refused_instead_of_exiting(sglang_parser):
 @pytest.mark.sglang
 def test_flag_facts_of_the_pinned_release(sglang_parser):
     """The facts docs/sglang-check.md gives the planner; fails loudly when the installed release differs."""
-    if sglang_check.sglang_version() != sglang_check.PINNED_VERSION:
-        pytest.skip(f"facts are for sglang {sglang_check.PINNED_VERSION}, found {sglang_check.sglang_version()}")
+    assert sglang_check.sglang_version() == sglang_check.PINNED_VERSION, \
+        f"facts are for sglang {sglang_check.PINNED_VERSION}, found {sglang_check.sglang_version()}: install the pin"
     info = sglang_parser.flag_info
     assert info("--tp-size")["names"] == ["--tp-size", "--tensor-parallel-size"]
     assert info("--tp") is None   # only an argparse abbreviation, not an alias
