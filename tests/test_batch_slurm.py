@@ -88,6 +88,44 @@ def test_requeue_mid_batch_keeps_exactly_once(tmp_path):
     assert second["complete"] and second["already_done"] == first["ok"] and second["ok"] == ROWS - first["ok"]
 
 
+def test_time_limit_signal_self_requeues_and_resumes_exactly_once(tmp_path):
+    """The batch job's own requeue (agent/stages.py): USR2 before the time limit stops the driver with rows
+    left, the agent requeues its job, and the next start resumes where the first stopped. Proven from the
+    agents' and the driver's records, not from timing. The job is cancelled after its second start."""
+    _inputs(tmp_path)
+    recipe = _recipe(tmp_path, "time-scale: 1, decode-step-ms: 20, max-running: 4")   # rows outlast a start
+    out, [(d, plan)] = prepare_batch(recipe, ["cluster.time=1", "cluster.signal_seconds=25"], run_dir=tmp_path / "run")
+    run = SlurmBackend().submit(d, plan)
+    log = d / "logs/agent-node0.log"
+
+    def wait_log(needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and needle not in (log.read_text() if log.exists() else ""):
+            time.sleep(1)
+        assert needle in log.read_text(), log.read_text()[-3000:]
+    try:
+        wait_log(f"requeued job {run.job_id} (restart 1 of 3)", 150)
+        # Slurm holds a requeued job back; release it once the first start's node is idle again (released
+        # while that node still ends the old start, slurmctld kills it: "Job credential revoked")
+        node = json.loads((d / "hosts/node-0.json").read_text())["slurm_node"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (query_jobs([run.job_id])[run.job_id].state != "PENDING" or
+                                               run_slurm("sinfo", "-h", "-n", node, "-o", "%T").stdout.strip() != "idle"):
+            time.sleep(0.5)
+        run_slurm("scontrol", "update", f"JobId={run.job_id}", "StartTime=now", check=False)
+        wait_log(f"requeued job {run.job_id} (restart 2 of 3)", 150)
+    finally:
+        run_slurm("scancel", run.job_id, check=False)
+    first, second = [json.loads(line) for line in (d / "logs/batch.log").read_text().splitlines()
+                     if line.startswith("{")][:2]
+    assert first["stopped"] and not first["complete"] and 0 < first["ok"] < ROWS, first
+    assert second["already_done"] == first["ok"] and second["ok"] > 0, second
+    rows = _rows(tmp_path / "out.jsonl")
+    assert len(rows) == len({r["id"] for r in rows}) == first["ok"] + second["ok"]
+    expected = _expected()
+    assert all(r["text"] == expected[r["id"]] for r in rows)
+
+
 def test_three_shard_array_equals_one_shard(tmp_path):
     n = 600
     one, three = tmp_path / "one", tmp_path / "three"
