@@ -1,13 +1,19 @@
 """The one place a process spec becomes a running process (and the one place processes are stopped).
 
 Each child gets its own process group (so stopping it stops everything it spawned) and dies with the
-agent (PR_SET_PDEATHSIG), so neither a graceful stop nor a SIGKILLed agent leaves orphans.
+agent (PR_SET_PDEATHSIG), so neither a graceful stop nor a SIGKILLed agent leaves orphans. Each child
+ignores SIGUSR2: Slurm sends the time-limit signal (--signal=USR2@N) to every process of the step, and its
+default action would kill engines, Redis and the router at once instead of letting their agent drain them.
+The agent's event loop (uvloop, so libuv) resets every signal to its default in the child after preexec_fn,
+so the ignore is set by a POSIX shell that then execs the program (an ignored signal stays ignored across
+exec; a program that handles USR2 itself, like the batch driver, still gets it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,18 +55,22 @@ class Child:
         return self.proc.returncode is None
 
 
+_IGNORE_USR2 = ("/bin/sh", "-c", 'trap "" USR2; exec "$@"')
+
+
 async def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> Child:
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    prog = shutil.which(argv[0], path=env.get("PATH", os.defpath)) if "/" not in argv[0] else argv[0]
+    if prog is None or not os.path.exists(prog):
+        raise BackendError(f"{name}: cannot start {argv[0]!r}: not found on this node; "
+                           f"fix engine.python / cluster.python or install it")
+    if not os.access(prog, os.X_OK):
+        raise BackendError(f"{name}: cannot execute {argv[0]!r}: permission denied")
     with open(log_path, "ab", buffering=0) as log:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                env=env, cwd=str(cwd), start_new_session=True, preexec_fn=die_with_parent)
-        except FileNotFoundError:
-            raise BackendError(f"{name}: cannot start {argv[0]!r}: not found on this node; "
-                               f"fix engine.python / cluster.python or install it") from None
-        except PermissionError:
-            raise BackendError(f"{name}: cannot execute {argv[0]!r}: permission denied") from None
+        proc = await asyncio.create_subprocess_exec(
+            *_IGNORE_USR2, argv[0], *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log,
+            stderr=asyncio.subprocess.STDOUT, env=env, cwd=str(cwd), start_new_session=True,
+            preexec_fn=die_with_parent)
     return Child(name, proc)
 
 
