@@ -91,6 +91,11 @@ def test_time_limit_drains_and_reports_timeout(tmp_path):
     stopped = json.loads((run.run_dir / "stopped.json").read_text())
     assert stopped["signal"] == "SIGUSR2", stopped
     assert "SIGUSR2" in (run.run_dir / "logs/agent-node0.log").read_text()
+    # Slurm signals every process of the step: the engines ignore USR2 and are drained by their agents
+    for name in ("prefill-0", "decode-0"):
+        assert "stop signal: draining" in (run.run_dir / f"logs/{name}.log").read_text(), name
+    for agent_log in (run.run_dir / "logs").glob("agent-node*.log"):
+        assert "exited with code -12" not in agent_log.read_text(), agent_log.name
 
 
 def test_missing_model_path_fails_fast_with_reason(tmp_path):
