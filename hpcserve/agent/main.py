@@ -155,7 +155,13 @@ async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: "St
     if is_head:
         url = await _start_redis(plan, run_dir, addr, managed)
     else:
-        url = await redis_server.read_published(run_dir, startup, give_up=lambda: stages.done_now(run_dir))
+        # give up at once when the head found nothing to run, another node failed (its failure.json is the
+        # cause the user sees) or this agent is told to stop: waiting out the startup timeout helps nobody
+        url = await redis_server.read_published(run_dir, startup, give_up=lambda: stages.done_now(run_dir) or
+                                                stop.is_set() or failed_now(run_dir) is not None)
+        if url is None and (stop.is_set() or failed_now(run_dir)):
+            log.info("not starting: %s", f"got {stop.signal_name}" if stop.is_set() else "another node failed")
+            return EXIT_FAILED
         if url is None:
             log.info("the head node found nothing to run; exiting")
             return EXIT_OK
