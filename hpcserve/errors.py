@@ -21,3 +21,7 @@ class BackendError(HpcserveError):
     """Slurm or the local machine refused or failed to run something."""
 
     exit_code = 1
+
+
+class UsageError(HpcserveError):
+    """A process started with a command line it cannot run (a flag's value, a missing flag)."""

@@ -26,6 +26,7 @@ RANKS = {
     "stacks": 27, "containers": 27,
     "recipe": 20,
     "engines": 15,
+    "cmdline": 10,
     "registry": 5, "http": 5, "rundir": 5,
     "errors": 0, "aio": 0, "__init__": 0,
 }

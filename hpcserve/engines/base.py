@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from hpcserve.cmdline.server import ServerArgs
+
 
 @dataclass(frozen=True)
 class WorkerLaunch:
@@ -84,26 +86,32 @@ def _scalar(v: Any) -> str:
     return str(v)
 
 
-def sglang_server_flags(w: WorkerLaunch) -> list[str]:
-    """The flags both sglang and the mock take (docs/design.md, "SGLang PD protocol")."""
-    out = ["--model-path", w.model_path, "--served-model-name", w.served_name,
-           "--host", w.host, "--port", str(w.port), "--tp-size", str(w.tp)]
+def server_args(w: WorkerLaunch) -> ServerArgs:
+    """The SGLang server flags the planner decided for one worker (hpcserve/cmdline/server.py owns them);
+    only the fields set here are written, the engine's defaults cover the rest."""
+    given: dict[str, Any] = dict(model_path=w.model_path, served_model_name=w.served_name, host=w.host,
+                                 port=w.port, tp_size=w.tp)
     if w.dp > 1:
-        out += ["--dp-size", str(w.dp)]
+        given["dp_size"] = w.dp
     if w.ep > 1:
-        out += ["--ep-size", str(w.ep)]
+        given["ep_size"] = w.ep
     if w.nccl_port:
-        out += ["--nccl-port", str(w.nccl_port)]
+        given["nccl_port"] = w.nccl_port
     if w.nnodes > 1:
-        out += ["--nnodes", str(w.nnodes), "--node-rank", str(w.node_rank),
-                "--dist-init-addr", str(w.dist_init_addr)]
+        given.update(nnodes=w.nnodes, node_rank=w.node_rank, dist_init_addr=str(w.dist_init_addr))
     if w.mode != "null":
-        out += ["--disaggregation-mode", w.mode, "--disaggregation-transfer-backend", str(w.transfer_backend)]
+        given.update(disaggregation_mode=w.mode, disaggregation_transfer_backend=w.transfer_backend)
         if w.mode == "prefill":
-            out += ["--disaggregation-bootstrap-port", str(w.bootstrap_port)]
+            given["disaggregation_bootstrap_port"] = w.bootstrap_port
         if w.ib_device:
-            out += ["--disaggregation-ib-device", w.ib_device]
-    return out + args_to_flags(w.user_args)
+            given["disaggregation_ib_device"] = w.ib_device
+    return ServerArgs(**given)
+
+
+def sglang_server_flags(w: WorkerLaunch) -> list[str]:
+    """The flags both sglang and the stand-in engines take (docs/design.md, "SGLang PD protocol"), then the
+    recipe's own engine args."""
+    return server_args(w).to_argv() + args_to_flags(w.user_args)
 
 
 _LOADED = False

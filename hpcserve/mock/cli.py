@@ -1,4 +1,4 @@
-"""Command line of the mock engine: sglang.launch_server's flags plus --mock-* options.
+"""Command line of the mock engine: sglang.launch_server's flags (hpcserve/cmdline/server.py) plus --mock-*.
 
 The planner emits the same argv for sglang and the mock, so every sglang flag must be accepted. Flags the
 mock does not model (tuning knobs such as --mem-fraction-static) are recorded and reported in /server_info.
@@ -10,9 +10,10 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
+from hpcserve.cmdline.server import ServerArgs, dist_host_port
+from hpcserve.errors import UsageError
 
-class UsageError(Exception):
-    """A startup mistake: printed as one line, exit code 2."""
+__all__ = ["MockConfig", "UsageError", "dist_host_port", "parse_args", "usage"]
 
 
 @dataclass
@@ -27,6 +28,7 @@ class MockConfig:
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None
+    nccl_port: int | None = None
     disaggregation_mode: str = "null"
     disaggregation_bootstrap_port: int = 8998
     disaggregation_transfer_backend: str | None = None
@@ -63,9 +65,9 @@ class MockConfig:
         return {k: getattr(self, k) for k in _MOCK_KEYS}
 
 
-_SGLANG_KEYS = ("model_path", "served_model_name", "host", "port", "tp_size", "dp_size", "ep_size", "nnodes",
-                "node_rank", "dist_init_addr", "disaggregation_mode", "disaggregation_bootstrap_port",
-                "disaggregation_transfer_backend", "disaggregation_ib_device", "enable_metrics", "base_gpu_id")
+# SGLang's names reported by /server_info (api_key is a secret, context_length is added resolved)
+_SGLANG_KEYS = tuple(k for k in ServerArgs.flags() if k not in ("api_key", "context_length",
+                                                                 "incremental_streaming_output"))
 _MOCK_KEYS = ("prefill_base_ms", "prefill_per_token_ms", "decode_step_ms", "decode_step_per_seq_ms",
               "max_running", "time_scale", "startup_delay", "bootstrap_timeout", "default_max_tokens",
               "join_timeout")
@@ -90,25 +92,7 @@ def _count(text: str) -> int:
 def _parser() -> _Parser:
     p = _Parser(prog="python -m hpcserve.mock", add_help=False, allow_abbrev=False)
     a = p.add_argument
-    a("--model-path", "--model", required=True)
-    a("--served-model-name")
-    a("--host", default="127.0.0.1")
-    a("--port", type=int, default=30000)
-    a("--tp-size", "--tp", "--tensor-parallel-size", type=int, default=1)
-    a("--dp-size", "--dp", "--data-parallel-size", type=int, default=1)
-    a("--ep-size", "--ep", "--expert-parallel-size", type=int, default=1)
-    a("--nnodes", type=int, default=1)
-    a("--node-rank", type=int, default=0)
-    a("--dist-init-addr")
-    a("--disaggregation-mode", choices=("null", "prefill", "decode"), default="null")
-    a("--disaggregation-bootstrap-port", type=int, default=8998)
-    a("--disaggregation-transfer-backend")
-    a("--disaggregation-ib-device")
-    a("--enable-metrics", action="store_true")
-    a("--base-gpu-id", type=int, default=0)
-    a("--api-key")
-    a("--incremental-streaming-output", "--stream-output", action="store_true")
-    a("--context-length", type=int, default=131072)
+    ServerArgs.add_arguments(p)
     a("--mock-prefill-base-ms", type=float, default=0.0)
     a("--mock-prefill-per-token-ms", type=float, default=0.0)
     a("--mock-decode-step-ms", type=float, default=0.0)
@@ -153,47 +137,28 @@ def parse_args(argv: list[str]) -> MockConfig:
     bad = [t.split("=")[0] for t in rest if t.startswith("--mock-")]
     if bad:
         raise UsageError(f"unknown mock flag {bad[0]} (see --help for the --mock-* options)")
+    server = ServerArgs.from_namespace(ns).check()
+    shared = server.model_dump()
+    shared["served_model_name"] = server.served_model_name or server.model_path
+    if server.context_length is None:
+        del shared["context_length"]      # the mock's own default
     cfg = MockConfig(
-        model_path=ns.model_path, served_model_name=ns.served_model_name or ns.model_path, host=ns.host,
-        port=ns.port, tp_size=ns.tp_size, dp_size=ns.dp_size, ep_size=ns.ep_size, nnodes=ns.nnodes,
-        node_rank=ns.node_rank, dist_init_addr=ns.dist_init_addr, disaggregation_mode=ns.disaggregation_mode,
-        disaggregation_bootstrap_port=ns.disaggregation_bootstrap_port,
-        disaggregation_transfer_backend=ns.disaggregation_transfer_backend,
-        disaggregation_ib_device=ns.disaggregation_ib_device, enable_metrics=ns.enable_metrics,
-        base_gpu_id=ns.base_gpu_id, api_key=ns.api_key, incremental_streaming_output=ns.incremental_streaming_output,
+        **shared,
         prefill_base_ms=ns.mock_prefill_base_ms, prefill_per_token_ms=ns.mock_prefill_per_token_ms,
         decode_step_ms=ns.mock_decode_step_ms, decode_step_per_seq_ms=ns.mock_decode_step_per_seq_ms,
         max_running=ns.mock_max_running, time_scale=ns.mock_time_scale, startup_delay=ns.mock_startup_delay,
         bootstrap_timeout=ns.mock_bootstrap_timeout, default_max_tokens=ns.mock_default_max_tokens,
-        join_timeout=ns.mock_join_timeout, context_length=ns.context_length,
-        argv=list(argv), extra_args=_record_extras(rest))
+        join_timeout=ns.mock_join_timeout, argv=list(argv), extra_args=_record_extras(rest))
     _validate(cfg)
     return cfg
 
 
 def _validate(cfg: MockConfig) -> None:
-    if not 0 < cfg.port < 65536:
-        raise UsageError(f"--port {cfg.port} is not a TCP port (1-65535)")
-    if cfg.disaggregation_mode == "prefill" and not 0 < cfg.disaggregation_bootstrap_port < 65536:
-        raise UsageError(f"--disaggregation-bootstrap-port {cfg.disaggregation_bootstrap_port} is not a TCP port")
-    for name in ("tp_size", "dp_size", "ep_size", "nnodes", "max_running", "default_max_tokens"):
+    """The --mock-* options' checks (the shared flags were checked by ServerArgs.check)."""
+    for name in ("max_running", "default_max_tokens"):
         if getattr(cfg, name) < 1:
-            flag = "--mock-" + name.replace("_", "-") if name in _MOCK_KEYS else "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} must be at least 1")
+            raise UsageError(f"--mock-{name.replace('_', '-')} must be at least 1")
     for name in ("time_scale", "startup_delay", "bootstrap_timeout", "prefill_base_ms", "prefill_per_token_ms",
                  "decode_step_ms", "decode_step_per_seq_ms", "join_timeout"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--mock-{name.replace('_', '-')} must not be negative")
-    if not 0 <= cfg.node_rank < cfg.nnodes:
-        raise UsageError(f"--node-rank {cfg.node_rank} is outside 0..{cfg.nnodes - 1} (--nnodes {cfg.nnodes})")
-    if cfg.nnodes > 1:
-        if not cfg.dist_init_addr:
-            raise UsageError("--nnodes > 1 needs --dist-init-addr HOST:PORT (the node-rank 0 address)")
-        dist_host_port(cfg.dist_init_addr)
-
-
-def dist_host_port(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--dist-init-addr {addr!r} must look like HOST:PORT")
-    return host.strip("[]"), int(port)

@@ -11,13 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Flags the planner sets itself; a user engine arg with one of these names would silently fight it.
-MANAGED_ENGINE_FLAGS = frozenset({
-    "port", "host", "tp", "tp-size", "tensor-parallel-size", "dp", "dp-size", "data-parallel-size",
-    "ep", "ep-size", "expert-parallel-size", "nnodes", "node-rank", "dist-init-addr",
-    "disaggregation-mode", "disaggregation-bootstrap-port", "disaggregation-transfer-backend",
-    "disaggregation-ib-device", "model-path", "served-model-name", "base-gpu-id", "nccl-port",
-})
+from hpcserve.cmdline.server import ServerArgs
+
+# Flags the planner sets itself (every spelling); a user engine arg with one of these names would fight it.
+MANAGED_ENGINE_FLAGS = ServerArgs.planned_flags()
 
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+)(?::(\d+))?$")
 

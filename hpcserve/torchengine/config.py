@@ -1,4 +1,5 @@
-"""Command line of ``python -m hpcserve.torchengine``: SGLang's server flags plus ``--torch-*`` options."""
+"""Command line of ``python -m hpcserve.torchengine``: SGLang's server flags (hpcserve/cmdline/server.py) plus
+``--torch-*`` options."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
+from hpcserve.cmdline.server import ServerArgs
+from hpcserve.errors import UsageError
 
-class UsageError(Exception):
-    pass
+__all__ = ["EngineConfig", "UsageError", "build_parser", "parse_args"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,20 +45,7 @@ class EngineConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m hpcserve.torchengine", add_help=True,
                 description="Tiny Llama-style torch engine speaking SGLang's HTTP API (CPU correctness oracle).")
-    a = p.add_argument
-    a("--model-path", required=True, help="Hugging Face style directory (config.json + model.safetensors) or 'random'")
-    a("--served-model-name", default=None)
-    a("--host", default="127.0.0.1")
-    a("--port", type=int, default=30000)
-    a("--tp-size", "--tp", type=int, default=1)
-    a("--dp-size", "--dp", type=int, default=1)
-    a("--ep-size", "--ep", type=int, default=1)
-    a("--nnodes", type=int, default=1)
-    a("--disaggregation-mode", choices=["null", "prefill", "decode"], default="null")
-    a("--disaggregation-bootstrap-port", type=int, default=8998)
-    a("--disaggregation-transfer-backend", default=None, help="accepted; the torch engine always sends over HTTP")
-    a("--disaggregation-ib-device", default=None)
-    a("--context-length", type=int, default=None)
+    ServerArgs.add_arguments(p)
     t = p.add_argument_group("torch engine options (sizes apply to --model-path random)")
     t.add_argument("--torch-layers", type=int, default=2)
     t.add_argument("--torch-dim", type=int, default=64)
@@ -78,18 +67,19 @@ def parse_args(argv: list[str]) -> EngineConfig:
     bad = [x for x in extra if x.startswith("--torch-")]
     if bad:
         raise UsageError(f"unknown option {bad[0]} (see python -m hpcserve.torchengine --help)")
+    server = ServerArgs.from_namespace(ns).check()
     from hpcserve.torchengine.model import TinyConfig
-    if ns.tp_size != 1 or ns.dp_size != 1 or ns.ep_size != 1 or ns.nnodes != 1:
+    if server.tp_size != 1 or server.dp_size != 1 or server.ep_size != 1 or server.nnodes != 1:
         raise UsageError("the torch engine runs one process per server: use --tp-size 1 --dp-size 1 --nnodes 1")
     try:
         tiny = TinyConfig(dim=ns.torch_dim, n_layers=ns.torch_layers, n_heads=ns.torch_heads,
                           n_kv_heads=ns.torch_kv_heads, ffn_dim=ns.torch_ffn, max_seq=ns.torch_max_seq)
     except ValueError as err:
         raise UsageError(f"--torch-* sizes: {err}") from None
-    return EngineConfig(model_path=ns.model_path, served_model_name=ns.served_model_name or ns.model_path,
-                        host=ns.host, port=ns.port, mode=ns.disaggregation_mode,
-                        bootstrap_port=ns.disaggregation_bootstrap_port,
-                        context_length=ns.context_length or tiny.max_seq, tiny=tiny, seed=ns.torch_seed,
+    return EngineConfig(model_path=server.model_path, served_model_name=server.served_model_name or server.model_path,
+                        host=server.host, port=server.port, mode=server.disaggregation_mode,
+                        bootstrap_port=server.disaggregation_bootstrap_port,
+                        context_length=server.context_length or tiny.max_seq, tiny=tiny, seed=ns.torch_seed,
                         threads=ns.torch_threads, bootstrap_timeout=ns.torch_bootstrap_timeout,
                         default_max_tokens=ns.torch_default_max_tokens,
                         max_running=max(1, ns.torch_max_running), argv=list(argv), extra_args=extra)

@@ -1,0 +1,81 @@
+"""The launch contracts of hpcserve/cmdline/: one class per process kind writes its argv (the planner) and
+parses it back (the process), and the recipe's reserved names and defaults come from the same class."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from hpcserve.cmdline.server import SHORTHAND, ServerArgs
+from hpcserve.engines import sglang_check
+from hpcserve.engines.base import WorkerLaunch, sglang_server_flags
+from hpcserve.errors import UsageError
+from hpcserve.mock.cli import parse_args as mock_parse
+from hpcserve.recipe.schema import MANAGED_ENGINE_FLAGS, GroupSpec
+
+PREFILL = WorkerLaunch(model_path="/m/llama", served_name="llama", mode="prefill", host="{addr}", port=20010,
+                       tp=8, dp=2, ep=1, nnodes=2, node_rank=1, dist_init_addr="{host:0}:20014",
+                       bootstrap_port=20012, nccl_port=20015, transfer_backend="nixl", ib_device="mlx5_0",
+                       user_args={"mem-fraction-static": 0.85, "enable-metrics": True})
+
+
+def test_planner_argv_is_written_by_server_args_and_parses_back_to_the_same_values():
+    argv = sglang_server_flags(PREFILL)
+    assert argv == ["--model-path", "/m/llama", "--served-model-name", "llama", "--host", "{addr}",
+                    "--port", "20010", "--tp-size", "8", "--dp-size", "2", "--nccl-port", "20015",
+                    "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "{host:0}:20014",
+                    "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "nixl",
+                    "--disaggregation-bootstrap-port", "20012", "--disaggregation-ib-device", "mlx5_0",
+                    "--mem-fraction-static", "0.85", "--enable-metrics"]
+    parsed, rest = ServerArgs.parser().parse_known_args(argv)
+    server = ServerArgs.from_namespace(parsed)
+    assert rest == ["--mem-fraction-static", "0.85"]            # not ours: the engine's extras
+    assert (server.tp_size, server.dp_size, server.ep_size, server.node_rank) == (8, 2, 1, 1)
+    assert server.enable_metrics is True and server.disaggregation_bootstrap_port == 20012
+    # unset flags stay unset, so writing the parsed values gives the same argv back
+    assert server.to_argv() == argv[:-3] + ["--enable-metrics"]
+    assert ServerArgs.from_argv(server.to_argv()) == server
+
+
+def test_the_mock_parses_the_planner_argv_with_the_shared_class_and_keeps_its_own_options():
+    argv = sglang_server_flags(PREFILL) + ["--mock-time-scale", "0.5"]
+    cfg = mock_parse([a.replace("{addr}", "10.0.0.2").replace("{host:0}", "10.0.0.1") for a in argv])
+    assert (cfg.host, cfg.tp_size, cfg.nccl_port, cfg.dist_init_addr) == ("10.0.0.2", 8, 20015, "10.0.0.1:20014")
+    assert cfg.time_scale == 0.5 and cfg.extra_args == {"mem_fraction_static": "0.85"}
+    assert cfg.server_args()["nccl_port"] == 20015               # /server_info reports SGLang's names
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "0"], "--port 0 is not a TCP port (1-65535)"),
+    (["--tp-size", "0"], "--tp-size must be at least 1"),
+    (["--nnodes", "2", "--node-rank", "2", "--dist-init-addr", "h:1"], "--node-rank 2 is outside 0..1 (--nnodes 2)"),
+    (["--nnodes", "2", "--dist-init-addr", "nohost"], "--dist-init-addr 'nohost' must look like HOST:PORT"),
+    (["--disaggregation-mode", "both"], "argument --disaggregation-mode: invalid choice: 'both'"),
+])
+def test_server_flag_mistakes_are_one_usage_error(argv, message):
+    with pytest.raises(UsageError) as err:
+        ServerArgs.from_argv(["--model-path", "m", *argv]).check()
+    assert str(err.value).startswith(message)
+
+
+def test_recipe_reserves_every_spelling_of_every_planned_flag():
+    assert {"tp", "tp-size", "tensor-parallel-size", "model", "model-path", "nccl-init-addr", "nccl-port",
+            "disaggregation-bootstrap-port", "base-gpu-id"} <= MANAGED_ENGINE_FLAGS
+    assert not {"context-length", "enable-metrics", "api-key"} & MANAGED_ENGINE_FLAGS   # a recipe may set these
+    with pytest.raises(ValueError, match="'nccl_init_addr' is managed by hpcserve"):
+        GroupSpec(args={"nccl_init_addr": "h:1"})
+
+
+@pytest.mark.sglang
+def test_server_args_names_and_defaults_are_sglangs():
+    if importlib.util.find_spec("sglang") is None or not sglang_check.sglang_available():
+        pytest.skip(f"sglang not importable: {sglang_check.sglang_unavailable_reason() or 'not installed'}")
+    for name, field in ServerArgs.model_fields.items():
+        spellings = ServerArgs.sglang_spellings(name)
+        info = sglang_check.flag_info(spellings[0])
+        assert info is not None, f"SGLang has no {spellings[0]}"
+        assert sorted(info["names"]) == sorted(spellings), name
+        if field.default is not None and not field.is_required():
+            assert info["default"] == field.default, name
+    assert all(sglang_check.flag_info(s) is None for spellings in SHORTHAND.values() for s in spellings)
