@@ -79,3 +79,45 @@ def test_server_args_names_and_defaults_are_sglangs():
         if field.default is not None and not field.is_required():
             assert info["default"] == field.default, name
     assert all(sglang_check.flag_info(s) is None for spellings in SHORTHAND.values() for s in spellings)
+
+
+# ---- the router
+
+def test_router_argv_written_by_the_planner_parses_back_and_round_trips():
+    from hpcserve.cmdline.router import RouterArgs
+    args = RouterArgs(host="{addr}", port=8000, mode="pd", run_id="{run_id}", served_model_name="demo",
+                      prefill=[("http://a:1", 8998)], decode=["http://b:2"], api_key_env="KEY")
+    argv = args.to_argv()
+    assert argv == ["--host", "{addr}", "--port", "8000", "--mode", "pd", "--run-id", "{run_id}",
+                    "--served-model-name", "demo", "--prefill", "http://a:1", "8998", "--decode", "http://b:2",
+                    "--api-key-env", "KEY"]
+    assert RouterArgs.from_argv(argv) == args
+    assert RouterArgs.from_argv(["--prefill", "http://a:1"]).prefill == [("http://a:1", 8998)]
+
+
+def test_one_set_of_router_policies_and_defaults_for_the_router_and_the_recipe():
+    from hpcserve.cmdline.router import POLICY_NAMES
+    from hpcserve.recipe.schema import RouterSpec
+    from hpcserve.router.config import parse_args
+    from hpcserve.router.policies import POLICIES
+    assert sorted(POLICIES) == sorted(POLICY_NAMES)
+    alone = parse_args(["--worker", "http://127.0.0.1:1"])
+    spec = RouterSpec()
+    assert (alone.policy, alone.prefill_policy, alone.decode_policy) == \
+        (spec.policy, spec.prefill_policy, spec.decode_policy) == ("round_robin", "cache_aware", "least_load")
+    assert RouterSpec(policy="kv_aware").policy == "kv_aware"      # every policy the router has
+    with pytest.raises(ValueError, match="sglang-router has no kv_aware policy"):
+        RouterSpec(kind="sglang", policy="kv_aware").check_sglang_policies(disaggregated=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--worker", "u", "--prefill", "p", "9"], "--worker is for --mode aggregated"),
+    (["--prefill", "p", "x"], "--prefill p: bootstrap port 'x' must be a number in 1-65535"),
+    (["--worker", "u", "--port", "x"], "argument --port: invalid int value: 'x'"),
+    (["--worker", "u", "--policy", "fastest"], "argument --policy: invalid choice: 'fastest'"),
+])
+def test_router_flag_mistakes_are_one_usage_error(argv, message):
+    from hpcserve.router.config import parse_args
+    with pytest.raises(UsageError) as err:
+        parse_args(argv)
+    assert str(err.value).startswith(message)

@@ -146,6 +146,7 @@ class ArgsModel(BaseModel):
 
 def _help(field: Any) -> str | None:
     text = field.description
-    if field.is_required() or field.default in (None, False, [], ()):
+    default = None if field.is_required() else field.get_default(call_default_factory=True)
+    if default in (None, False, [], ()):
         return text
-    return f"{text} (default {field.default})" if text else f"default {field.default}"
+    return f"{text} (default {default})" if text else f"default {default}"

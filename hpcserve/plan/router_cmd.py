@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from hpcserve.cmdline.router import RouterArgs
 from hpcserve.plan.model import ProcessSpec, WorkerSpec
 from hpcserve.recipe.schema import Recipe
 
@@ -23,16 +24,17 @@ def redis_spec(head: int, port: int) -> ProcessSpec:
 
 
 def _hpcserve_router(recipe: Recipe, mode: str, workers: list[WorkerSpec], python: str) -> list[str]:
+    """Our router's flags are hpcserve/cmdline/router.py's RouterArgs: written here, parsed by the router."""
     r = recipe.router
-    argv = [python, "-m", "hpcserve.router", "--host", listen_host(recipe), "--port", str(r.port), "--mode", mode,
-            "--run-id", "{run_id}", "--served-model-name", recipe.model.served_name or recipe.model.path]
+    args = RouterArgs(host=listen_host(recipe), port=r.port, mode=mode, run_id="{run_id}",
+                      served_model_name=recipe.model.served_name or recipe.model.path)
     if mode == "pd":
-        argv += ["--prefill-policy", r.prefill_policy, "--decode-policy", r.decode_policy]
+        args.prefill_policy, args.decode_policy = r.prefill_policy, r.decode_policy
     else:
-        argv += ["--policy", r.policy]
+        args.policy = r.policy
     if r.api_key_env:
-        argv += ["--api-key-env", r.api_key_env]
-    return argv + list(r.args)
+        args.api_key_env = r.api_key_env
+    return [python, "-m", "hpcserve.router", *args.to_argv(), *r.args]
 
 
 def _sglang_router(recipe: Recipe, mode: str, workers: list[WorkerSpec], python: str) -> list[str]:

@@ -11,10 +11,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hpcserve.cmdline.router import POLICY_NAMES, RouterArgs
 from hpcserve.cmdline.server import ServerArgs
 
 # Flags the planner sets itself (every spelling); a user engine arg with one of these names would fight it.
 MANAGED_ENGINE_FLAGS = ServerArgs.planned_flags()
+_ROUTER = RouterArgs.model_fields
+_SGLANG_ROUTER_POLICIES = ("round_robin", "power_of_two", "cache_aware", "random")
 
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+)(?::(\d+))?$")
 
@@ -174,9 +177,10 @@ class KVTransferSpec(Strict):
 class RouterSpec(Strict):
     kind: Literal["hpcserve", "sglang"] = Field("hpcserve", description="Our router or sglang-router.")
     port: int = Field(8000, description="Router HTTP port on the head node.")
-    policy: str = Field("round_robin", description="Aggregated mode policy.")
-    prefill_policy: str = Field("cache_aware", description="PD mode prefill policy.")
-    decode_policy: str = Field("least_load", description="PD mode decode policy.")
+    # names and defaults are the router's own (hpcserve/cmdline/router.py): a run and a hand-started router agree
+    policy: str = Field(_ROUTER["policy"].default, description="Aggregated mode policy.")
+    prefill_policy: str = Field(_ROUTER["prefill_policy"].default, description="PD mode prefill policy.")
+    decode_policy: str = Field(_ROUTER["decode_policy"].default, description="PD mode decode policy.")
     api_key_env: str | None = Field(None, description="Env var holding the bearer API key (none = no auth).")
     dedicated_node: bool = Field(False, description="Give Redis + router a node without workers.")
     args: list[str] = Field(default_factory=list, description="Extra router command-line arguments.")
@@ -184,19 +188,18 @@ class RouterSpec(Strict):
     @field_validator("policy", "prefill_policy", "decode_policy")
     @classmethod
     def _policy(cls, v: str) -> str:
-        known = {"round_robin", "least_load", "power_of_two", "cache_aware", "random"}
-        if v not in known:
-            raise ValueError(f"unknown policy {v!r}; choose one of: {', '.join(sorted(known))}")
+        if v not in POLICY_NAMES:
+            raise ValueError(f"unknown policy {v!r}; choose one of: {', '.join(POLICY_NAMES)}")
         return v
 
     def check_sglang_policies(self, disaggregated: bool) -> None:
-        """sglang-router 0.3 has no least_load: say so now rather than when the job starts. Only the policies
-        the mode uses count (an aggregated recipe never uses the PD decode policy's default)."""
+        """sglang-router 0.3 has no least_load or kv_aware: say so now rather than when the job starts. Only the
+        policies the mode uses count (an aggregated recipe never uses the PD decode policy's default)."""
         if self.kind == "sglang":
             for name in ("prefill_policy", "decode_policy") if disaggregated else ("policy",):
-                if getattr(self, name) == "least_load":
-                    raise ValueError(f"router.{name}: sglang-router has no least_load policy; use round_robin, "
-                                     f"power_of_two, cache_aware or random with router.kind: sglang")
+                if getattr(self, name) not in _SGLANG_ROUTER_POLICIES:
+                    raise ValueError(f"router.{name}: sglang-router has no {getattr(self, name)} policy; use "
+                                     f"round_robin, power_of_two, cache_aware or random with router.kind: sglang")
 
 
 class RedisSpec(Strict):

@@ -13,9 +13,10 @@ import signal
 import sys
 import tempfile
 
+from hpcserve.errors import UsageError
 from hpcserve.http import HttpServer
 from hpcserve.router.app import RouterApp
-from hpcserve.router.config import ConfigError, parse_args
+from hpcserve.router.config import parse_args
 from hpcserve.router.dispatch import Dispatcher
 from hpcserve.router.follower import RegistryFollower
 from hpcserve.router.health import HealthChecker
@@ -38,7 +39,7 @@ def build(ns) -> tuple[RouterApp, HealthChecker, RegistryFollower | None]:
         for url in ns.decode:
             workers.add_static("decode", url)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise UsageError(str(err)) from None
     opts = dict(cache_threshold=ns.cache_threshold, balance_abs_threshold=ns.balance_abs_threshold,
                 balance_rel_threshold=ns.balance_rel_threshold, max_tree_chars=ns.max_tree_chars,
                 overlap_weight=ns.kv_overlap_weight, request_weight=ns.kv_request_weight,
@@ -112,7 +113,7 @@ async def serve(ns) -> None:
     try:
         port = await server.start(ns.host, ns.port, reuse_port=ns.processes > 1)
     except OSError as err:
-        raise ConfigError(f"cannot listen on {ns.host}:{ns.port}: {err.strerror or err}") from None
+        raise UsageError(f"cannot listen on {ns.host}:{ns.port}: {err.strerror or err}") from None
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -139,7 +140,7 @@ async def serve(ns) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         ns = parse_args(argv)
-    except ConfigError as err:
+    except UsageError as err:
         print(f"hpcserve router: error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_one(ns) -> int:
     try:
         aio.run(serve(ns))
-    except ConfigError as err:
+    except UsageError as err:
         print(f"hpcserve router: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
