@@ -49,8 +49,8 @@ fail() { say "ERROR: $*"; exit 1; }
 # ------------------------------------------------------------------ phase: apt packages
 dpkg_installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 install_apt_packages() {
-  # charliecloud-runtime: ch-run, the unprivileged container runtime of tests/test_containers_charliecloud.py
-  # tmux: tests/test_top.py drives `hpcserve top` in a terminal (send-keys, capture-pane)
+  # charliecloud-runtime: ch-run, the unprivileged container runtime of tests/slurm/test_containers_charliecloud.py
+  # tmux: tests/control/test_top.py drives `hpcserve top` in a terminal (send-keys, capture-pane)
   local want=(slurmctld slurmd slurm-client munge redis-server iproute2 procps charliecloud-runtime tmux)
   [ "$SLURM_LOCAL_ACCOUNTING" = 1 ] && want+=(slurmdbd mariadb-server mariadb-client)
   command -v dpkg-query >/dev/null 2>&1 || { say "no dpkg here; skipping apt packages"; return 0; }

@@ -18,7 +18,7 @@ from pydantic import Field
 from hpcserve.cmdline.argv import ArgsModel, flag
 from hpcserve.errors import UsageError
 
-# hpcserve/router/policies.py's POLICIES has exactly these (tests/test_launch_args.py)
+# hpcserve/router/policies.py's POLICIES has exactly these (tests/engines/test_launch_args.py)
 Policy = Literal["cache_aware", "kv_aware", "least_load", "power_of_two", "random", "round_robin"]
 POLICY_NAMES: tuple[str, ...] = typing.get_args(Policy)
 

@@ -2,7 +2,7 @@
 
 The planner writes them for every engine kind (hpcserve/engines/); the mock and the torch engine parse them
 with this class and layer their ``--mock-*`` / ``--torch-*`` options on top. Names and defaults are
-SGLang 0.5's (tests/test_sglang_check.py holds them against sglang's own parser); ``SHORTHAND`` spellings are
+SGLang 0.5's (tests/recipe/test_sglang_check.py holds them against sglang's own parser); ``SHORTHAND`` spellings are
 the stand-ins' own conveniences. Field order is the order the planner writes them in.
 """
 

@@ -1,6 +1,6 @@
 """A model directory dynamo.mocker accepts without any download: a byte-level tokenizer.json (text encodes to
 one token per byte, like the mock engine's), a small config.json and a tokenizer_config.json with a chat
-template (Dynamo serves a model's chat endpoint only with one). Used by tests, bench/kv_routing.py and demos.
+template (Dynamo serves a model's chat endpoint only with one). Used by tests, perf/kv_routing.py and demos.
 
 The vocabulary is padded to ``vocab_size`` with word tokens ``w<id>`` that text never encodes to: the
 mocker emits random ids above 1000 and `hpcserve bench` sends random ids in 1000-30000, and Dynamo refuses

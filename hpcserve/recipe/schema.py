@@ -92,7 +92,7 @@ class ClusterSpec(Strict):
     time: str = Field("01:00:00", description="Wall-clock limit (Slurm time format; UNLIMITED is refused).")
     gpus_per_node: int = Field(8, ge=0, le=64, description="GPUs per node used for packing.")
     request_gpus: bool = Field(True, description="Emit --gpus-per-node (false on clusters without GRES).")
-    # The names of hpcserve.containers' registry (tests/test_containers.py keeps the two equal).
+    # The names of hpcserve.containers' registry (tests/slurm/test_containers.py keeps the two equal).
     container_runtime: Literal["none", "pyxis", "apptainer", "singularity", "charliecloud"] = Field(
         "none", description="How engines start inside engine.container: none | pyxis | apptainer | singularity | "
                             "charliecloud. hpcserve itself always runs outside the image.")

@@ -13,7 +13,7 @@ load counted as the blocks each in-flight request added to its worker (its uncac
 share a cached prefix share its blocks, so co-locating them costs only their own tails. Each running
 request also costs ``request_weight`` blocks (Dynamo's decode_active_request_weight): without it, chat
 sessions whose histories are cached cost their worker almost nothing and all pile onto one worker. The
-defaults (4 and 64) were chosen on bench/kv_routing.py (docs/kv-routing.md). The books are trimmed to the
+defaults (4 and 64) were chosen on perf/kv_routing.py (docs/kv-routing.md). The books are trimmed to the
 worker's in-flight count, oldest first, so no completion hook is needed.
 
 The prompt's blocks a worker does not hold yet are predicted on it once it is picked (KVIndex.predict)
