@@ -104,8 +104,8 @@ class Pair(Exchange):
     # ---- upstream callbacks
     def on_head(self, conn: UpstreamConn) -> None:
         if conn is self.pre.conn:
-            if self.stream and not self.want_logprob:
-                conn.sink = _discard  # the prefill's own stream carries nothing we return
+            if self.stream and not self.want_logprob and conn.status == 200:
+                conn.sink = _discard  # the prefill's own stream carries nothing we return (its errors we do)
         elif self.stream and conn.status == 200 and not self.done:
             if self.want_logprob and self.prefill_items is None:
                 self.head_waiting = True
