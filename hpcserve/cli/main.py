@@ -124,7 +124,7 @@ def _notes(plans) -> None:
     not know (hpcserve.doctor.directives): on stderr, so --json output stays one document."""
     from hpcserve.doctor.directives import unknown_directives
     loaded, plan = plans[0]
-    for line in list(getattr(plan, "notes", [])) + unknown_directives(plan, getattr(loaded.recipe.cluster,
+    for line in list(loaded.notes) + list(getattr(plan, "notes", [])) + unknown_directives(plan, getattr(loaded.recipe.cluster,
                                                                                     "slurm_version", None)):
         err_console.print(f"note: {line}", markup=False)
 

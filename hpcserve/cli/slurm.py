@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from hpcserve.cli.common import console, fail, guarded, print_table
+from hpcserve.cli.common import console, err_console, fail, guarded, print_table
 from hpcserve.rundir import RunPaths
 
 
@@ -27,6 +27,10 @@ def register(app: typer.Typer) -> None:
         """Write the run dir, sbatch it, print job id and run dir (and the endpoint with --wait)."""
         from hpcserve.api import submit as api_submit
         from hpcserve.api import wait_ready
+        if cluster is not None:   # say which of the recipe's own cluster settings the profile replaces
+            from hpcserve.recipe.load import load_recipe
+            for line in load_recipe(recipe, set_ or [], cluster)[0].notes:
+                err_console.print(f"note: {line}", markup=False)
         runs = api_submit(recipe, set_ or [], cluster, run_dir)
         for run in runs:
             console.print(f"job {run.job_id}  run dir {run.run_dir}", markup=False)

@@ -187,6 +187,17 @@ class LoadedRecipe:
     raw: dict          # resolved (profile inlined, overrides applied), what recipe.resolved.yaml holds
     point: dict        # sweep values of this point ({} when not a sweep)
     source: Source
+    notes: tuple[str, ...] = ()   # what the user should know about how the recipe was resolved
+
+
+def cluster_override_notes(recipe_cluster, profile: dict, ref: str) -> tuple[str, ...]:
+    """--cluster replaces a recipe's own cluster section: name every setting of it that changes, so a
+    01:00:00 limit does not silently become the profile's 00:30:00."""
+    if not isinstance(recipe_cluster, dict):
+        return ()
+    changed = [f"{k} {recipe_cluster[k]!r} -> {profile.get(k)!r}" for k in recipe_cluster
+               if profile.get(k) != recipe_cluster[k]]
+    return (f"--cluster {ref} replaces the recipe's own cluster settings: {', '.join(changed)}",) if changed else ()
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), cluster: str | None = None) -> list[LoadedRecipe]:
@@ -194,8 +205,12 @@ def load_recipe(path: str | Path, overrides: list[str] = (), cluster: str | None
     path = Path(path)
     data, src = read_yaml(path)
     data = copy.deepcopy(data)
+    notes: tuple[str, ...] = ()
     if cluster is not None:
+        own = data.get("cluster")
         data["cluster"] = cluster
+        if isinstance(own, dict):
+            notes = cluster_override_notes(own, load_profile(_resolve_profile(cluster, path.parent)), cluster)
     if isinstance(data.get("cluster"), str):
         data["cluster"] = load_profile(_resolve_profile(data["cluster"], path.parent))
     for item in overrides:
@@ -243,7 +258,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), cluster: str | None
         if point and recipe.serve.continuous:
             raise RecipeError(f"{src.where(('serve', 'continuous'))} serve.continuous: a sweep's points end one "
                               f"after another; remove the sweep or set serve.continuous: false")
-        out.append(LoadedRecipe(recipe=recipe, raw=d, point=point, source=src))
+        out.append(LoadedRecipe(recipe=recipe, raw=d, point=point, source=src, notes=notes))
     return out
 
 

@@ -162,3 +162,20 @@ def test_sglang_router_policy_without_least_load(tmp_path):
 def test_engine_options_for_another_kind(tmp_path):
     msg = error_of(tmp_path, GOOD.replace("engine: {kind: mock}", "engine: {kind: sglang, mock: {time-scale: 0}}"))
     assert "engine.mock: options for the mock engine but engine.kind is sglang" in msg
+
+
+def test_cluster_override_names_the_recipe_settings_it_replaces():
+    """--cluster PROFILE replaces an inline cluster section; the settings that change are said, not dropped."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    demo, local = repo / "recipes/local-demo.yaml", str(repo / "slurm/clusters/local.yaml")
+    [lr] = load_recipe(demo, [], local)
+    assert lr.notes == (f"--cluster {local} replaces the recipe's own cluster settings: backend 'local' -> 'slurm', "
+                        f"gpus_per_node 0 -> 8, time '01:00:00' -> '00:30:00'",)
+    assert load_recipe(demo)[0].notes == ()          # no override, nothing to say
+    res = subprocess.run([sys.executable, "-m", "hpcserve", "validate", str(demo), "--cluster", local],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and f"note: {lr.notes[0]}" in res.stderr.splitlines(), res.stderr
