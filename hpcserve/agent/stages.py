@@ -77,7 +77,10 @@ def stage_specs(plan: Plan, node: int) -> list[ProcessSpec]:
 def requeue_if_allowed(plan: Plan, batch_code: int | None, signal_name: str) -> bool:
     """After USR2 (time limit / preemption) with rows left, requeue the job, up to batch.max_restarts."""
     job = os.environ.get("SLURM_JOB_ID")
-    if plan.batch_max_restarts is None or batch_code != 3 or signal_name != "SIGUSR2" or not job:
+    # 3: the driver stopped with rows left; killed by a signal (the agent's stop can reach a driver that is
+    # still finishing its rows in flight): also resumable, since the output is deduplicated by id on resume
+    resumable = batch_code == 3 or (batch_code is not None and batch_code < 0)
+    if plan.batch_max_restarts is None or not resumable or signal_name != "SIGUSR2" or not job:
         return False
     count = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if count >= plan.batch_max_restarts:

@@ -304,6 +304,10 @@ class Recipe(Strict):
         if self.cluster.signal_seconds >= slurm_time_seconds(self.cluster.time):
             raise ValueError(f"cluster.signal_seconds: {self.cluster.signal_seconds} s must be shorter than "
                              f"cluster.time ({self.cluster.time}); lower it")
+        if self.cluster.backend == "slurm" and self.timeouts.drain >= self.cluster.signal_seconds:
+            # the agents drain after the time-limit signal; Slurm kills the job at the limit, drained or not
+            raise ValueError(f"timeouts.drain: {self.timeouts.drain} s must be shorter than cluster.signal_seconds "
+                             f"({self.cluster.signal_seconds} s), or the time limit cuts the drain short; lower it")
         if self.serve.continuous:
             self._check_continuous()
         if self.engine.container and self.cluster.container_runtime == "none":

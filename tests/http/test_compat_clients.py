@@ -26,7 +26,7 @@ from proc_util import demo_overrides
 
 from hpcserve.api import up
 
-REPO_RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "local-demo.yaml")
+REPO_RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "local-demo.yaml")
 MODEL = "demo"
 PROMPT = "Disaggregated serving splits"
 

@@ -179,3 +179,12 @@ def test_cluster_override_names_the_recipe_settings_it_replaces():
     res = subprocess.run([sys.executable, "-m", "hpcserve", "validate", str(demo), "--cluster", local],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and f"note: {lr.notes[0]}" in res.stderr.splitlines(), res.stderr
+
+
+def test_drain_longer_than_the_time_limit_signal_is_refused(tmp_path):
+    """The agents drain after Slurm's time-limit signal; a drain longer than the warning is cut by the limit."""
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[2]
+    with pytest.raises(RecipeError, match=r"timeouts.drain: 30 s must be shorter than cluster.signal_seconds \(20 s\)"):
+        load_recipe(repo / "recipes/local-demo.yaml", ["cluster.backend=slurm", "cluster.signal_seconds=20"])
+    assert load_recipe(repo / "recipes/local-demo.yaml", ["cluster.signal_seconds=20"])   # local: no time limit

@@ -94,7 +94,7 @@ def test_time_limit_signal_self_requeues_and_resumes_exactly_once(tmp_path):
     agents' and the driver's records, not from timing. The job is cancelled after its second start."""
     _inputs(tmp_path)
     recipe = _recipe(tmp_path, "time-scale: 1, decode-step-ms: 20, max-running: 4")   # rows outlast a start
-    out, [(d, plan)] = prepare_batch(recipe, ["cluster.time=1", "cluster.signal_seconds=25"], run_dir=tmp_path / "run")
+    out, [(d, plan)] = prepare_batch(recipe, ["cluster.time=1", "timeouts.drain=10", "cluster.signal_seconds=25"], run_dir=tmp_path / "run")
     run = SlurmBackend().submit(d, plan)
     log = d / "logs/agent-node0.log"
 

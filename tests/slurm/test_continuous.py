@@ -65,7 +65,7 @@ def _current(run) -> int:
 def test_continuous_hands_over_before_time_limit_and_chain_goes_on(tmp_path):
     recipe = pd_recipe(tmp_path, "serve: {continuous: true, handover_seconds: 100}\n", span=300)
     # 2 minutes of wall clock, successor submitted with 100 s left: about 20 s after each job starts
-    [run] = submit(recipe, ["cluster.time=2", "cluster.signal_seconds=30"], run_dir=tmp_path / "run")
+    [run] = submit(recipe, ["cluster.time=2", "timeouts.drain=10", "cluster.signal_seconds=30"], run_dir=tmp_path / "run")
     follower = None
     try:
         ep0 = wait_ready(run, 150)

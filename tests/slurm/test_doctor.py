@@ -36,6 +36,7 @@ prefill: {{replicas: 1, tp: 2}}
 decode: {{replicas: 1, tp: 2}}
 router: {{port: {base + 99}}}
 ports: {{base: {base}}}
+timeouts: {{drain: 10}}
 {extra}""")
     return p
 

@@ -82,7 +82,7 @@ def test_prefill_spanning_two_nodes_gets_ranks_and_one_dist_init(tmp_path):
 
 
 def test_time_limit_drains_and_reports_timeout(tmp_path):
-    [run] = submit(_recipe(tmp_path, "\n"), ["cluster.time=1", "cluster.signal_seconds=20"],
+    [run] = submit(_recipe(tmp_path, "\n"), ["cluster.time=1", "timeouts.drain=10", "cluster.signal_seconds=20"],
                    run_dir=tmp_path / "run")
     wait_ready(run, 150)
     st = _wait_final(run, 200)
