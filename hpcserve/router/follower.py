@@ -1,6 +1,12 @@
 """Following the Redis worker registry (hpcserve.registry): pub/sub on the changes channel for sub-second
 updates, plus a full rescan every few seconds that also catches expired heartbeats. While Redis is away the
-router keeps serving from the last view and reconnects in the background."""
+router keeps serving from the last view and reconnects in the background.
+
+A Redis that restarts (or is flushed) comes back empty, and the client may reconnect without this follower
+noticing. So a rescan never drops a worker only because the registry stopped listing it: the view is rebuilt
+from what the agents re-register (each checks its records every heartbeat) and a worker no rescan has listed
+for ``unlisted_grace`` seconds is dropped then. A removal (the agent's notification) or an expired heartbeat
+of a listed record takes effect at once."""
 
 from __future__ import annotations
 
@@ -34,7 +40,12 @@ def redact_url(url: str) -> str:
 
 
 class RegistryFollower:
-    def __init__(self, workers: WorkerSet, url: str, run_id: str, *, rescan_interval: float = 2.0) -> None:
+    # Agents re-register every heartbeat (1 s), and their Redis client may back off a few seconds between
+    # reconnect attempts: long enough for that, short enough that a worker whose removal was missed goes soon.
+    UNLISTED_GRACE = 10.0
+
+    def __init__(self, workers: WorkerSet, url: str, run_id: str, *, rescan_interval: float = 2.0,
+                 unlisted_grace: float = UNLISTED_GRACE) -> None:
         self.workers = workers
         self.url = url
         self.run_id = run_id
@@ -43,14 +54,12 @@ class RegistryFollower:
         self.last_sync = 0.0
         self.last_error = ""
         self.sessions = 0
-        self.grace_until = 0.0           # after a reconnect: keep workers the (restarted) Redis does not list yet
-        self._last_records: dict[str, WorkerRecord] = {}
+        self.unlisted_grace = unlisted_grace
+        self._last_records: dict[str, WorkerRecord] = {}   # the view's records, kept ones included
+        self._unlisted: dict[str, float] = {}              # worker -> loop time a rescan first missed it
+        self._unlisted_logged: set[str] = set()
         self._routing = {routing_channel(run_id), routing_channel(run_id).encode()}
         self.on_policies = None   # callable(role -> policy name): operators' policy choices (control API)
-
-    # Agents re-register every second (heartbeat loop); give them a few heartbeats before dropping workers
-    # that a restarted, empty Redis no longer lists.
-    REREGISTER_GRACE = 5.0
 
     async def _load_one(self, client: aioredis.Redis, wid: str) -> WorkerRecord | None:
         pipe = client.pipeline(transaction=False)
@@ -84,12 +93,31 @@ class RegistryFollower:
             for wid, hb in zip(ids, alive):
                 if hb is None:
                     records[wid] = records[wid].model_copy(update={"state": "dead"})
-        if asyncio.get_running_loop().time() < self.grace_until:
-            records = {**{w: r for w, r in self._last_records.items() if w not in records}, **records}
+        records = self._keep_unlisted(records)
         self._last_records = records
         self.workers.sync_registry(records)
         await self._policies(client)
         self.last_sync = asyncio.get_running_loop().time()
+
+    def _keep_unlisted(self, records: dict[str, WorkerRecord]) -> dict[str, WorkerRecord]:
+        """``records`` plus the view's workers this rescan does not list, until they stayed unlisted for the
+        grace period; their agents re-register them meanwhile (Redis restarted or flushed)."""
+        now = asyncio.get_running_loop().time()
+        kept: dict[str, WorkerRecord] = {}
+        for wid, rec in self._last_records.items():
+            if wid in records:
+                continue
+            since = self._unlisted.setdefault(wid, now)
+            if now - since < self.unlisted_grace:
+                kept[wid] = rec
+            else:
+                log.warning("worker %s removed: the registry has not listed it for %.0f s", wid, now - since)
+        if kept.keys() - self._unlisted_logged:
+            log.warning("the registry does not list %s (Redis restarted or flushed?); keeping them for up to "
+                        "%.0f s while their agents re-register", ", ".join(sorted(kept)), self.unlisted_grace)
+        self._unlisted = {w: t for w, t in self._unlisted.items() if w in kept}
+        self._unlisted_logged = set(kept)
+        return {**kept, **records}
 
     async def _policies(self, client: aioredis.Redis) -> None:
         if self.on_policies is not None:
@@ -102,8 +130,6 @@ class RegistryFollower:
         try:
             await pubsub.subscribe(changes_channel(self.run_id), routing_channel(self.run_id))
             self.sessions += 1
-            if self.sessions > 1:
-                self.grace_until = asyncio.get_running_loop().time() + self.REREGISTER_GRACE
             await self._rescan(client)  # after subscribing, so no change falls in between
             if not self.connected:
                 log.info("following the worker registry at %s (run %s)", redact_url(self.url), self.run_id)
@@ -119,7 +145,8 @@ class RegistryFollower:
                     data = msg["data"]
                     wid = data.decode() if isinstance(data, bytes) else str(data)
                     rec = await self._load_one(client, wid)
-                    if rec is None:   # keep the grace snapshot as current as the view itself
+                    self._unlisted.pop(wid, None)
+                    if rec is None:   # removed by its agent: gone now, no grace
                         self._last_records.pop(wid, None)
                     else:
                         self._last_records[wid] = rec

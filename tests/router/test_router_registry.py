@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -116,3 +117,74 @@ def test_expired_heartbeat_and_redis_outage(tmp_path, redis_url):
             router.stop()
         prefill.stop()
         decode.stop()
+
+
+async def _flushall(url: str) -> None:
+    r = aioredis.from_url(url)
+    try:
+        await r.flushall()
+    finally:
+        await r.aclose()
+
+
+def _send_until(url: str, stop: threading.Event, results: list[int]) -> None:
+    while not stop.is_set():
+        try:
+            results.append(httpx.post(url + "/generate", json={"text": "through a restart"}, timeout=20).status_code)
+        except httpx.HTTPError as err:
+            results.append(-1)
+            print("request failed:", err)
+
+
+@pytest.mark.parametrize("how", ["restart", "flush"])
+def test_redis_emptied_keeps_workers_until_agents_reregister(tmp_path, redis_url, how):
+    """Redis comes back empty right after the router learned its workers by pub/sub alone: restarted (the
+    router's connection breaks) or flushed (it does not: nothing tells the router). The view keeps every
+    worker and serves throughout; the re-registered ones stay, the one nobody re-registers is dropped once
+    the grace is over."""
+    url, redis_proc = redis_url
+    prefill, decode = start_pd(tmp_path, 1, 1)
+    decode_other = None
+    router = None
+    stop, results = threading.Event(), []
+    try:
+        decode_other = start_pd(tmp_path, 0, 1)[0]
+        router = RouterProc(["--mode", "pd", "--redis-url", url, "--run-id", RUN, "--registry-rescan", "0.2"],
+                            tmp_path, wait_ready=False)
+        # learned by pub/sub only, then at once a restart: no wait for a rescan first
+        _run(_publish(url, _record("p0", "prefill", prefill)))
+        _run(_publish(url, _record("d0", "decode", decode)))
+        _run(_publish(url, _record("d1", "decode", decode_other)))
+        wait_until(lambda: _ids(router) == {"p0", "d0", "d1"}, 5, what="all three")
+        sender = threading.Thread(target=_send_until, args=(router.url, stop, results), daemon=True)
+        sender.start()
+        wait_until(lambda: len(results) >= 5, 10, what="load running")
+        if how == "restart":
+            redis_proc.kill()
+            redis_proc.proc.wait(5)
+            redis_proc.start()          # same port and password, empty
+        else:
+            _run(_flushall(url))
+        log = router.log
+        wait_until(lambda: "does not list" in log.read_text(), 10, what="a rescan of the empty registry")
+        assert _ids(router) == {"p0", "d0", "d1"}
+        n = len(results)
+        wait_until(lambda: len(results) >= n + 5, 10, what="serving from the kept view")
+        # the agents of p0 and d0 re-register; d1's agent is gone
+        _run(_publish(url, _record("p0", "prefill", prefill)))
+        _run(_publish(url, _record("d0", "decode", decode)))
+        wait_until(lambda: _ids(router) == {"p0", "d0"}, 30, what="d1 dropped after the grace")
+        assert "worker d1 removed: the registry has not listed it for" in log.read_text()
+        n = len(results)
+        wait_until(lambda: len(results) >= n + 5, 10, what="serving after the grace")
+        stop.set()
+        sender.join(30)
+        assert results and set(results) == {200}, results.count(200)
+        assert "worker p0 removed" not in log.read_text() and "worker d0 removed" not in log.read_text()
+    finally:
+        stop.set()
+        if router is not None:
+            router.stop()
+        for p in (prefill, decode, decode_other):
+            if p is not None:
+                p.stop()
