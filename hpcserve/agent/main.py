@@ -104,12 +104,22 @@ async def _start_redis(plan: Plan, run_dir: Path, addr: str, managed: list[Manag
     password = redis_server.new_password()
     binary = redis_server.find_redis_server(os.environ.get("HPCSERVE_REDIS_SERVER"))
     conf = redis_server.write_conf(run_dir, hosts.fill([plan.bind], addr, {}, {})[0], port, password)
-    m = Managed(spec, [binary, str(conf)], child_env(), run_dir, addr, plan.head_node)
+    m = Managed(spec, [binary, str(conf)], child_env(secrets=secret_names(plan)), run_dir, addr, plan.head_node)
     await m.start()
     managed.append(m)
     url = redis_server.url_of(addr, port, password)
     redis_server.publish(run_dir, addr, port, password, url)
     return url
+
+
+# Processes that use the bearer key: the router checks it, the control API too, stages send it to the router.
+_API_KEY_USERS = ("router", "control", "batch", "bench")
+
+
+def secret_names(plan: Plan) -> frozenset[str]:
+    """Environment variables holding secrets: the API key and the external Redis password (the agent reads
+    that one itself and hands the router and stages a Redis URL instead)."""
+    return frozenset(n for n in (plan.api_key_env, plan.redis_password_env) if n)
 
 
 def managed_process(plan: Plan, spec, run_dir: Path, run_id: str, redis_url: str, addr: str,
@@ -118,8 +128,9 @@ def managed_process(plan: Plan, spec, run_dir: Path, run_id: str, redis_url: str
     its password reaches the router and stages through the environment, never argv)."""
     extra = {"run_dir": str(run_dir), "run_id": run_id, "epoch": hosts.epoch()}   # epoch: this start of the job
     spec_env = dict(zip(spec.env, hosts.fill(list(spec.env.values()), addr, addrs, extra)))   # stacks' DYN_* too
+    keep = frozenset([plan.api_key_env]) if plan.api_key_env and spec.kind in _API_KEY_USERS else frozenset()
     env = child_env(plan.env, spec_env, {"HPCSERVE_REDIS_URL": redis_url, "HPCSERVE_RUN_ID": run_id}
-                    if spec.kind in ("router", "batch", "bench") else {})
+                    if spec.kind in ("router", "batch", "bench") else {}, secrets=secret_names(plan), keep=keep)
     argv = hosts.fill(spec.argv, addr, addrs, extra)
     stop_signal = signal.SIGTERM
     if spec.kind == "engine":   # only the engine runs inside the image, started through the runtime

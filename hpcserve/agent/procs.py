@@ -28,10 +28,34 @@ _STEP_VARS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NPROCS", "
               "SLURM_CPU_BIND_TYPE", "SLURM_CPU_BIND_VERBOSE", "SLURM_DISTRIBUTION", "SLURM_TASKS_PER_NODE")
 
 
-def child_env(*layers: dict[str, str]) -> dict[str, str]:
-    """The agent's environment without its step variables, then the layers; GPU indices a layer sets are
-    mapped onto the devices Slurm gave this step (hpcserve.agent.gpus)."""
-    env = {k: v for k, v in os.environ.items() if k not in _STEP_VARS}
+# What a child takes from the agent's (the login's) environment besides the recipe's and group's env: the
+# system basics, the Python setup the job was submitted with, Slurm's job variables and the settings of the
+# GPU, communication, container and engine stacks. Anything else stays with the agent: a login session's
+# variables do not reach engines (recipe `env:` passes a variable on on purpose).
+_INHERIT = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM", "HOSTNAME",
+    "LD_LIBRARY_PATH", "LD_PRELOAD", "LIBRARY_PATH", "CPATH", "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED",
+    "VIRTUAL_ENV", "MODULEPATH", "LOADEDMODULES", "CC", "CXX", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"})
+_INHERIT_PREFIXES = (
+    "LC_", "XDG_", "SLURM_", "SLURMD_", "PMI_", "PMIX_", "CONDA_", "CUDA_", "NVIDIA_", "NCCL_", "NVSHMEM_",
+    "UCX_", "FI_", "GLOO_", "OMP_", "MKL_", "TORCH", "PYTORCH_", "TRITON_", "HF_", "TRANSFORMERS_", "SGLANG_",
+    "FLASHINFER_", "HPCSERVE_", "CH_", "APPTAINER", "SINGULARITY", "ENROOT_", "PYXIS_", "DYN_", "NATS_", "ETCD_")
+
+
+def inherited(environ: dict[str, str], secrets: frozenset[str] = frozenset()) -> dict[str, str]:
+    """The part of ``environ`` every child gets: the names and prefixes above, without the agent's step
+    variables and without ``secrets`` (given back by name only to the processes that use them)."""
+    return {k: v for k, v in environ.items()
+            if (k in _INHERIT or k.startswith(_INHERIT_PREFIXES)) and k not in _STEP_VARS and k not in secrets}
+
+
+def child_env(*layers: dict[str, str], secrets: frozenset[str] = frozenset(),
+              keep: frozenset[str] = frozenset()) -> dict[str, str]:
+    """What a child starts with: the inherited part of the agent's environment without ``secrets`` except
+    those in ``keep``, then the layers; GPU indices a layer sets are mapped onto the devices Slurm gave this
+    step (hpcserve.agent.gpus)."""
+    env = inherited(dict(os.environ), secrets - keep)
+    env.update({k: os.environ[k] for k in keep if k in os.environ})
     for layer in layers:
         env.update(layer)
     planned = next((layer["CUDA_VISIBLE_DEVICES"] for layer in reversed(layers) if "CUDA_VISIBLE_DEVICES" in layer),

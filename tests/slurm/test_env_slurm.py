@@ -1,0 +1,103 @@
+"""What each process of a job on the real local Slurm finds in its environment (/proc/PID/environ): a variable
+planted in the submitting (login) shell stays with the agent, the recipe's and the group's env reach the
+engines, and the API key reaches the router only, never an engine or Redis."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from chaos_util import cmdline
+from proc_util import REPO, descendants, free_port_block
+from slurm_util import requires_slurm
+
+from hpcserve.api import cancel, submit, wait_ready
+
+pytestmark = [pytest.mark.slurm, requires_slurm]
+
+PLANTED = "H22_LOGIN_ONLY_PLANTED"
+KEY_ENV = "H22_ROUTER_API_KEY"
+KEY = "key-7Qm2-not-for-engines"
+
+
+def _recipe(tmp_path):
+    base = free_port_block(120)
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    p = tmp_path / "recipe.yaml"
+    p.write_text(f"""\
+name: slurm-env
+model: {{path: {model}, served_name: demo}}
+engine: {{kind: mock, mock: {{time-scale: 0}}}}
+cluster: {REPO / "slurm/clusters/local.yaml"}
+env: {{RECIPE_VAR: from-recipe}}
+prefill: {{replicas: 1, tp: 8}}
+decode: {{replicas: 1, tp: 8, env: {{GROUP_VAR: from-decode-group}}}}
+router: {{port: {base + 119}, dedicated_node: true, api_key_env: {KEY_ENV}}}
+ports: {{base: {base}}}
+timeouts: {{startup: 90}}
+""")
+    return p
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        items = [e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e]
+    return {k.decode(): v.decode(errors="replace") for k, v in items}
+
+
+def _processes(run_dir) -> dict[str, int]:
+    """agent-N, redis, router, prefill-0, decode-0 -> pid, from the agents' own records (hosts/node-N.json)
+    and the process trees under them."""
+    out = {}
+    for f in sorted((run_dir / "hosts").glob("node-*.json")):
+        info = json.loads(f.read_text())
+        agent = info["pid"]
+        out[f"agent-{info['rank']}"] = agent
+        for pid in descendants(agent):
+            cmd = b" ".join(cmdline(pid))
+            if cmd.startswith(b"/bin/sh"):
+                continue
+            if b"redis-server" in cmd:
+                out["redis"] = pid
+            elif b"hpcserve.router" in cmd:
+                out["router"] = pid
+            elif b"hpcserve.mock" in cmd:
+                out["prefill-0" if b"prefill" in cmd else "decode-0"] = pid
+    return out
+
+
+def test_job_processes_get_only_what_they_need(tmp_path, monkeypatch):
+    monkeypatch.setenv(PLANTED, "login-shell-only")
+    monkeypatch.setenv(KEY_ENV, KEY)
+    [run] = submit(_recipe(tmp_path), run_dir=tmp_path / "run")
+    try:
+        ep = wait_ready(run, 150)
+        r = httpx.post(ep["url"] + "/generate", json={"text": "env"}, headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        procs = _processes(run.run_dir)
+        assert set(procs) >= {"agent-0", "agent-1", "agent-2", "redis", "router", "prefill-0", "decode-0"}, procs
+        env = {name: _environ(pid) for name, pid in procs.items()}
+    finally:
+        cancel(run, wait=60)
+    # the agents run with the submitting environment (sbatch passes it on); nothing else gets the planted one
+    assert all(env[f"agent-{i}"][PLANTED] == "login-shell-only" for i in range(3))
+    assert [n for n, e in env.items() if PLANTED in e] == ["agent-0", "agent-1", "agent-2"]
+    # the key reaches the router (it checks it) and the agents (the head one starts the router), nobody else
+    assert env["router"][KEY_ENV] == KEY
+    assert sorted(n for n, e in env.items() if KEY_ENV in e) == ["agent-0", "agent-1", "agent-2", "router"]
+    assert not any(KEY in v for n in ("redis", "prefill-0", "decode-0") for v in env[n].values())
+    # the recipe's env reaches every process it starts, a group's env that group's engines only
+    assert {n: e.get("RECIPE_VAR") for n, e in env.items() if not n.startswith("agent")} == {
+        "redis": None, "router": "from-recipe", "prefill-0": "from-recipe", "decode-0": "from-recipe"}
+    assert env["decode-0"]["GROUP_VAR"] == "from-decode-group" and "GROUP_VAR" not in env["prefill-0"]
+    # what the engines need from Slurm, the node and the Python setup is still there
+    for name in ("prefill-0", "decode-0"):
+        e = env[name]
+        assert e["SLURM_JOB_ID"] == run.job_id and e["PATH"] and e["HOME"], name
+        assert "SLURM_PROCID" not in e and "SLURM_STEPID" not in e   # the agent's step, not the engine's
+    # the Redis password reaches the router inside its Redis URL, engines never
+    assert env["router"]["HPCSERVE_REDIS_URL"].startswith("redis://:")
+    assert not any("HPCSERVE_REDIS_URL" in env[n] for n in ("prefill-0", "decode-0", "redis"))
