@@ -23,7 +23,7 @@ from hpcserve.agent import hosts, redis_server, stages
 from hpcserve.agent.handover import Handover
 from hpcserve.agent.head import HeadWatch
 from hpcserve.agent.preflight import preflight
-from hpcserve.agent.procs import child_env
+from hpcserve.agent.procs import child_env, cpu_shares
 from hpcserve.agent.supervisor import Managed, Supervisor
 from hpcserve.containers.base import engine_command
 from hpcserve.errors import HpcserveError
@@ -138,6 +138,9 @@ def managed_process(plan: Plan, spec, run_dir: Path, run_id: str, redis_url: str
                                            str(run_dir), os.environ.get("SLURMD_NODENAME"))
     m = Managed(spec, argv, env, run_dir, addr, rank)
     m.stop_signal = stop_signal
+    if spec.kind == "engine":
+        engines = {p.name: len(p.gpus) for p in plan.on_node(rank) if p.kind == "engine"}
+        m.cpus = cpu_shares(engines, sorted(os.sched_getaffinity(0))).get(spec.name)
     return m
 
 

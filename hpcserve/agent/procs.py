@@ -65,6 +65,26 @@ def child_env(*layers: dict[str, str], secrets: frozenset[str] = frozenset(),
     return env
 
 
+def cpu_shares(weights: dict[str, int], cpus: list[int]) -> dict[str, list[int]]:
+    """Consecutive, disjoint parts of ``cpus`` for each name, in proportion to its weight (an engine's GPUs),
+    each at least one core. With fewer cores than names, names share cores in turn."""
+    names = sorted(weights)
+    if not names or not cpus:
+        return {}
+    if len(cpus) < len(names):
+        return {n: [cpus[i % len(cpus)]] for i, n in enumerate(names)}
+    total = sum(max(1, weights[n]) for n in names)
+    out, start, acc = {}, 0, 0
+    for i, n in enumerate(names):
+        acc += max(1, weights[n])
+        # cumulative rounding, leaving at least one core for each name still to come
+        end = len(cpus) if i == len(names) - 1 else max(start + 1, min(len(cpus) - (len(names) - i - 1),
+                                                                         round(acc * len(cpus) / total)))
+        out[n] = cpus[start:end]
+        start = end
+    return out
+
+
 @dataclass
 class Child:
     name: str
@@ -82,7 +102,9 @@ class Child:
 _IGNORE_USR2 = ("/bin/sh", "-c", 'trap "" USR2; exec "$@"')
 
 
-async def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> Child:
+async def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path,
+                cpus: list[int] | None = None) -> Child:
+    """Start ``argv``; ``cpus``: bind it (and what it starts) to these cores."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     prog = shutil.which(argv[0], path=env.get("PATH", os.defpath)) if "/" not in argv[0] else argv[0]
     if prog is None or not os.path.exists(prog):
@@ -94,8 +116,13 @@ async def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path,
         proc = await asyncio.create_subprocess_exec(
             *_IGNORE_USR2, argv[0], *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log,
             stderr=asyncio.subprocess.STDOUT, env=env, cwd=str(cwd), start_new_session=True,
-            preexec_fn=die_with_parent)
+            preexec_fn=die_with_parent if not cpus else lambda: _bind_and_die_with_parent(cpus))
     return Child(name, proc)
+
+
+def _bind_and_die_with_parent(cpus: list[int]) -> None:
+    os.sched_setaffinity(0, cpus)   # inherited across the shell's exec and by the engine's own children
+    die_with_parent()
 
 
 def _signal_group(pid: int, sig: int) -> None:

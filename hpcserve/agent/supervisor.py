@@ -35,6 +35,7 @@ class Managed:
         self.rotation = True              # an operator may take a worker out of rotation (control API)
         self.operator_restart = False     # the current exit was asked for: restart at once, outside the budget
         self.stop_signal = int(signal.SIGTERM)   # the container runtime may relay another one (pyxis: USR1)
+        self.cpus: list[int] | None = None       # an engine's share of the step's cores (procs.cpu_shares)
 
     @property
     def is_worker(self) -> bool:
@@ -59,7 +60,7 @@ class Managed:
         self.state = "starting"
         self.started_at = time.time()
         self.child = await procs.spawn(self.spec.name, self.argv, self.env, self.run_dir / self.spec.log,
-                                       self.run_dir)
+                                       self.run_dir, cpus=self.cpus)
         log.info("started %s (pid %d)%s", self.spec.name, self.child.pid,
                  f" restart {self.restarts}" if self.restarts else "")
 

@@ -133,7 +133,7 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
         redis_port=None if recipe.redis.url else base, redis_url=recipe.redis.url,
         redis_password_env=recipe.redis.password_env, env=dict(recipe.env),
         startup_timeout=recipe.timeouts.startup, drain_timeout=recipe.timeouts.drain,
-        slurm=_slurm(recipe, len(node_specs)),
+        slurm=_slurm(recipe, node_specs),
         batch_max_restarts=recipe.batch.max_restarts if recipe.batch else None,
         bind=listen_host(recipe), handover_seconds=recipe.serve.handover_seconds if recipe.serve.continuous else None,
         notes=_notes(recipe),
@@ -181,10 +181,13 @@ def _engine_processes(recipe: Recipe, engine, stack, group: GroupSpec, w: Worker
     return out
 
 
-def _slurm(recipe: Recipe, num_nodes: int) -> SlurmSpec:
+def _slurm(recipe: Recipe, node_specs: list[NodeSpec]) -> SlurmSpec:
     c = recipe.cluster
+    # one agent step per node and Slurm's cgroups confine everything it starts: ask for its engines' share
+    most_gpus = max((len(n.gpus_used) for n in node_specs), default=0)
     return SlurmSpec(
-        job_name=recipe.name, nodes=num_nodes, time=c.time,
+        job_name=recipe.name, nodes=len(node_specs), time=c.time,
+        cpus_per_task=c.cpus_per_node or c.cpus_per_gpu * max(1, most_gpus), mem=c.mem_per_node,
         gpus_per_node=c.gpus_per_node if (c.request_gpus and c.gpus_per_node) else None,
         account=c.account, partition=c.partition, qos=c.qos, signal=f"USR2@{c.signal_seconds}",
         directives=list(c.sbatch) + (["--requeue"] if recipe.batch else []), setup=list(c.setup), container_runtime=c.container_runtime,

@@ -70,6 +70,8 @@ class SlurmSpec(Frozen):
     container_mounts: list[str]
     container_setup: list[str] = []   # engine.setup: shell lines run inside the engine's image before it
     array: int | None = None          # job array size: task i runs the plan in shard-000i/
+    cpus_per_task: int | None = None  # CPU cores of each node's agent step (its engines share them)
+    mem: str | None = None            # memory of each node's agent step (Slurm units; 0: the whole node's)
 
 
 class Plan(Frozen):

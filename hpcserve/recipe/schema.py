@@ -99,6 +99,15 @@ class ClusterSpec(Strict):
     container_mounts: list[str] = Field(default_factory=list, description="src:dst mounts for the engine's "
                                                                           "container (the run dir and model path "
                                                                           "are added).")
+    cpus_per_gpu: int = Field(8, ge=1, le=1024, description="CPU cores per GPU an engine uses: each node's step "
+                                                            "asks for this times the most GPUs a node uses (at least "
+                                                            "this many); agents split their step's cores among "
+                                                            "their engines in proportion to GPUs.")
+    cpus_per_node: int | None = Field(None, ge=1, description="CPU cores of each node's step (sbatch and srun "
+                                                              "--cpus-per-task); replaces cpus_per_gpu's count.")
+    mem_per_node: str = Field("0", pattern=r"^[0-9]+[KMGT]?$",
+                              description="Memory of each node's step (sbatch and srun --mem, Slurm units: 0 = all "
+                                          "of the node's memory, 500G, 64000M).")
     sbatch: list[str] = Field(default_factory=list,
                               description="Extra sbatch directives passed through, e.g. --exclusive.")
     setup: list[str] = Field(default_factory=list, description="Shell lines run in the batch script first.")

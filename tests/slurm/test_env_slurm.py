@@ -101,3 +101,58 @@ def test_job_processes_get_only_what_they_need(tmp_path, monkeypatch):
     # the Redis password reaches the router inside its Redis URL, engines never
     assert env["router"]["HPCSERVE_REDIS_URL"].startswith("redis://:")
     assert not any("HPCSERVE_REDIS_URL" in env[n] for n in ("prefill-0", "decode-0", "redis"))
+
+
+def _cpus_allowed(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("Cpus_allowed_list:"))
+    out = set()
+    for part in line.split(":", 1)[1].strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def test_node_step_gets_planned_cores_and_memory_engines_split_them(tmp_path):
+    """Two engines of 4 GPUs on one node: the rendered job asks for the profile's cores and memory (overridden
+    here), Slurm gives the agent's step exactly that, and the agent binds each engine to its own half of the
+    cores it has."""
+    base = free_port_block(120)
+    model = tmp_path / "model"
+    model.mkdir()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""\
+name: slurm-cpus
+model: {{path: {model}, served_name: demo}}
+engine: {{kind: mock, mock: {{time-scale: 0}}}}
+cluster: {REPO / "slurm/clusters/local.yaml"}
+workers: {{replicas: 2, tp: 4}}
+router: {{port: {base + 119}}}
+ports: {{base: {base}}}
+timeouts: {{startup: 90}}
+""")
+    [run] = submit(recipe, ["cluster.cpus_per_node=2", "cluster.mem_per_node=300M"], run_dir=tmp_path / "run")
+    try:
+        wait_ready(run, 150)
+        procs = _processes_by_cmd(run.run_dir)
+        agent_env = _environ(procs["agent"])
+        agent_cpus = _cpus_allowed(procs["agent"])
+        engine_cpus = [_cpus_allowed(pid) for pid in procs["engines"]]
+    finally:
+        cancel(run, wait=60)
+    script = (run.run_dir / "job.sbatch").read_text()
+    assert "#SBATCH --cpus-per-task=2\n#SBATCH --mem=300M\n" in script
+    assert "srun --nodes=1 --ntasks=1 --ntasks-per-node=1 --cpus-per-task=2 --mem=300M " in script
+    # what Slurm gave the agent's step (its own record of the step, in the agent's environment)
+    assert (agent_env["SLURM_CPUS_PER_TASK"], agent_env["SLURM_MEM_PER_NODE"]) == ("2", "300")
+    # each engine on its own share of the agent's cores (both get one when there are fewer than two)
+    assert len(engine_cpus) == 2 and all(c and c <= agent_cpus for c in engine_cpus)
+    if len(agent_cpus) >= 2:
+        assert not engine_cpus[0] & engine_cpus[1] and engine_cpus[0] | engine_cpus[1] == agent_cpus
+
+
+def _processes_by_cmd(run_dir) -> dict:
+    info = json.loads((run_dir / "hosts/node-0.json").read_text())
+    engines = [pid for pid in descendants(info["pid"])
+               if b"hpcserve.mock" in b" ".join(cmdline(pid)) and not cmdline(pid)[0].endswith(b"sh")]
+    return {"agent": info["pid"], "engines": engines}
