@@ -55,7 +55,7 @@ def test_submit_ready_query_status_cancel(tmp_path):
         assert st["workers"] == {"decode": {"ready": 1}, "prefill": {"ready": 1}}
     finally:
         final = cancel(run, wait=60)
-    assert final in ("COMPLETED", "CANCELLED")
+    assert final == "COMPLETED"    # the agents drained and exited 0 (CANCELLED: the hard scancel after 60 s)
     [st] = collect([str(run.run_dir)])
     assert st.phase == "cancelled"
     for f in ("recipe.resolved.yaml", "plan.json", "job.sbatch", "logs/redis.log", "logs/router.log",
