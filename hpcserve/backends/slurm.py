@@ -89,6 +89,43 @@ def time_left(job_id: str) -> float | None:
         return None
 
 
+def _megabytes(mem: str) -> int:
+    """Slurm memory units (default megabytes) to megabytes."""
+    mem = mem.strip().upper()
+    scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 ** 2}.get(mem[-1:], None)
+    return int(float(mem[:-1]) * scale) if scale is not None else int(mem)
+
+
+def partition_shortfall(spec) -> str | None:
+    """Why no node of the partition can run one agent step (its cores or memory exceed every node's), or None.
+    Slurm accepts such a job and leaves it pending for ever (PartitionConfig), so ask sinfo first; when sinfo
+    says nothing (no partition named, no such partition) sbatch decides as before."""
+    if not spec.partition or not (spec.cpus_per_task or (spec.mem and spec.mem != "0")):
+        return None
+    res = slurm_cmd("sinfo", "-h", "-p", spec.partition, "-o", "%c %m", check=False)
+    nodes = [line.split() for line in res.stdout.splitlines() if res.returncode == 0 and len(line.split()) == 2]
+    if not nodes:
+        return None
+    cores = max(int(c.rstrip("+")) for c, _ in nodes)
+    mem = max(int(m.rstrip("+")) for _, m in nodes)
+    if spec.cpus_per_task and spec.cpus_per_task > cores:
+        return (f"each node's step asks {spec.cpus_per_task} cores and partition {spec.partition}'s nodes have at "
+                f"most {cores}: set cluster.cpus_per_node (or lower cluster.cpus_per_gpu) to at most {cores}")
+    if spec.mem and spec.mem != "0" and _megabytes(spec.mem) > mem:
+        return (f"each node's step asks {spec.mem} of memory and partition {spec.partition}'s nodes have at most "
+                f"{mem}M: lower cluster.mem_per_node (0: all of a node's)")
+    return None
+
+
+# sbatch refusals whose fix is a known cluster field (the generic hint would send the user elsewhere)
+REFUSAL_FIXES = {
+    "CPU count per node can not be satisfied":
+        "set cluster.cpus_per_node (or lower cluster.cpus_per_gpu) to at most the cores a node has",
+    "Memory specification can not be satisfied":
+        "lower cluster.mem_per_node to at most the memory a node has (0: all of it)",
+}
+
+
 class SlurmBackend:
     name = "slurm"
     time_limited = True
@@ -96,13 +133,16 @@ class SlurmBackend:
 
     def submit(self, run_dir: Path, plan, extra_args: list[str] = (), env: dict[str, str] | None = None,
                **kw) -> Run:
+        if plan is not None and (short := partition_shortfall(plan.slurm)):
+            raise BackendError(f"{short}; not submitted (run dir kept: {run_dir})")
         res = slurm_cmd("sbatch", "--parsable", *extra_args, "job.sbatch", cwd=run_dir, check=False, env=env)
         if res.returncode != 0:
             if any(m in res.stderr for m in NO_CLUSTER):
                 raise BackendError(slurm_error("sbatch", res.stderr, res.returncode))
             msg = " ".join(line.removeprefix("sbatch: error: ").strip() for line in res.stderr.strip().splitlines())
-            raise BackendError(f"Slurm refused the job: {msg}; fix the cluster profile (partition, account, "
-                               f"time) and resubmit (run dir kept: {run_dir})")
+            fix = next((f for m, f in REFUSAL_FIXES.items() if m in res.stderr),
+                       "fix the cluster profile (partition, account, time)")
+            raise BackendError(f"Slurm refused the job: {msg}; {fix} and resubmit (run dir kept: {run_dir})")
         job_id = res.stdout.strip().split(";")[0]
         run = Run(run_dir, self.name, job_id=job_id)
         run.save()

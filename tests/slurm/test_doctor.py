@@ -31,7 +31,7 @@ name: doctor-demo
 model: {{path: {model}, served_name: demo}}
 engine: {{kind: mock, mock: {{time-scale: 0}}}}
 cluster: {{backend: slurm, partition: debug, time: "00:10:00", gpus_per_node: 2, request_gpus: false,
-          address: 127.0.0.1, signal_seconds: 20}}
+          cpus_per_node: 1, mem_per_node: 500M, address: 127.0.0.1, signal_seconds: 20}}
 prefill: {{replicas: 1, tp: 2}}
 decode: {{replicas: 1, tp: 2}}
 router: {{port: {base + 99}}}

@@ -151,6 +151,20 @@ timeouts: {{startup: 90}}
         assert not engine_cpus[0] & engine_cpus[1] and engine_cpus[0] | engine_cpus[1] == agent_cpus
 
 
+
+def test_more_cores_than_a_node_has_is_refused_naming_the_field(tmp_path):
+    """Nodes here have 4 CPUs and 4000 MB: Slurm would queue a job asking 64 cores per node for ever
+    (PartitionConfig); submit refuses it before sbatch and names the field to change."""
+    from hpcserve.backends.slurm import slurm_cmd
+    from hpcserve.errors import BackendError
+    recipe = _recipe(tmp_path)
+    before = slurm_cmd("squeue", "-h", "-o", "%i").stdout.split()
+    with pytest.raises(BackendError, match=r"asks 64 cores .* at most 4: set cluster.cpus_per_node"):
+        submit(recipe, ["cluster.cpus_per_node=64"], run_dir=tmp_path / "run")
+    with pytest.raises(BackendError, match=r"asks 8G of memory .* at most 4000M: lower cluster.mem_per_node"):
+        submit(recipe, ["cluster.mem_per_node=8G"], run_dir=tmp_path / "run2")
+    assert slurm_cmd("squeue", "-h", "-o", "%i").stdout.split() == before    # nothing was queued
+
 def _processes_by_cmd(run_dir) -> dict:
     info = json.loads((run_dir / "hosts/node-0.json").read_text())
     engines = [pid for pid in descendants(info["pid"])
