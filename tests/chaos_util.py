@@ -42,18 +42,6 @@ router: {{args: {args}}}
     return p
 
 
-def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
-    """pred()'s first truthy value, polling; AssertionError naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        time.sleep(interval)
-
-
 def cmdline(pid: int) -> list[bytes]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -53,31 +53,20 @@ REQUIRE_INSTALLED = os.environ.get("HPCSERVE_REQUIRE_INSTALLED") == "1"
 MISSING = re.compile(r"could not import|not importable|not installed|No module named|could not be installed", re.I)
 
 
-def _required_missing(report) -> str | None:
+def _fail_if_required_missing(report) -> None:
     if not (REQUIRE_INSTALLED and report.skipped):
-        return None
+        return
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-    return reason if MISSING.search(reason) else None
-
-
-def _fail_instead(report, reason: str) -> None:
-    report.outcome = "failed"
-    report.longrepr = f"required component missing (HPCSERVE_REQUIRE_INSTALLED=1; tests/run.sh installs it): {reason}"
+    if MISSING.search(reason):
+        report.outcome = "failed"
+        report.longrepr = f"required component missing (HPCSERVE_REQUIRE_INSTALLED=1; tests/run.sh installs it): {reason}"
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    reason = _required_missing(report)
-    if reason:
-        _fail_instead(report, reason)
+    _fail_if_required_missing((yield).get_result())
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
-    outcome = yield
-    report = outcome.get_result()
-    reason = _required_missing(report)
-    if reason:
-        _fail_instead(report, reason)
+    _fail_if_required_missing((yield).get_result())

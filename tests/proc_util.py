@@ -50,6 +50,23 @@ def pids_alive(pids: list[int]) -> list[int]:
     return alive
 
 
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    return bool(pids_alive([pid]))
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
+    """pred()'s first truthy value, polling; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what}")
+        time.sleep(interval)
+
+
 def descendants(pid: int) -> list[int]:
     """All live descendants of pid (from /proc), for orphan checks."""
     children: dict[int, list[int]] = {}

@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from proc_util import REPO, demo_overrides, descendants, pids_alive
+from proc_util import REPO, demo_overrides, descendants, pids_alive, wait_for
 
 from hpcserve import registry
 from hpcserve.mock.model import SamplingParams, complete
@@ -111,28 +112,20 @@ def _engine_pid(run, port: int) -> int:
     raise AssertionError(f"no engine on port {port}")
 
 
-def _wait(pred, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
 def test_killed_worker_restarts_then_exhausted_is_dead_and_router_avoids_it(deployment, tmp_path):
     run, _ = deployment(_agg_recipe(tmp_path, replicas=2, restart=1))
     plan = json.loads((run.run_dir / "plan.json").read_text())
     port0 = next(w["port"] for w in plan["workers"] if w["id"] == "workers-0")
     os.kill(_engine_pid(run, port0), signal.SIGKILL)
-    rec = _wait(lambda: (w := _worker(run, "workers-0")) and w.restarts == 1 and w.state == "ready" and w)
+    rec = wait_for(lambda: (w := _worker(run, "workers-0")) and w.restarts == 1 and w.state == "ready" and w, 30,
+                   "workers-0 restarted once and ready")
     assert rec.restarts == 1
     os.kill(_engine_pid(run, port0), signal.SIGKILL)     # budget of 1 restart is spent now
-    _wait(lambda: (w := _worker(run, "workers-0")) and w.state == "dead")
+    wait_for(lambda: (w := _worker(run, "workers-0")) and w.state == "dead", 30, "workers-0 dead")
     url = run.endpoint["url"]
-    _wait(lambda: not any(w["healthy"] and str(port0) in w["url"]
-                          for w in httpx.get(url + "/workers", timeout=5).json()["workers"]))
+    wait_for(lambda: not any(w["healthy"] and str(port0) in w["url"]
+                             for w in httpx.get(url + "/workers", timeout=5).json()["workers"]), 30,
+             "the router no longer counts workers-0 healthy")
     for _ in range(6):
         r = httpx.post(url + "/generate", json={"text": PROMPT, "sampling_params": SP}, timeout=30)
         assert r.status_code == 200 and r.json()["text"] == expected_text()
@@ -141,17 +134,26 @@ def test_killed_worker_restarts_then_exhausted_is_dead_and_router_avoids_it(depl
     assert json.dumps(stats).count("generate") >= 1
 
 
-def test_sigint_on_up_leaves_no_process(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "hpcserve", "up", str(DEMO), "--run-dir", str(tmp_path / "run"),
-                             *sum((["--set", o] for o in demo_overrides()), [])],
+def _up_in_subprocess(recipe: Path, tmp_path: Path, overrides: list[str]) -> tuple[subprocess.Popen, str]:
+    """`hpcserve up` as a user runs it: the process and its `endpoint ...` line, read within 90 s."""
+    proc = subprocess.Popen([sys.executable, "-m", "hpcserve", "up", str(recipe), "--run-dir", str(tmp_path / "run"),
+                             *sum((["--set", o] for o in overrides), [])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = ""
+    deadline = time.monotonic() + 90
+    while "endpoint" not in line and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise AssertionError(proc.stderr.read())
+    if "endpoint" not in line:
+        proc.kill()
+        raise AssertionError("no endpoint line within 90 s")
+    return proc, line
+
+
+def test_sigint_on_up_leaves_no_process(tmp_path):
+    proc, _ = _up_in_subprocess(DEMO, tmp_path, demo_overrides())
     try:
-        line = ""
-        deadline = time.monotonic() + 90
-        while "endpoint" not in line and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, proc.stderr.read()
-        assert "endpoint" in line
         tree = descendants(proc.pid)
         assert len(tree) >= 5      # 2 agents, redis, router, 2 engines
         proc.send_signal(signal.SIGINT)
@@ -159,7 +161,7 @@ def test_sigint_on_up_leaves_no_process(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    _wait(lambda: pids_alive(tree) == [], 15)
+    wait_for(lambda: pids_alive(tree) == [], 15, "no process of the tree left")
 
 
 def test_status_and_logs_of_a_local_run(deployment):
@@ -190,7 +192,8 @@ def test_redis_killed_is_restarted_workers_reregister_router_keeps_serving(deplo
         assert r.status_code == 200 and r.json()["text"] == expected_text()
         served += 1
     assert served > 0
-    recs = _wait(lambda: (a := _worker(run, "prefill-0")) and (b := _worker(run, "decode-0")) and (a, b), 5)
+    recs = wait_for(lambda: (a := _worker(run, "prefill-0")) and (b := _worker(run, "decode-0")) and (a, b), 5,
+                    "both workers registered")
     assert {recs[0].state, recs[1].state} == {"ready"}
     assert "restart 1" in (run.run_dir / "logs/agent-node0.log").read_text()
 
@@ -200,15 +203,8 @@ def test_sigint_on_up_drains_open_streams(tmp_path):
     timeouts.drain, then everything stops."""
     recipe = tmp_path / "slow.yaml"
     recipe.write_text(DEMO.read_text().replace("mock: {time-scale: 0}", "mock: {time-scale: 1, decode-step-ms: 100}"))
-    proc = subprocess.Popen([sys.executable, "-m", "hpcserve", "up", str(recipe), "--run-dir", str(tmp_path / "run"),
-                             *sum((["--set", o] for o in demo_overrides(["timeouts.drain=20"])), [])],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, line = _up_in_subprocess(recipe, tmp_path, demo_overrides(["timeouts.drain=20"]))
     try:
-        line = ""
-        deadline = time.monotonic() + 90
-        while "endpoint" not in line and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, proc.stderr.read()
         url = line.split()[1]
         tree = descendants(proc.pid)
         sp = {"max_new_tokens": 30, "temperature": 0, "ignore_eos": True}
@@ -226,7 +222,7 @@ def test_sigint_on_up_drains_open_streams(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    _wait(lambda: pids_alive(tree) == [], 15)
+    wait_for(lambda: pids_alive(tree) == [], 15, "no process of the tree left")
 
 
 def test_readiness_progress_names_workers_per_role(tmp_path):

@@ -9,12 +9,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
-import pytest
 import redis.asyncio as aioredis
 from control_util import KEY, Load, start
+from proc_util import wait_for
 
 from hpcserve import registry
 
@@ -28,16 +27,6 @@ def _registry(d) -> tuple[dict, list]:
         finally:
             await client.aclose()
     return asyncio.run(go())
-
-
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
-        time.sleep(0.1)
 
 
 def _hpcserve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -121,7 +110,7 @@ def test_drain_under_load_loses_nothing_and_restart_rejoins(deployment, tmp_path
     # 20 ms per decode step, 12 tokens: each request is in flight for a quarter of a second
     d, _ = start(deployment, tmp_path, monkeypatch, mock={"time-scale": 1, "decode-step-ms": 20})
     with Load(d.router, clients=6) as load:
-        _wait(lambda: load.count() >= 12 and d.worker_value("hpcserve_router_worker_inflight", "decode-0"),
+        wait_for(lambda: load.count() >= 12 and d.worker_value("hpcserve_router_worker_inflight", "decode-0"),
               60, "load reaching decode-0")
         out = _hpcserve("drain", "decode-0", "--run", str(d.run_dir), "--json")
         assert out.returncode == 0, out.stderr
@@ -130,7 +119,7 @@ def test_drain_under_load_loses_nothing_and_restart_rejoins(deployment, tmp_path
         assert result["worker"]["inflight"] == 0 and result["worker"]["rotation"] is False
         sent = d.worker_value("hpcserve_router_worker_requests_total", "decode-0")
         before = load.count()
-        _wait(lambda: load.count() >= before + 12, 60, "12 more requests after the drain")
+        wait_for(lambda: load.count() >= before + 12, 60, "12 more requests after the drain")
         # nothing new went to the drained worker
         assert d.worker_value("hpcserve_router_worker_requests_total", "decode-0") == sent
         assert d.worker_value("hpcserve_router_worker_in_rotation", "decode-0") == 0
@@ -257,17 +246,17 @@ def test_after_a_redis_restart_the_rotation_flag_survives_and_actions_work_again
     rport = json.loads((d.run_dir / "redis.json").read_text())["port"]
     old = one_pid(backend, b"redis-server", f":{rport}".encode())
     os.kill(old, signal.SIGKILL)   # the head agent starts it again, empty, from the same redis.conf
-    _wait(lambda: (p := find_pids([backend.procs[0].pid], b"redis-server")) and p != [old], 15,
+    wait_for(lambda: (p := find_pids([backend.procs[0].pid], b"redis-server")) and p != [old], 15,
           "redis-server started again")
     # the agents re-register their workers with what they hold, rotation included
-    _wait(lambda: {w: r.rotation for w, r in _registry(d)[0].items() if r.state == "ready"}
+    wait_for(lambda: {w: r.rotation for w, r in _registry(d)[0].items() if r.state == "ready"}
           == {"prefill-0": True, "decode-0": True, "decode-1": False}, 15, "workers re-registered")
     workers = {w["id"]: w for w in d.get("/v1/workers").json()}
     assert workers["decode-1"]["rotation"] is False
-    _wait(lambda: d.worker_value("hpcserve_router_worker_in_rotation", "decode-1") == 0, 10,
+    wait_for(lambda: d.worker_value("hpcserve_router_worker_in_rotation", "decode-1") == 0, 10,
           "the router still keeps decode-1 out")
     # the agents listen for commands again: an action round-trips through the new Redis
-    out = _wait(lambda: (r := d.send("PUT", "/v1/workers/decode-1/rotation", json={"rotation": True})).status_code
+    out = wait_for(lambda: (r := d.send("PUT", "/v1/workers/decode-1/rotation", json={"rotation": True})).status_code
                 == 200 and r.json(), 15, "rotation back in accepted")
     assert out["ok"] is True and out["worker"]["rotation"] is True, out
     assert d.worker_value("hpcserve_router_worker_in_rotation", "decode-1") == 1

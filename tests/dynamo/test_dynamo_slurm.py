@@ -26,7 +26,7 @@ from hpcserve.status import collect
 
 pytest.importorskip("dynamo.frontend", reason="ai-dynamo not installed (tests/run.sh install_dynamo)")
 openai = pytest.importorskip("openai")
-from proc_util import REPO, free_port_block, port_free  # noqa: E402
+from proc_util import REPO, free_port_block, pid_alive, port_free  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
 STARTED = re.compile(r"started (\S+) \(pid (\d+)\)")
@@ -53,14 +53,6 @@ def _pids(run_dir: Path) -> dict[str, list[int]]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-
-
 def _generate_ids(url: str, component: str) -> set:
     h = httpx.get(url + "/health", timeout=5).json()
     assert count_instances(h, component) == len({i["instance_id"] for i in h["instances"]
@@ -84,9 +76,9 @@ def _openai_both_ways(url: str) -> None:
 def _assert_cancelled_clean(run, started: dict[str, list[int]], ports: list[int]) -> None:
     assert cancel(run, wait=60) in ("COMPLETED", "CANCELLED")
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(_alive(p) for ps in started.values() for p in ps):
+    while time.monotonic() < deadline and any(pid_alive(p) for ps in started.values() for p in ps):
         time.sleep(0.3)
-    assert [n for n, ps in started.items() for p in ps if _alive(p)] == []
+    assert [n for n, ps in started.items() for p in ps if pid_alive(p)] == []
     assert [p for p in ports if not port_free(p)] == []
     [st] = collect([str(run.run_dir)])
     assert st.phase == "cancelled"

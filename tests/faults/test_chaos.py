@@ -13,9 +13,9 @@ import httpx
 import pytest
 from chaos_util import (
     GEN_BODY, Load, engine_pid, find_pids, healthy_by_port, one_pid, plan_workers, registry_view, router_workers,
-    sse_read, total, wait_for, write_recipe,
+    sse_read, total, write_recipe,
 )
-from proc_util import RedisProcess, demo_overrides, pids_alive
+from proc_util import RedisProcess, demo_overrides, pids_alive, wait_for
 
 from hpcserve.api import up
 

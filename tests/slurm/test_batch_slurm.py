@@ -55,6 +55,17 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _release_requeued(run, run_dir: Path) -> None:
+    """Slurm holds a requeued job back (about two minutes): once it is pending, let it start at once, on
+    another node (the first start's node refuses the same job until its revoked credential expires, "Job
+    credential revoked")."""
+    node = json.loads((run_dir / "hosts/node-0.json").read_text())["slurm_node"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and query_jobs([run.job_id])[run.job_id].state != "PENDING":
+        time.sleep(0.5)
+    run_slurm("scontrol", "update", f"JobId={run.job_id}", f"ExcNodeList={node}", "StartTime=now", check=False)
+
+
 def test_requeue_mid_batch_keeps_exactly_once(tmp_path):
     _inputs(tmp_path)
     recipe = _recipe(tmp_path, "time-scale: 1, decode-step-ms: 20, max-running: 32")
@@ -67,11 +78,7 @@ def test_requeue_mid_batch_keeps_exactly_once(tmp_path):
     done_before = output.read_text().count("\n")
     assert 300 <= done_before < ROWS, "requeue must happen mid-batch"
     run_slurm("scontrol", "requeue", run.job_id)
-    # Slurm holds a requeued job back (begin time about two minutes out); let it start as soon as it is pending
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and query_jobs([run.job_id])[run.job_id].state != "PENDING":
-        time.sleep(0.5)
-    run_slurm("scontrol", "update", f"JobId={run.job_id}", "StartTime=now", check=False)
+    _release_requeued(run, d)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         st = query_jobs([run.job_id])[run.job_id].state
@@ -94,7 +101,8 @@ def test_time_limit_signal_self_requeues_and_resumes_exactly_once(tmp_path):
     agents' and the driver's records, not from timing. The job is cancelled after its second start."""
     _inputs(tmp_path)
     recipe = _recipe(tmp_path, "time-scale: 1, decode-step-ms: 20, max-running: 4")   # rows outlast a start
-    out, [(d, plan)] = prepare_batch(recipe, ["cluster.time=1", "timeouts.drain=10", "cluster.signal_seconds=25"], run_dir=tmp_path / "run")
+    out, [(d, plan)] = prepare_batch(recipe, ["cluster.time=1", "timeouts.drain=10", "cluster.signal_seconds=25"],
+                                     run_dir=tmp_path / "run")
     run = SlurmBackend().submit(d, plan)
     log = d / "logs/agent-node0.log"
 
@@ -105,13 +113,7 @@ def test_time_limit_signal_self_requeues_and_resumes_exactly_once(tmp_path):
         assert needle in log.read_text(), log.read_text()[-3000:]
     try:
         wait_log(f"requeued job {run.job_id} (restart 1 of 3)", 150)
-        # Slurm holds a requeued job back (about two minutes); release it at once, on another node: the first
-        # start's node refuses the same job again until its revoked credential expires ("Job credential revoked")
-        node = json.loads((d / "hosts/node-0.json").read_text())["slurm_node"]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and query_jobs([run.job_id])[run.job_id].state != "PENDING":
-            time.sleep(0.5)
-        run_slurm("scontrol", "update", f"JobId={run.job_id}", f"ExcNodeList={node}", "StartTime=now", check=False)
+        _release_requeued(run, d)
         wait_log(f"requeued job {run.job_id} (restart 2 of 3)", 150)
     finally:
         run_slurm("scancel", run.job_id, check=False)

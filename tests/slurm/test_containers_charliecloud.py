@@ -16,12 +16,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from proc_util import free_port_block
+from proc_util import free_port_block, pid_alive, wait_for
 from slurm_util import requires_slurm
 
 from hpcserve.api import cancel, submit, wait_ready
@@ -100,6 +99,8 @@ cluster:
   time: "00:10:00"
   gpus_per_node: 8
   request_gpus: false
+  cpus_per_node: 1
+  mem_per_node: 500M
   container_runtime: charliecloud
   container_mounts: [{mounts}]
   signal_seconds: 20
@@ -118,24 +119,6 @@ def _engine_pids(log: Path, name: str = "workers-0") -> list[int]:
     """PIDs the agent reported for this engine, in start order."""
     text = log.read_text() if log.exists() else ""
     return [int(m) for m in re.findall(rf"started {name} \(pid (\d+)\)", text)]
-
-
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"not within {timeout:.0f}s: {what}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "State:\tZ" not in f.read()
-    except OSError:
-        return False
 
 
 def _generate(url: str) -> str:
@@ -174,17 +157,17 @@ def test_engine_runs_in_image_agent_outside_ready_restart_drain_cancel(image, tm
         assert environ[b"CUDA_VISIBLE_DEVICES"] == b"0,1,2,3,4,5,6,7" and environ[b"GROUP_MARK"] == b"crossed"
         # (b) a killed engine is restarted through the runtime, in the image again, and serves
         os.kill(pid, signal.SIGKILL)
-        pids = _wait(lambda: (p := _engine_pids(agent_log))[1:] and p, 60, "engine restarted")
+        pids = wait_for(lambda: (p := _engine_pids(agent_log))[1:] and p, 60, "engine restarted")
         new = pids[1]
         assert new != pid and _in_image(new, token)
         assert "workers-0 exited with code -9" in agent_log.read_text()   # the exit status crossed ch-run
-        _wait(lambda: _generate_ok(ep["url"]), 60, "serving again after the restart")
+        wait_for(lambda: _generate_ok(ep["url"]), 60, "serving again after the restart")
     finally:
         final = cancel(run, wait=60)
     assert final in ("COMPLETED", "CANCELLED")
     # (c) the drain's SIGTERM reached the engine inside the image: its own log says so; nothing is left
     assert "stop signal: draining" in engine_log.read_text().rsplit(f"image-marker={token}", 1)[-1]
-    assert not any(_alive(p) for p in _engine_pids(agent_log))
+    assert not any(pid_alive(p) for p in _engine_pids(agent_log))
 
 
 def _generate_ok(url: str) -> bool:
@@ -205,10 +188,10 @@ def test_sigkilled_agent_leaves_no_engine_in_the_image(image, tmp_path, monkeypa
         assert _in_image(pid, token)
         agent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         os.kill(agent, signal.SIGKILL)
-        _wait(lambda: not _alive(pid), 15, f"engine {pid} gone after its agent {agent} was SIGKILLed")
+        wait_for(lambda: not pid_alive(pid), 15, f"engine {pid} gone after its agent {agent} was SIGKILLed")
     finally:
         cancel(run, wait=60)
-    assert not _alive(pid)
+    assert not pid_alive(pid)
 
 
 def test_missing_image_fails_the_job_fast_with_the_reason(image, tmp_path, monkeypatch):
@@ -256,4 +239,4 @@ def test_pd_with_a_prefill_over_two_nodes_serves_from_images(image, tmp_path, mo
         assert len(ranks) == 3 and all(_in_image(p, token) for p in ranks)
     finally:
         cancel(run, wait=60)
-    assert not any(_alive(p) for p in ranks)
+    assert not any(pid_alive(p) for p in ranks)

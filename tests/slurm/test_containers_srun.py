@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from proc_util import pid_alive, wait_for
 from slurm_util import requires_slurm, sbatch, scancel, squeue_state
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
@@ -62,27 +62,10 @@ def _job(tmp_path: Path, mode: str) -> str:
                   script=script)
 
 
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"not within {timeout:.0f}s: {what}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "State:\tZ" not in f.read()
-    except OSError:
-        return False
-
-
 def test_stop_signal_reaches_engine_through_srun_as_sigterm(tmp_path):
     job = _job(tmp_path, "drain")
     try:
-        _wait(lambda: (tmp_path / "agent.out").exists(), 90, "the agent stopped its engine")
+        wait_for(lambda: (tmp_path / "agent.out").exists(), 90, "the agent stopped its engine")
         assert (tmp_path / "agent.out").read_text() == "engine exit 7\n"
         assert "engine got SIGTERM, drained" in (tmp_path / "engine.log").read_text()
     finally:
@@ -92,10 +75,10 @@ def test_stop_signal_reaches_engine_through_srun_as_sigterm(tmp_path):
 def test_sigkilled_agent_leaves_no_engine_step(tmp_path):
     job = _job(tmp_path, "kill")
     try:
-        _wait(lambda: (tmp_path / "engine.pid").exists() and (tmp_path / "engine.pid").read_text(), 90,
+        wait_for(lambda: (tmp_path / "engine.pid").exists() and (tmp_path / "engine.pid").read_text(), 90,
               "engine started")
         pid = int((tmp_path / "engine.pid").read_text())
-        _wait(lambda: not _alive(pid), 30, f"engine {pid} gone after the agent was SIGKILLed")
+        wait_for(lambda: not pid_alive(pid), 30, f"engine {pid} gone after the agent was SIGKILLed")
         assert squeue_state(job) == "RUNNING"   # the job lives on; the step ended because srun died
         assert "drained" not in (tmp_path / "engine.log").read_text()
     finally:

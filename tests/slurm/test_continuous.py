@@ -10,7 +10,7 @@ import threading
 
 import httpx
 import pytest
-from chaos_util import wait_for
+from proc_util import wait_for
 from slurm_util import job_state, pd_recipe, requires_slurm
 
 from hpcserve.agent.handover import generation_dir, generations
