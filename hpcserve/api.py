@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from hpcserve.backends.base import get_backend
 from hpcserve.plan.build import plan
@@ -58,17 +58,18 @@ def sweep_script(alloc: Plan, dirs: list[tuple[Path, Plan]]) -> str:
 
 
 def prepare_run(recipe: str | Path, overrides: list[str] = (), cluster: str | None = None,
-                run_dir: str | Path | None = None) -> list[tuple[Path, Plan]]:
-    """Validate, plan and write the run dir(s) BEFORE anything is started or submitted."""
+                run_dir: str | Path | None = None,
+                plans: list[tuple[LoadedRecipe, Plan]] | None = None) -> list[tuple[Path, Plan]]:
+    """Validate, plan and write the run dir(s) BEFORE anything is started or submitted. ``plans``: what
+    load_plans already gave for the same arguments (not loaded again)."""
     from hpcserve.backends.base import new_run_dir
-    plans = load_plans(recipe, overrides, cluster)
+    plans = plans or load_plans(recipe, overrides, cluster)
     out = Path(run_dir).resolve() if run_dir else new_run_dir(plans[0][1].name)
     dirs = list(zip(write_plans(plans, out), (p for _, p in plans)))
     lr, first = plans[0]
     if first.handover_seconds and get_backend(first.backend).time_limited:   # odd successor generations: other ports
-        from hpcserve.agent.handover import ALT_PLAN
         [alt] = load_plans(recipe, list(overrides) + shifted_ports(lr.recipe, first, 1), cluster)
-        atomic_write(out / ALT_PLAN, alt[1].to_json())
+        atomic_write(out / RunPaths.PLAN_ALT, alt[1].to_json())
     return dirs
 
 
@@ -106,18 +107,24 @@ def up(recipe: str | Path, overrides: list[str] = (), run_dir: str | Path | None
 
 
 def submit(recipe: str | Path, overrides: list[str] = (), cluster: str | None = None,
-           run_dir: str | Path | None = None, sbatch_args: list[str] = ()) -> list["Run"]:
+           run_dir: str | Path | None = None, sbatch_args: list[str] = (),
+           on_note: Callable[[str], None] | None = None) -> list["Run"]:
     """Write the run dir(s), then sbatch. A sweep whose points each end by themselves (a benchmark stage) and
-    share the cluster settings runs inside ONE allocation, point after point; otherwise one job per point."""
+    share the cluster settings runs inside ONE allocation, point after point; otherwise one job per point.
+    ``on_note`` gets what the user should know about how the recipe was resolved (e.g. --cluster overrides)."""
     from hpcserve.backends.base import Run
     from hpcserve.backends.slurm import SlurmBackend
     from hpcserve.errors import RecipeError
     backend = SlurmBackend()
-    [(lr, _)] = load_plans(recipe, overrides, cluster)[:1]
+    plans = load_plans(recipe, overrides, cluster)
+    lr = plans[0][0]
+    if on_note is not None:
+        for line in lr.notes:
+            on_note(line)
     if lr.recipe.cluster.backend != "slurm":
         raise RecipeError(f"{recipe} runs on the {lr.recipe.cluster.backend} backend (cluster.backend); run it "
                           f"with hpcserve up, or submit it with --cluster slurm/clusters/NAME.yaml")
-    dirs = prepare_run(recipe, overrides, cluster, run_dir)
+    dirs = prepare_run(recipe, overrides, cluster, run_dir, plans)
     alloc = sweep_allocation([p for _, p in dirs])
     if alloc is not None:   # write_plans wrote the sweep's job.sbatch (render -o shows the same file)
         top = dirs[0][0].parent

@@ -9,7 +9,7 @@ from pathlib import Path
 from hpcserve import registry
 from hpcserve.agent.handover import current_dir, root_of
 from hpcserve.agent.redis_server import read_url
-from hpcserve.backends.base import ENDPOINT_JSON, Run
+from hpcserve.backends.base import Run
 from hpcserve.errors import BackendError
 from hpcserve.rundir import RunPaths, read_json
 
@@ -124,7 +124,7 @@ def collect(targets: list[str]) -> list[RunStatus]:
             st.slurm_state, st.reason, st.nodes, st.elapsed = info.state, info.reason, info.nodes, info.elapsed
         redis_status = None
         if run_dir:
-            ep = read_json(run_dir / ENDPOINT_JSON)
+            ep = read_json(run_dir / RunPaths.ENDPOINT)
             st.endpoint = ep["url"] if ep else None
             if st.slurm_state in (None, "RUNNING", "COMPLETING"):
                 # the registry's run id: a sweep point's is the sweep's (endpoint.json says which)

@@ -20,17 +20,15 @@ import shutil
 import time
 from pathlib import Path
 
-from hpcserve.backends.base import ENDPOINT_JSON, FAILURE_JSON
 from hpcserve.rundir import RunPaths, atomic_write, read_json
 
 log = logging.getLogger("hpcserve.agent")
-GENERATIONS_JSON, GENERATION_MARK, ALT_PLAN = RunPaths.GENERATIONS, "generation.json", "plan.alt.json"
 CHECK_EVERY = 30.0       # seconds between asking Slurm for the time left (the limit can be changed)
 
 
 def root_of(run_dir: Path) -> tuple[Path, int]:
     """(R, k): the run dir clients know, and which generation ``run_dir`` is."""
-    mark = read_json(run_dir / GENERATION_MARK)
+    mark = read_json(run_dir / RunPaths.GENERATION)
     return (Path(mark["root"]), int(mark["gen"])) if mark else (run_dir, 0)
 
 
@@ -40,7 +38,7 @@ def generation_dir(root: Path, gen: int) -> Path:
 
 def generations(root: Path) -> dict:
     """{"current": k, "jobs": {"k": job id}}; a run that never handed over has only generation 0."""
-    return read_json(root / GENERATIONS_JSON) or {"current": 0, "jobs": {}}
+    return read_json(root / RunPaths.GENERATIONS) or {"current": 0, "jobs": {}}
 
 
 def current_dir(root: Path) -> Path:
@@ -52,18 +50,18 @@ def _update(root: Path, jobs: dict[int, str] | None = None, **fields) -> None:
     info = generations(root)
     info["jobs"].update({str(gen): job for gen, job in (jobs or {}).items()})
     info.update(fields)
-    atomic_write(root / GENERATIONS_JSON, json.dumps(info, indent=1) + "\n")
+    atomic_write(root / RunPaths.GENERATIONS, json.dumps(info, indent=1) + "\n")
 
 
 def prepare_successor(root: Path, gen: int) -> Path:
     """The successor's run dir: the plan for its port parity, the same job script and recipe."""
     d = generation_dir(root, gen)
     (d / "logs").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(root / (ALT_PLAN if gen % 2 else RunPaths.PLAN), d / RunPaths.PLAN)
+    shutil.copyfile(root / (RunPaths.PLAN_ALT if gen % 2 else RunPaths.PLAN), d / RunPaths.PLAN)
     for name in ("job.sbatch", "recipe.resolved.yaml"):
         if (root / name).exists():
             shutil.copy2(root / name, d / name)
-    atomic_write(d / GENERATION_MARK, json.dumps({"root": str(root), "gen": gen}) + "\n")
+    atomic_write(d / RunPaths.GENERATION, json.dumps({"root": str(root), "gen": gen}) + "\n")
     return d
 
 
@@ -88,7 +86,7 @@ def promote(run_dir: Path, endpoint: dict) -> None:
     if gen == 0:
         return
     job = os.environ.get("SLURM_JOB_ID")
-    atomic_write(root / ENDPOINT_JSON, json.dumps(endpoint | {"generation": gen, "job_id": job}, indent=1) + "\n")
+    atomic_write(root / RunPaths.ENDPOINT, json.dumps(endpoint | {"generation": gen, "job_id": job}, indent=1) + "\n")
     _update(root, current=gen, promoted_at=time.time())
     log.info("generation %d is now the run's endpoint (%s)", gen, endpoint.get("url"))
 
@@ -136,9 +134,9 @@ class Handover:
         d = generation_dir(self.root, nxt)
         while True:
             await asyncio.sleep(self.poll)
-            if (d / ENDPOINT_JSON).exists():
+            if (d / RunPaths.ENDPOINT).exists():
                 return f"handed over to job {job} (generation {nxt})"
-            fail = read_json(d / FAILURE_JSON)
+            fail = read_json(d / RunPaths.FAILURE)
             if fail:
                 log.error("successor job %s failed: %s; serving until the time limit", job, fail.get("message"))
                 _update(self.root, error=f"generation {nxt}: {fail.get('message')}")

@@ -13,9 +13,8 @@ import aiohttp
 
 from hpcserve import registry
 from hpcserve.agent import handover
-from hpcserve.backends.base import ENDPOINT_JSON
 from hpcserve.plan.model import Plan
-from hpcserve.rundir import atomic_write
+from hpcserve.rundir import RunPaths, atomic_write
 from hpcserve.stacks.base import get_stack
 
 log = logging.getLogger("hpcserve.agent")
@@ -81,7 +80,7 @@ class HeadWatch:
         info = {"url": self.router_url, "host": self.addr, "port": self.plan.router_port,
                 "run_id": self.run_id, "ready_at": time.time(), "startup_seconds": round(startup_s, 2)}
         handover.promote(self.run_dir, info)   # a successor generation: the run's endpoint first
-        atomic_write(self.run_dir / ENDPOINT_JSON, json.dumps(info, indent=1) + "\n")
+        atomic_write(self.run_dir / RunPaths.ENDPOINT, json.dumps(info, indent=1) + "\n")
         log.info("ready: %s (startup %.1fs)", self.router_url, startup_s)
 
     async def _watch_critical(self, planned) -> str:

@@ -20,7 +20,6 @@ from hpcserve.agent.hosts import epoch
 from hpcserve.errors import BackendError
 from hpcserve.rundir import RunPaths, atomic_write
 
-REDIS_JSON = RunPaths.REDIS
 
 
 def find_redis_server(configured: str | None = None) -> str:
@@ -61,7 +60,7 @@ def url_of(host: str, port: int, password: str | None, db: str = "0") -> str:
 
 def publish(run_dir: Path, host: str, port: int, password: str | None, url: str) -> None:
     info = {"host": host, "port": port, "password": password, "url": url, "epoch": epoch()}
-    atomic_write(run_dir / REDIS_JSON, json.dumps(info) + "\n", mode=0o600)
+    atomic_write(run_dir / RunPaths.REDIS, json.dumps(info) + "\n", mode=0o600)
 
 
 async def read_published(run_dir: Path, timeout: float, give_up=lambda: False) -> str | None:
@@ -69,7 +68,7 @@ async def read_published(run_dir: Path, timeout: float, give_up=lambda: False) -
     Returns None when ``give_up()`` turns true first (the head decided there is nothing to run)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    path = run_dir / REDIS_JSON
+    path = run_dir / RunPaths.REDIS
     while True:
         try:
             info = json.loads(path.read_text())
@@ -87,7 +86,7 @@ async def read_published(run_dir: Path, timeout: float, give_up=lambda: False) -
 
 def read_url(run_dir: Path) -> str | None:
     try:
-        return json.loads((run_dir / REDIS_JSON).read_text())["url"]
+        return json.loads((run_dir / RunPaths.REDIS).read_text())["url"]
     except (OSError, ValueError, KeyError):
         return None
 

@@ -15,7 +15,6 @@ from hpcserve.plan.model import Plan, ProcessSpec
 from hpcserve.rundir import RunPaths, atomic_write
 
 log = logging.getLogger("hpcserve.agent")
-DONE_JSON = RunPaths.DONE
 STAGE_KINDS = ("batch", "bench")
 # hpcserve.batch exit codes (docs/batch.md): 0 complete, 3 stopped with rows left, 4 gave up early.
 STAGE_EXIT = {
@@ -59,13 +58,13 @@ def job_ref() -> str | None:
 
 
 def write_done(run_dir: Path, message: str) -> None:
-    atomic_write(run_dir / DONE_JSON, json.dumps({"epoch": epoch(), "message": message, "ts": time.time(),
+    atomic_write(run_dir / RunPaths.DONE, json.dumps({"epoch": epoch(), "message": message, "ts": time.time(),
                                                   "job": job_ref()}) + "\n")
 
 
 def done_now(run_dir: Path) -> bool:
     try:
-        return json.loads((run_dir / DONE_JSON).read_text()).get("epoch") == epoch()
+        return json.loads((run_dir / RunPaths.DONE).read_text()).get("epoch") == epoch()
     except (OSError, ValueError):
         return False
 

@@ -312,8 +312,8 @@ class SweepAgent:
         """Per-point copies of redis.json and this node's address, for tools pointed at a point's dir."""
         hosts.publish_address(pt.dir, self.rank, self.addr)
         if self.is_head:
-            src = self.top / redis_server.REDIS_JSON
-            atomic_write(pt.dir / redis_server.REDIS_JSON, src.read_bytes(), mode=0o600)
+            src = self.top / RunPaths.REDIS
+            atomic_write(pt.dir / RunPaths.REDIS, src.read_bytes(), mode=0o600)
 
     async def _status(self, **fields) -> None:
         try:

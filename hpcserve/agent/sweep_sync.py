@@ -20,7 +20,6 @@ from hpcserve.agent.hosts import epoch
 from hpcserve.errors import BackendError
 from hpcserve.rundir import RunPaths, atomic_write
 
-SWEEP_JSON = RunPaths.SWEEP
 POLL = 0.2
 
 
@@ -94,7 +93,7 @@ def write_node_record(point_dir: Path, rank: int, record: dict) -> None:
 def read_points(top: Path) -> list[Path]:
     """The point dirs of a sweep, in order, from sweep.json (written by `hpcserve render/submit`)."""
     try:
-        index = json.loads((top / SWEEP_JSON).read_text())
+        index = json.loads((top / RunPaths.SWEEP).read_text())
         return [top / entry["dir"] for entry in index]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BackendError(f"{top / SWEEP_JSON} is missing or unreadable ({e}); re-render the sweep") from None
+        raise BackendError(f"{top / RunPaths.SWEEP} is missing or unreadable ({e}); re-render the sweep") from None

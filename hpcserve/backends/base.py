@@ -13,7 +13,6 @@ from typing import Callable, Protocol
 from hpcserve.errors import BackendError
 from hpcserve.rundir import RunPaths, read_json
 
-FAILURE_JSON, ENDPOINT_JSON, JOB_JSON = RunPaths.FAILURE, RunPaths.ENDPOINT, RunPaths.JOB
 
 
 def new_run_dir(name: str, root: str | Path | None = None) -> Path:
@@ -34,11 +33,11 @@ class Run:
 
     @property
     def endpoint(self) -> dict | None:
-        return read_json(self.run_dir / ENDPOINT_JSON)
+        return read_json(self.run_dir / RunPaths.ENDPOINT)
 
     @property
     def failure(self) -> dict | None:
-        return read_json(self.run_dir / FAILURE_JSON)
+        return read_json(self.run_dir / RunPaths.FAILURE)
 
     def wait_ready(self, timeout: float, alive: Callable[[], str | None] | None = None,
                    poll: float = 0.2) -> dict:
@@ -64,14 +63,14 @@ class Run:
 
     def save(self) -> None:
         from hpcserve.rundir import atomic_write
-        atomic_write(self.run_dir / JOB_JSON, json.dumps(
+        atomic_write(self.run_dir / RunPaths.JOB, json.dumps(
             {"backend": self.backend, "job_id": self.job_id, "pids": self.pids}) + "\n")
 
     @classmethod
     def open(cls, run_dir: Path) -> "Run":
-        info = read_json(Path(run_dir) / JOB_JSON)
+        info = read_json(Path(run_dir) / RunPaths.JOB)
         if info is None:
-            raise BackendError(f"{run_dir} is not a run directory (no {JOB_JSON}); pass a run dir or job id")
+            raise BackendError(f"{run_dir} is not a run directory (no {RunPaths.JOB}); pass a run dir or job id")
         return cls(Path(run_dir).resolve(), info["backend"], info.get("job_id"), info.get("pids") or [])
 
 

@@ -17,7 +17,6 @@ from hpcserve.rundir import RunPaths
 
 log = logging.getLogger(__name__)
 
-ENDPOINT_JSON, PLAN_JSON, REDIS_JSON, SWEEP_JSON = RunPaths.ENDPOINT, RunPaths.PLAN, RunPaths.REDIS, RunPaths.SWEEP
 
 
 @dataclass(frozen=True)
@@ -35,31 +34,31 @@ class RunInfo:
 def read_run(path: Path | str) -> RunInfo:
     """What a ready run dir says about itself; a one-line BenchError when it is not a ready run."""
     run_dir = Path(path).resolve()
-    if not (run_dir / ENDPOINT_JSON).is_file():
-        if (run_dir / SWEEP_JSON).is_file():
+    if not (run_dir / RunPaths.ENDPOINT).is_file():
+        if (run_dir / RunPaths.SWEEP).is_file():
             raise BenchError(f"{run_dir} is a sweep; pass the run dir of one point (a sub-directory)")
-        if (run_dir / PLAN_JSON).is_file():
-            raise BenchError(f"{run_dir} has no {ENDPOINT_JSON}: the deployment is not ready (yet); "
+        if (run_dir / RunPaths.PLAN).is_file():
+            raise BenchError(f"{run_dir} has no {RunPaths.ENDPOINT}: the deployment is not ready (yet); "
                              f"check `hpcserve status {run_dir}`")
-        raise BenchError(f"{run_dir} is not a run directory (no {PLAN_JSON}); pass a URL or a run dir")
-    url = _read_json(run_dir / ENDPOINT_JSON).get("url")
+        raise BenchError(f"{run_dir} is not a run directory (no {RunPaths.PLAN}); pass a URL or a run dir")
+    url = _read_json(run_dir / RunPaths.ENDPOINT).get("url")
     if not isinstance(url, str) or "://" not in url:
-        raise BenchError(f"{run_dir / ENDPOINT_JSON} has no 'url'; the run dir is damaged, pass the URL instead")
+        raise BenchError(f"{run_dir / RunPaths.ENDPOINT} has no 'url'; the run dir is damaged, pass the URL instead")
     name, point, gpus, api = run_dir.name, {}, 1, "auto"
-    if (run_dir / PLAN_JSON).is_file():
+    if (run_dir / RunPaths.PLAN).is_file():
         from hpcserve.plan.model import Plan
         try:
-            plan = Plan.from_json((run_dir / PLAN_JSON).read_bytes())
+            plan = Plan.from_json((run_dir / RunPaths.PLAN).read_bytes())
         except ValueError as e:
-            raise BenchError(f"{run_dir / PLAN_JSON} does not load ({str(e).splitlines()[0]}); "
+            raise BenchError(f"{run_dir / RunPaths.PLAN} does not load ({str(e).splitlines()[0]}); "
                              "pass --gpus N and the URL instead") from None
         name, point = plan.name, dict(plan.point)
         from hpcserve.stacks.base import get_stack
         api = get_stack(plan.stack).api
         gpus = max(1, sum(w.gpus for w in plan.workers))   # mock deployments plan 0 GPUs
     redis_url = None
-    if (run_dir / REDIS_JSON).is_file():
-        redis_url = _read_json(run_dir / REDIS_JSON).get("url")
+    if (run_dir / RunPaths.REDIS).is_file():
+        redis_url = _read_json(run_dir / RunPaths.REDIS).get("url")
     return RunInfo(run_dir=run_dir, url=url, gpus=gpus, name=name, point=point, redis_url=redis_url,
                    run_id=run_dir.name, api=api)
 
@@ -79,7 +78,7 @@ async def run_restart_counter(info: RunInfo) -> AsyncIterator[RestartCounter | N
     """The run's registry restart counter, or None (with a warning) when the registry is unreachable or
     empty, so the benchmark still runs without restart detection."""
     if not info.redis_url:
-        log.warning("no %s in %s: worker restarts will not be detected", REDIS_JSON, info.run_dir)
+        log.warning("no %s in %s: worker restarts will not be detected", RunPaths.REDIS, info.run_dir)
         yield None
         return
     import redis.asyncio as aioredis

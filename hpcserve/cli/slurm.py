@@ -27,11 +27,8 @@ def register(app: typer.Typer) -> None:
         """Write the run dir, sbatch it, print job id and run dir (and the endpoint with --wait)."""
         from hpcserve.api import submit as api_submit
         from hpcserve.api import wait_ready
-        if cluster is not None:   # say which of the recipe's own cluster settings the profile replaces
-            from hpcserve.recipe.load import load_recipe
-            for line in load_recipe(recipe, set_ or [], cluster)[0].notes:
-                err_console.print(f"note: {line}", markup=False)
-        runs = api_submit(recipe, set_ or [], cluster, run_dir)
+        runs = api_submit(recipe, set_ or [], cluster, run_dir,
+                          on_note=lambda line: err_console.print(f"note: {line}", markup=False))
         for run in runs:
             console.print(f"job {run.job_id}  run dir {run.run_dir}", markup=False)
         if wait:
