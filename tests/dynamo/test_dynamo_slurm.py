@@ -74,7 +74,7 @@ def _openai_both_ways(url: str) -> None:
 
 
 def _assert_cancelled_clean(run, started: dict[str, list[int]], ports: list[int]) -> None:
-    assert cancel(run, wait=60) in ("COMPLETED", "CANCELLED")
+    assert cancel(run, wait=60) == "COMPLETED"   # drained and exited 0, not the hard scancel
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and any(pid_alive(p) for ps in started.values() for p in ps):
         time.sleep(0.3)

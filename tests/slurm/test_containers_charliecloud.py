@@ -164,7 +164,7 @@ def test_engine_runs_in_image_agent_outside_ready_restart_drain_cancel(image, tm
         wait_for(lambda: _generate_ok(ep["url"]), 60, "serving again after the restart")
     finally:
         final = cancel(run, wait=60)
-    assert final in ("COMPLETED", "CANCELLED")
+    assert final == "COMPLETED"    # drained and exited 0 (CANCELLED: the hard scancel after the wait)
     # (c) the drain's SIGTERM reached the engine inside the image: its own log says so; nothing is left
     assert "stop signal: draining" in engine_log.read_text().rsplit(f"image-marker={token}", 1)[-1]
     assert not any(pid_alive(p) for p in _engine_pids(agent_log))

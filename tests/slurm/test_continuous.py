@@ -102,7 +102,7 @@ def test_continuous_hands_over_before_time_limit_and_chain_goes_on(tmp_path):
             follower.stop.set()
             follower.join(30)
         final = cancel(run, wait=60)
-    assert final in ("COMPLETED", "CANCELLED")
+    assert final == "COMPLETED"    # drained and exited 0 (CANCELLED: the hard scancel after the wait)
     # every request of the endpoint-following client was answered, with the same text, by all generations
     assert follower.failures == [], follower.failures[:3]
     assert follower.texts == {expected}
