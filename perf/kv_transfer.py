@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from hpcserve.mock.launch import free_port
+from hpcserve.engine_shell.launch import free_port
 
 
 def _cache(mb: float):

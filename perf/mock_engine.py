@@ -17,7 +17,8 @@ import time
 
 import orjson
 
-from hpcserve.mock.launch import MockProcess, free_port
+from hpcserve.engine_shell.launch import free_port
+from hpcserve.mock.launch import MockProcess
 
 
 async def _read_response(reader: asyncio.StreamReader) -> bool:

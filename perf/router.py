@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import router_harness  # noqa: E402
 from router_fake import run_load as _py_load, serve_fake  # noqa: E402
 
-from hpcserve.mock.launch import free_port as _free_port, http_status  # noqa: E402
+from hpcserve.engine_shell.launch import free_port as _free_port, http_status  # noqa: E402
 
 
 API_KEY = "bench-secret-key"

@@ -108,7 +108,7 @@ class RedisProcess:
     def __init__(self, tmp_path: Path, port: int | None = None, password: str | None = None,
                  name: str = "redis-ext") -> None:
         from hpcserve.agent.redis_server import url_of
-        from hpcserve.mock.launch import free_port
+        from hpcserve.engine_shell.launch import free_port
         self.port = port or free_port()
         self.url = url_of("127.0.0.1", self.port, password)
         self.conf = tmp_path / f"{name}.conf"

@@ -13,7 +13,8 @@ from typing import Callable
 
 import httpx
 
-from hpcserve.mock.launch import MockProcess, free_port
+from hpcserve.engine_shell.launch import free_port
+from hpcserve.mock.launch import MockProcess
 
 
 def wait_until(check: Callable[[], object], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> object:

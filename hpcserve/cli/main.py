@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from hpcserve.cli.common import ClusterOpt, SetOpt, console, err_console, fail, guarded, show_plan_table
+from hpcserve.cli.common import ClusterOpt, SetOpt, console, err_console, guarded, show_plan_table
 from hpcserve.rundir import RunPaths
 
 
@@ -151,17 +151,11 @@ def router(ctx: typer.Context):
 
 
 def _register_more() -> None:
-    """Verbs that live in their own modules (serve, slurm, batch, bench) add themselves here."""
-    import importlib
-    for mod in ("hpcserve.cli.serve", "hpcserve.cli.slurm", "hpcserve.cli.batch", "hpcserve.cli.bench",
-                "hpcserve.cli.doctor", "hpcserve.cli.top"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue
-        m.register(app)
+    """Verbs that live in their own modules add themselves here. A module that fails to import is an
+    error, not a verb quietly missing from --help."""
+    from hpcserve.cli import batch, bench, doctor, serve, slurm, top
+    for module in (serve, slurm, batch, bench, doctor, top):
+        module.register(app)
 
 
 _register_more()

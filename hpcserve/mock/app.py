@@ -7,9 +7,9 @@ from hpcserve import aio
 import asyncio
 import sys
 
+from hpcserve.engine_shell.bootstrap import BootstrapServer
 from hpcserve.http import HttpServer, Request
 from hpcserve.http.listen import StartupError, listen, stop_on_signals
-from hpcserve.mock.bootstrap import BootstrapServer
 from hpcserve.mock.cli import MockConfig, UsageError, parse_args, usage
 from hpcserve.mock.multinode import Ranks, run_follower
 from hpcserve.mock.server import MockServer

@@ -11,20 +11,13 @@ import os
 import time
 from typing import Any, Awaitable, Callable
 
-from hpcserve.mock.bootstrap import BootstrapTimeout, KVClient, KVStore
+from hpcserve.engine_shell.bootstrap import BootstrapTimeout, KVClient, KVStore
+from hpcserve.engine_shell.errors import EngineError
+from hpcserve.engine_shell.tokenizer import Prompt
 from hpcserve.mock.kv_events import make_publisher
 from hpcserve.mock.kvcache import make_kvcache
 from hpcserve.mock.model import SamplingParams, complete, decode_step_ms, kv_digest, prefill_ms
 from hpcserve.mock.scheduler import Scheduler, Seq
-from hpcserve.mock.tokenizer import Prompt
-
-
-class EngineError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "BadRequestError") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
 
 
 class Boot:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from hashlib import blake2b
 from typing import Any
 
-from hpcserve.mock.tokenizer import OFFSET, Prompt, token_text
+from hpcserve.engine_shell.tokenizer import OFFSET, Prompt, token_text
 
 WORDS = (
     "alpha", "bravo", "cedar", "delta", "ember", "fable", "gamma", "harbor", "iris", "jade", "kite", "lumen",

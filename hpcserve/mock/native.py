@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from hpcserve.engine_shell.oai_protocol import lora_refusal
+from hpcserve.engine_shell.tokenizer import Prompt
 from hpcserve.mock.engine import Boot, Engine, Job
 from hpcserve.mock.model import SamplingParams
-from hpcserve.mock.oai_protocol import lora_refusal
-from hpcserve.mock.tokenizer import Prompt
 
 
 def _pick(value: Any, i: int, n: int, name: str) -> Any:

@@ -12,12 +12,13 @@ import time
 
 import orjson
 
+from hpcserve.engine_shell import oai_protocol as proto
+from hpcserve.engine_shell.errors import EngineError, oai_error
+from hpcserve.engine_shell.tokenizer import OFFSET, Prompt, apply_chat_template, token_bytes, token_piece, token_text
 from hpcserve.http import HttpConnection, Request
-from hpcserve.mock import oai_protocol as proto
-from hpcserve.mock.engine import Boot, EngineError, Job, new_rid
+from hpcserve.mock.engine import Boot, Job, new_rid
 from hpcserve.mock.model import SamplingParams, input_logprobs, input_top_logprobs, output_logprobs, output_top_logprobs
-from hpcserve.mock.server import DONE, SSE, SSE_HEADERS, oai_error, run_all
-from hpcserve.mock.tokenizer import OFFSET, Prompt, apply_chat_template, token_bytes, token_piece, token_text
+from hpcserve.mock.server import DONE, SSE, SSE_HEADERS, run_all
 
 
 def _finish(job: Job) -> str:

@@ -15,15 +15,16 @@ from urllib.parse import unquote
 
 import orjson
 
+from hpcserve.engine_shell.errors import EngineError, error_body
+from hpcserve.engine_shell.oai_protocol import ApiError, model_card, model_not_found
+from hpcserve.engine_shell.tokenizer import VOCAB_SIZE
 from hpcserve.http import HttpConnection, Request
-from hpcserve.mock.engine import Engine, EngineError, Job
+from hpcserve.mock.engine import Engine, Job
 from hpcserve.mock.model import (
     input_logprobs, input_top_logprobs, output_logprobs, output_top_logprobs,
 )
 from hpcserve.mock.native import plan_native
-from hpcserve.mock.oai_protocol import ApiError, model_card, model_not_found
 from hpcserve.mock.stats import Stats
-from hpcserve.mock.tokenizer import VOCAB_SIZE
 
 VERSION = "0.5.0-mock"
 SSE = b"text/event-stream"
@@ -31,16 +32,6 @@ SSE_HEADERS = b"cache-control: no-cache\r\n"
 DONE = b"data: [DONE]\n\n"
 _OPEN_PATHS = {b"/health", b"/health_generate", b"/metrics", b"/mock/stats"}
 _GENERATE_PATHS = {b"/generate", b"/v1/completions", b"/v1/chat/completions"}
-
-
-def error_body(status: int, message: str, kind: str = "BadRequestError") -> bytes:
-    """SGLang's native error object."""
-    return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
-
-
-def oai_error(status: int, message: str, kind: str = "BadRequestError") -> bytes:
-    """SGLang's OpenAI-style error object."""
-    return orjson.dumps({"object": "error", "message": message, "type": kind, "param": None, "code": status})
 
 
 async def run_all(engine: Engine, jobs: list[Job], make_cb=None, on_done=None) -> None:

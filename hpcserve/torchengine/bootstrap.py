@@ -8,7 +8,7 @@ prefill is done, and a prefill completes only once its KV was fetched). The boot
 
 from __future__ import annotations
 
-from hpcserve.mock.bootstrap import BootstrapServer, KVClient, KVStore, Room
+from hpcserve.engine_shell.bootstrap import BootstrapServer, KVClient, KVStore, Room
 
 OCTETS = b"application/octet-stream"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpcserve.mock.launch import MockProcess, free_port
+from hpcserve.engine_shell.launch import EngineProcess, free_port
 
 
-class TorchProcess(MockProcess):
+class TorchProcess(EngineProcess):
     # "listen": the torch engine answers /health as soon as its model is loaded and it listens
     MODULE, DEFAULT_MODEL, NAME, LOG_PREFIX = "hpcserve.torchengine", "random", "torch engine", "torch"
     DEFAULT_WAIT, DEFAULT_TIMEOUT = "listen", 60.0

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from hpcserve.mock.tokenizer import token_text
+from hpcserve.engine_shell.tokenizer import token_text
 
 Row = tuple[float, list[tuple[float, int]]]
 

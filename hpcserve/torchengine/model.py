@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from hpcserve.mock.tokenizer import VOCAB_SIZE
+from hpcserve.engine_shell.tokenizer import VOCAB_SIZE
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 

@@ -16,11 +16,11 @@ import time
 
 import orjson
 
-from hpcserve.http import HttpConnection, Request
-from hpcserve.mock import oai_protocol as proto
-from hpcserve.mock.tokenizer import OFFSET, apply_chat_template, decode as detokenize, token_bytes, token_piece, \
+from hpcserve.engine_shell import oai_protocol as proto
+from hpcserve.engine_shell.errors import EngineError, oai_error
+from hpcserve.engine_shell.tokenizer import OFFSET, apply_chat_template, decode as detokenize, token_bytes, token_piece, \
     token_text
-from hpcserve.torchengine.errors import RequestError, oai_error
+from hpcserve.http import HttpConnection, Request
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEAD = b"cache-control: no-cache\r\n"
@@ -146,10 +146,10 @@ class OpenAIShell:
             _unsupported(body)
             items, view = self._plan(body, chat)
         except orjson.JSONDecodeError as err:
-            return self._fail(conn, RequestError(400, f"bad JSON: {err}"))
+            return self._fail(conn, EngineError(400, f"bad JSON: {err}"))
         except proto.ApiError as err:
-            return self._fail(conn, RequestError(err.status, err.message, err.kind))
-        except RequestError as err:
+            return self._fail(conn, EngineError(err.status, err.message, err.kind))
+        except EngineError as err:
             return self._fail(conn, err)
         return self._run(conn, body, items, view)
 
@@ -159,7 +159,7 @@ class OpenAIShell:
                 return [(apply_chat_template(body.get("messages"), bool(body.get("add_generation_prompt", True))),
                          None)]
             except ValueError as err:
-                raise RequestError(400, str(err)) from None
+                raise EngineError(400, str(err)) from None
         p = body.get("prompt")
         if isinstance(p, str):
             return [(p, None)]
@@ -170,7 +170,7 @@ class OpenAIShell:
                 return [(None, p)]
             if all(isinstance(x, list) for x in p):
                 return [(None, x) for x in p]
-        raise RequestError(400, "prompt must be a string, a list of strings, a list of token ids or a list of those")
+        raise EngineError(400, "prompt must be a string, a list of strings, a list of token ids or a list of those")
 
     def _plan(self, body: dict, chat: bool) -> tuple[list, _Choices]:
         srv = self.server
@@ -204,7 +204,7 @@ class OpenAIShell:
             ids.append(items[-1][1])
         return items, _Choices(body, chat, ids, n)
 
-    def _fail(self, conn: HttpConnection, err: RequestError) -> None:
+    def _fail(self, conn: HttpConnection, err: EngineError) -> None:
         self.server.counts["errors"] += 1
         conn.respond(err.status, oai_error(err.status, err.message, err.kind))
 
@@ -237,7 +237,7 @@ class OpenAIShell:
                                       for i, (item, prompt, sp) in enumerate(items)), return_exceptions=True)
         err = next((o for o in outs if isinstance(o, BaseException)), None)
         if err is not None:
-            if not isinstance(err, RequestError):
+            if not isinstance(err, EngineError):
                 raise err
             srv.counts["errors"] += 1
             if stream:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpcserve.mock.tokenizer import EOS_ID
+from hpcserve.engine_shell.tokenizer import EOS_ID
 from hpcserve.torchengine.model import KVCache, TinyLlama
 
 

@@ -15,16 +15,16 @@ from urllib.parse import unquote
 
 import orjson
 
+from hpcserve.engine_shell.bootstrap import BootstrapTimeout
+from hpcserve.engine_shell.errors import EngineError, error_body
+from hpcserve.engine_shell.oai_protocol import model_card, model_not_found
+from hpcserve.engine_shell.tokenizer import Prompt, decode as detokenize
 from hpcserve.http import HttpConnection, Request
-from hpcserve.mock.bootstrap import BootstrapTimeout
-from hpcserve.mock.oai_protocol import model_card, model_not_found
-from hpcserve.mock.tokenizer import Prompt, decode as detokenize
 from hpcserve.torchengine import kvwire, logprobs
 from hpcserve.torchengine.bootstrap import BinaryKVStore, KVFetcher
 from hpcserve.torchengine.config import EngineConfig
-from hpcserve.torchengine.errors import RequestError, error_body
-from hpcserve.torchengine.openai_shell import OpenAIShell
 from hpcserve.torchengine.model import TinyLlama
+from hpcserve.torchengine.openai_shell import OpenAIShell
 from hpcserve.torchengine.sampling import Sampling
 from hpcserve.torchengine.scheduler import Scheduler, Seq
 
@@ -42,7 +42,7 @@ def refuse_unsupported(sp: object) -> None:
     if isinstance(sp, dict):
         for k, off in NATIVE_OFF.items():
             if sp.get(k) not in off:
-                raise RequestError(400, f"sampling_params.{k} is not supported by the torch engine (see docs/api.md)")
+                raise EngineError(400, f"sampling_params.{k} is not supported by the torch engine (see docs/api.md)")
 
 
 def prompt_digest(ids: list[int]) -> str:
@@ -82,26 +82,26 @@ class TorchServer:
             text, ids = body.get("text"), body.get("input_ids")
         if text is not None:
             if not isinstance(text, str):
-                raise RequestError(400, "text must be a string")
+                raise EngineError(400, "text must be a string")
             prompt = Prompt.from_text(text).ids
         elif ids is not None:
             if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise RequestError(400, "input_ids must be a list of integers")
+                raise EngineError(400, "input_ids must be a list of integers")
             prompt = list(ids)
         else:
-            raise RequestError(400, "the request needs text or input_ids")
+            raise EngineError(400, "the request needs text or input_ids")
         vocab = self.model.cfg.vocab_size
         if not prompt or not all(0 <= i < vocab for i in prompt):
-            raise RequestError(400, f"the prompt must have at least one token, every id in [0, {vocab})")
+            raise EngineError(400, f"the prompt must have at least one token, every id in [0, {vocab})")
         if len(prompt) >= self.cfg.context_length:
-            raise RequestError(400, f"the prompt has {len(prompt)} tokens; the context length is {self.cfg.context_length}")
+            raise EngineError(400, f"the prompt has {len(prompt)} tokens; the context length is {self.cfg.context_length}")
         if sampling is None:
             refuse_unsupported(body.get("sampling_params"))
         try:
             sp = Sampling.from_dict(body.get("sampling_params") if sampling is None else sampling,
                                     self.cfg.default_max_tokens, random.getrandbits(62))
         except (ValueError, TypeError) as err:
-            raise RequestError(400, str(err)) from None
+            raise EngineError(400, str(err)) from None
         return prompt, sp
 
     def generate(self, req: Request, conn: HttpConnection):
@@ -109,15 +109,15 @@ class TorchServer:
         try:
             body = orjson.loads(req.body)
             if not isinstance(body, dict):
-                raise RequestError(400, "the request body must be a JSON object")
+                raise EngineError(400, "the request body must be a JSON object")
             text, ids = body.get("text"), body.get("input_ids")
             if isinstance(text, list) or (isinstance(ids, list) and ids and isinstance(ids[0], list)):
                 return self._generate_batch(conn, self._batch_items(body))
             prompt, sp = self.parse(body)
             self.check_pd_fields(body)
         except orjson.JSONDecodeError as err:
-            return self._fail(conn, RequestError(400, f"bad JSON: {err}"))
-        except RequestError as err:
+            return self._fail(conn, EngineError(400, f"bad JSON: {err}"))
+        except EngineError as err:
             return self._fail(conn, err)
         return self._generate(conn, body, prompt, sp)
 
@@ -128,7 +128,7 @@ class TorchServer:
         top, start = body.get("top_logprobs_num") or 0, body.get("logprob_start_len")
         start = -1 if start is None else start
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (top, start)) or top < 0:
-            raise RequestError(400, "top_logprobs_num and logprob_start_len must be integers")
+            raise EngineError(400, "top_logprobs_num and logprob_start_len must be integers")
         return top, start, bool(body.get("return_text_in_logprobs"))
 
     @staticmethod
@@ -141,7 +141,7 @@ class TorchServer:
         prompts = [("text", t) for t in text] if isinstance(text, list) else [("input_ids", x) for x in ids]
         n = len(prompts)
         if n == 0:
-            raise RequestError(400, "empty batch")
+            raise EngineError(400, "empty batch")
         items = []
         for i, (key, value) in enumerate(prompts):
             item = {k: v for k, v in body.items() if k not in ("text", "input_ids")}
@@ -149,7 +149,7 @@ class TorchServer:
                 v = body.get(k)
                 if isinstance(v, list):
                     if len(v) != n:
-                        raise RequestError(400, f"{k} has {len(v)} entries for a batch of {n}")
+                        raise EngineError(400, f"{k} has {len(v)} entries for a batch of {n}")
                     item[k] = v[i]
             item[key] = value
             prompt, sp = self.parse(item)
@@ -164,7 +164,7 @@ class TorchServer:
         stream = bool(items[0][0].get("stream"))
         try:
             lps = [self.native_lp(item) for item, _, _ in items]
-        except RequestError as err:
+        except EngineError as err:
             self._fail(conn, err)
             return
 
@@ -179,7 +179,7 @@ class TorchServer:
                                       for i, (item, prompt, sp) in enumerate(items)), return_exceptions=True)
         err = next((o for o in outs if isinstance(o, BaseException)), None)
         if err is not None:
-            if not isinstance(err, RequestError):
+            if not isinstance(err, EngineError):
                 raise err
             self._answer_error(conn, err, stream)
             return
@@ -190,11 +190,11 @@ class TorchServer:
         else:
             conn.respond(200, orjson.dumps(results))
 
-    def _fail(self, conn: HttpConnection, err: RequestError) -> None:
+    def _fail(self, conn: HttpConnection, err: EngineError) -> None:
         self.counts["errors"] += 1
         conn.respond(err.status, error_body(err.status, err.message, err.kind))
 
-    def _answer_error(self, conn: HttpConnection, err: RequestError, stream: bool) -> None:
+    def _answer_error(self, conn: HttpConnection, err: EngineError, stream: bool) -> None:
         """A started stream ends with an SSE error event; otherwise a JSON error response."""
         if not stream:
             self._fail(conn, err)
@@ -205,7 +205,7 @@ class TorchServer:
 
     async def run(self, body: dict, prompt: list[int], sp: Sampling, on_step=None, lp: tuple | None = None) -> Seq:
         """The finished sequence of one request in this server's role (``out``, and with ``lp`` = (top,
-        prompt_lp) its log-probability rows); raises RequestError."""
+        prompt_lp) its log-probability rows); raises EngineError."""
         self.running += 1
         top, prompt_lp = lp if lp is not None else (None, False)
         try:
@@ -218,7 +218,7 @@ class TorchServer:
                 return seq
             return await self.scheduler.submit(seq)
         except ValueError as err:      # the model refused (sequence longer than its context)
-            raise RequestError(400, str(err)) from None
+            raise EngineError(400, str(err)) from None
         finally:
             self.running -= 1
 
@@ -228,7 +228,7 @@ class TorchServer:
         stream = bool(body.get("stream"))
         try:
             lp = self.native_lp(body)
-        except RequestError as err:
+        except EngineError as err:
             self._fail(conn, err)
             return
         on_step = None
@@ -240,7 +240,7 @@ class TorchServer:
                     conn.write(self._event(self._result(rid, seq, False, t0, lp)))
         try:
             seq = await self.run(body, prompt, sp, on_step, self.seq_lp(lp))
-        except RequestError as err:
+        except EngineError as err:
             self._answer_error(conn, err, stream)
             return
         result = self._result(rid, seq, True, t0, lp)
@@ -272,11 +272,11 @@ class TorchServer:
             return
         room = body.get("bootstrap_room")
         if not isinstance(room, int) or isinstance(room, bool):
-            raise RequestError(400, "a PD request needs an integer bootstrap_room (send it through the router)")
+            raise EngineError(400, "a PD request needs an integer bootstrap_room (send it through the router)")
         if self.cfg.mode == "decode":
             host, port = body.get("bootstrap_host"), body.get("bootstrap_port")
             if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool):
-                raise RequestError(400, "a decode request needs bootstrap_host and an integer bootstrap_port "
+                raise EngineError(400, "a decode request needs bootstrap_host and an integer bootstrap_port "
                                         "(the prefill's bootstrap port; it is never defaulted)")
 
     async def _prefill(self, body: dict, prompt: list[int], sp: Sampling, top: int | None, prompt_lp: bool) -> Seq:
@@ -291,9 +291,9 @@ class TorchServer:
         try:
             r = self.store.put_bytes(room, payload)
         except ValueError as err:
-            raise RequestError(400, str(err)) from None
+            raise EngineError(400, str(err)) from None
         if not await self.store.wait_fetched(room, r, self.cfg.bootstrap_timeout):
-            raise RequestError(500, f"bootstrap timeout: no decode server fetched the KV of bootstrap_room {room}",
+            raise EngineError(500, f"bootstrap timeout: no decode server fetched the KV of bootstrap_room {room}",
                                "InternalServerError")
         self.counts["kv_bytes_sent"] += len(payload)
         if not sp.max_new_tokens:
@@ -306,16 +306,16 @@ class TorchServer:
             data = await self.fetcher.fetch(host, port, room, self.cfg.bootstrap_timeout)
             cache, meta = kvwire.unpack(data)
         except BootstrapTimeout as err:
-            raise RequestError(500, str(err), "InternalServerError") from None
+            raise EngineError(500, str(err), "InternalServerError") from None
         except kvwire.WireError as err:
-            raise RequestError(500, f"KV of bootstrap_room {room}: {err}", "InternalServerError") from None
+            raise EngineError(500, f"KV of bootstrap_room {room}: {err}", "InternalServerError") from None
         self.counts["kv_bytes_received"] += len(data)
         if meta["prompt_len"] != len(prompt) or meta["prompt_digest"] != prompt_digest(prompt):
-            raise RequestError(500, f"KV mismatch: bootstrap_room {room} holds the KV of another prompt",
+            raise EngineError(500, f"KV mismatch: bootstrap_room {room} holds the KV of another prompt",
                                "InternalServerError")
         m = self.model.cfg
         if len(cache) != m.n_layers or tuple(cache[0][0].shape) != (m.n_kv_heads, len(prompt), m.head_dim):
-            raise RequestError(500, f"KV mismatch: the prefill runs another model (KV shape {list(cache[0][0].shape)})",
+            raise EngineError(500, f"KV mismatch: the prefill runs another model (KV shape {list(cache[0][0].shape)})",
                                "InternalServerError")
         if sp.max_new_tokens == 0:
             return Seq(prompt, sp, top=top)

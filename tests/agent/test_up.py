@@ -17,7 +17,7 @@ from proc_util import REPO, demo_overrides, descendants, pids_alive, wait_for
 
 from hpcserve import registry
 from hpcserve.mock.model import SamplingParams, complete
-from hpcserve.mock.tokenizer import Prompt
+from hpcserve.engine_shell.tokenizer import Prompt
 
 DEMO = REPO / "recipes/local-demo.yaml"
 PROMPT = "The quick brown fox"

@@ -68,7 +68,7 @@ def test_failed_rows_are_said_and_strict_exits_1(tmp_path):
     res = verb(tmp_path)
     assert res.returncode == 0, res.stderr
     assert "complete: 23 rows (3 errors)" in res.stdout
-    assert f"warning: 3 of 23 rows failed (their output rows carry an \"error\" field: " in res.stderr
+    assert "warning: 3 of 23 rows failed (their output rows carry an \"error\" field: " in res.stderr
     res = verb(tmp_path, "--strict")   # complete already: nothing starts, the counts are the same
     assert res.returncode == 1 and "nothing started" in res.stdout and "warning: 3 of 23 rows failed" in res.stderr
 

@@ -12,8 +12,9 @@ import pytest
 import zmq
 
 from hpcserve.mock.kvcache import KVCache, capacity_blocks, chain_hashes
-from hpcserve.mock.launch import MockProcess, free_port
-from hpcserve.mock.tokenizer import OFFSET, apply_chat_template, encode
+from hpcserve.engine_shell.launch import free_port
+from hpcserve.mock.launch import MockProcess
+from hpcserve.engine_shell.tokenizer import OFFSET, apply_chat_template, encode
 
 
 def ids(n: int, salt: int = 0) -> list[int]:

@@ -14,9 +14,10 @@ import orjson
 import pytest
 
 from hpcserve.mock.cli import parse_args
-from hpcserve.mock.launch import MockProcess, free_port, http_status
+from hpcserve.engine_shell.launch import free_port, http_status
+from hpcserve.mock.launch import MockProcess
 from hpcserve.mock.model import SamplingParams, complete
-from hpcserve.mock.tokenizer import Prompt, apply_chat_template, encode
+from hpcserve.engine_shell.tokenizer import Prompt, apply_chat_template, encode
 
 TIMEOUT = httpx.Timeout(30.0)
 HELLO = {"text": "Hello world", "sampling_params": {"max_new_tokens": 24}}

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from hpcserve.mock.tokenizer import encode  # noqa: E402
+from hpcserve.engine_shell.tokenizer import encode  # noqa: E402
 from hpcserve.torchengine import checkpoint  # noqa: E402
 from hpcserve.torchengine.launch import TorchProcess, start_pd_pair  # noqa: E402
 from hpcserve.torchengine.model import TinyConfig, TinyLlama  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from hpcserve.engines.base import WorkerLaunch, get_engine  # noqa: E402
-from hpcserve.mock.launch import free_port  # noqa: E402
+from hpcserve.engine_shell.launch import free_port  # noqa: E402
 from hpcserve.torchengine import checkpoint  # noqa: E402
 from hpcserve.torchengine.launch import TorchProcess, start_pd_pair  # noqa: E402
 from hpcserve.torchengine.model import TinyConfig, TinyLlama  # noqa: E402
@@ -164,7 +164,7 @@ def test_engine_registry_builds_the_torch_argv():
 def test_openai_endpoints_through_the_pd_router_match_the_oracle(cluster):
     import openai
 
-    from hpcserve.mock.tokenizer import apply_chat_template, decode, encode
+    from hpcserve.engine_shell.tokenizer import apply_chat_template, decode, encode
     oracle = cluster["oracle"]
     client = openai.OpenAI(base_url=cluster["router"].url + "/v1", api_key="unused", timeout=30, max_retries=0)
     msgs = [{"role": "user", "content": "Say something."}]

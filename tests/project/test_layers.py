@@ -21,6 +21,7 @@ RANKS = {
     "batch": 50, "bench": 50, "router": 50,
     "torchengine": 45,
     "mock": 42,
+    "engine_shell": 40,
     "render": 35,
     "plan": 30,
     "stacks": 27, "containers": 27,

@@ -12,8 +12,9 @@ import pytest
 
 from hpcserve.mock.kv_events import KVEventsConfig, ZmqPublisher
 from hpcserve.mock.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from hpcserve.mock.launch import MockProcess, free_port
-from hpcserve.mock.tokenizer import encode
+from hpcserve.engine_shell.launch import free_port
+from hpcserve.mock.launch import MockProcess
+from hpcserve.engine_shell.tokenizer import encode
 from hpcserve.router.kv_feed import Feed, apply_payload
 from hpcserve.router.kv_index import KVIndex, prefix_hashes
 from hpcserve.router.kv_policy import KVAware, chat_text
@@ -184,7 +185,7 @@ def test_router_process_with_kv_aware_sends_a_repeated_prefix_to_its_cache(two_m
     import subprocess
     import sys
 
-    from hpcserve.mock.launch import http_status
+    from hpcserve.engine_shell.launch import http_status
 
     a, b = two_mocks(), two_mocks()
     port = free_port()

@@ -16,7 +16,8 @@ import httpx
 import orjson
 import pytest
 
-from hpcserve.mock.launch import MockProcess, free_port
+from hpcserve.engine_shell.launch import free_port
+from hpcserve.mock.launch import MockProcess
 
 TIMEOUT = httpx.Timeout(30.0)
 HELLO = {"text": "Hello world", "sampling_params": {"max_new_tokens": 24}}

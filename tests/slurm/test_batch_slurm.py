@@ -14,7 +14,7 @@ from slurm_util import requires_slurm, run_slurm
 from hpcserve.api import prepare_batch, run_batch_job
 from hpcserve.backends.slurm import SlurmBackend, query_jobs
 from hpcserve.mock.model import SamplingParams, complete
-from hpcserve.mock.tokenizer import Prompt
+from hpcserve.engine_shell.tokenizer import Prompt
 
 pytestmark = [pytest.mark.slurm, requires_slurm]
 LOCAL = str(REPO / "slurm/clusters/local.yaml")
