@@ -12,6 +12,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
+from hpcserve.cmdline.agent import AgentArgs
 from hpcserve.plan.model import Plan
 from hpcserve.rundir import RunPaths, atomic_write
 
@@ -20,6 +21,16 @@ _ENV = jinja2.Environment(
     undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
 )
 _ENV.filters["shq"] = lambda v: shlex.quote(str(v))
+
+
+def _agent_argv(run_dir: str, sweep: bool = False) -> str:
+    """``hpcserve node``'s flags for the batch script; ``run_dir`` is a shell expression ("$RUN_DIR"), so each
+    value is double-quoted (expanded by the shell, never split)."""
+    args = AgentArgs(sweep=run_dir) if sweep else AgentArgs(plan=f"{run_dir}/{RunPaths.PLAN}", run_dir=run_dir)
+    return " ".join(a if a.startswith("--") else f'"{a}"' for a in args.to_argv())
+
+
+_ENV.globals["agent_argv"] = _agent_argv
 
 RUN_FILES = (RunPaths.RECIPE, RunPaths.PLAN, RunPaths.SCRIPT)
 

@@ -7,7 +7,6 @@ failure.json in the run dir (so `status` can say why) and the agent exits 1.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -25,24 +24,14 @@ from hpcserve.agent.head import HeadWatch
 from hpcserve.agent.preflight import preflight
 from hpcserve.agent.procs import child_env, cpu_shares
 from hpcserve.agent.supervisor import Managed, Supervisor
+from hpcserve.cmdline.agent import AgentArgs
 from hpcserve.containers.base import engine_command
-from hpcserve.errors import HpcserveError
+from hpcserve.errors import HpcserveError, UsageError
 from hpcserve.plan.model import Plan
 from hpcserve.rundir import RunPaths, atomic_write, read_json
 
 log = logging.getLogger("hpcserve.agent")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="hpcserve node")
-    p.add_argument("--plan", type=Path, help="the plan.json of one deployment (or --sweep)")
-    p.add_argument("--sweep", type=Path, default=None, metavar="RUN_DIR",
-                   help="walk every point of a sweep (RUN_DIR/sweep.json) in one allocation")
-    p.add_argument("--run-dir", type=Path, default=None, help="default: the plan's folder")
-    p.add_argument("--node-rank", type=int, default=None, help="default: SLURM_NODEID")
-    p.add_argument("--run-id", default=None, help="default: the run dir's name")
-    return p.parse_args(argv)
 
 
 def node_rank(arg: int | None, nodes: int) -> int:
@@ -349,19 +338,24 @@ class StopEvent(asyncio.Event):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = AgentArgs.from_argv(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as e:
+        print(f"error: {e} (see hpcserve node --help)", file=sys.stderr)
+        return EXIT_USAGE
     if args.sweep is not None:
         from hpcserve.agent.sweep import main as sweep_main
-        return sweep_main(args.sweep, args.node_rank, args.run_id)
+        return sweep_main(Path(args.sweep), args.node_rank, args.run_id)
     if args.plan is None:
         print("error: give --plan PLAN.json (or --sweep RUN_DIR)", file=sys.stderr)
         return EXIT_USAGE
+    plan_path = Path(args.plan)
     try:
-        plan = Plan.from_json(args.plan.read_bytes())
+        plan = Plan.from_json(plan_path.read_bytes())
     except OSError as e:
-        print(f"error: cannot read plan {args.plan}: {e.strerror}", file=sys.stderr)
+        print(f"error: cannot read plan {plan_path}: {e.strerror}", file=sys.stderr)
         return EXIT_USAGE
-    run_dir = (args.run_dir or args.plan.parent).resolve()
+    run_dir = Path(args.run_dir or plan_path.parent).resolve()
     try:
         rank = node_rank(args.node_rank, plan.num_nodes)
     except HpcserveError as e:

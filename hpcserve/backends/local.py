@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from hpcserve.backends.base import JobInfo, Run, register
+from hpcserve.cmdline.agent import AgentArgs
 from hpcserve.containers.lifecycle import die_with_parent
 from hpcserve.rundir import RunPaths
 
@@ -34,8 +35,8 @@ class LocalBackend:
         for rank in range(plan.num_nodes):
             out = open(run_dir / "logs" / f"agent-node{rank}.out", "ab")
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "hpcserve", "node", "--plan", str(run_dir / RunPaths.PLAN),
-                 "--run-dir", str(run_dir), "--node-rank", str(rank)],
+                [sys.executable, "-m", "hpcserve", "node", *AgentArgs(
+                    plan=str(run_dir / RunPaths.PLAN), run_dir=str(run_dir), node_rank=rank).to_argv()],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=run_dir,
                 start_new_session=True, preexec_fn=die_with_parent))
             out.close()

@@ -21,7 +21,8 @@ import orjson
 from hpcserve.batch.driver import BatchSummary, detect_complete, run_batch
 from hpcserve.batch.merge import merge, merge_shards, part_path
 from hpcserve.batch.progress import ProgressBar, RedisStatus
-from hpcserve.errors import HpcserveError
+from hpcserve.cmdline.batch import BatchArgs, ShardArgs
+from hpcserve.errors import HpcserveError, UsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED, EXIT_ABORTED = 0, 1, 2, 3, 4
 log = logging.getLogger("hpcserve.batch")
@@ -32,32 +33,11 @@ class _Parser(argparse.ArgumentParser):
         raise HpcserveError(f"hpcserve batch: {message} (see --help)")
 
 
-def _shard_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="input JSONL, one request per line")
-    p.add_argument("--output", required=True,
-                   help="output JSONL; with --num-shards > 1 the shard writes OUTPUT.part-IIII-of-NNNN")
-    p.add_argument("--shard-index", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=1)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m hpcserve.batch", description="Run one shard of an offline batch.")
-    _shard_args(p)
-    p.add_argument("--router", required=True, help="router (or engine) base URL, e.g. http://head:8000")
-    p.add_argument("--concurrency", type=int, default=64, help="requests in flight (default 64)")
-    p.add_argument("--max-retries", type=int, default=3)
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per attempt")
-    p.add_argument("--stop-grace", type=float, default=20.0,
-                   help="seconds in-flight rows get to finish after SIGUSR2/SIGTERM")
-    p.add_argument("--model", help="model name for chat rows without one (default: from /v1/models)")
-    p.add_argument("--api-key-env", default="HPCSERVE_API_KEY",
-                   help="environment variable holding the router's bearer key (if set)")
-    p.add_argument("--redis-url", default=os.environ.get("HPCSERVE_REDIS_URL"),
-                   help="write progress into the run's status hash (needs --run-id)")
-    p.add_argument("--run-id", default=os.environ.get("HPCSERVE_RUN_ID"))
-    p.add_argument("--checkpoint-rows", type=int, default=1000, help="fsync every N rows (and at exit)")
-    p.add_argument("--checkpoint-seconds", type=float, default=5.0, help="fsync at least this often")
-    return p
+def _parse(args: type[ShardArgs], argv: list[str]) -> ShardArgs:
+    try:
+        return args.from_argv(argv)
+    except UsageError as e:
+        raise HpcserveError(f"hpcserve batch: {e} (see --help)") from None
 
 
 def build_merge_parser() -> argparse.ArgumentParser:
@@ -72,13 +52,6 @@ def build_merge_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_check_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m hpcserve.batch check",
-                description="Exit 0 if every input row of the shard has an output row, else 3.")
-    _shard_args(p)
-    return p
-
-
 def shard_output(output: str, shard_index: int, num_shards: int) -> str:
     return output if num_shards == 1 else part_path(output, shard_index, num_shards)
 
@@ -90,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["merge"]:
             return _merge(build_merge_parser().parse_args(argv[1:]))
         if argv[:1] == ["check"]:
-            a = build_check_parser().parse_args(argv[1:])
+            a = _parse(ShardArgs, argv[1:])
             out = shard_output(a.output, a.shard_index, a.num_shards)
             return EXIT_OK if detect_complete(a.input, out, a.shard_index, a.num_shards) else EXIT_STOPPED
-        args = build_parser().parse_args(argv)
+        args = _parse(BatchArgs, argv)
         summary = aio.run(_drive(args))
     except HpcserveError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -117,7 +90,7 @@ def _merge(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _drive(a: argparse.Namespace) -> BatchSummary:
+async def _drive(a: BatchArgs) -> BatchSummary:
     if (a.redis_url is None) != (a.run_id is None):
         raise HpcserveError("--redis-url and --run-id go together (give both or neither)")
     stop = asyncio.Event()

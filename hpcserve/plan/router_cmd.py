@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from hpcserve.cmdline.batch import BatchArgs
 from hpcserve.cmdline.router import RouterArgs
 from hpcserve.plan.model import ProcessSpec, WorkerSpec
 from hpcserve.recipe.schema import Recipe
@@ -62,9 +63,9 @@ def batch_spec(recipe: Recipe, head: int, python: str, shard: tuple[int, int]) -
     """The offline batch driver: sends every input row through the router on the head node."""
     b = recipe.batch
     index, count = shard
-    argv = [python, "-m", "hpcserve.batch", "--router", f"http://{{addr}}:{recipe.router.port}",
-            "--input", b.input, "--output", b.output, "--concurrency", str(b.concurrency),
-            "--run-id", "{run_id}", "--shard-index", str(index), "--num-shards", str(count)]
+    args = BatchArgs(router=f"http://{{addr}}:{recipe.router.port}", input=b.input, output=b.output,
+                     concurrency=b.concurrency, run_id="{run_id}", shard_index=index, num_shards=count)
+    argv = [python, "-m", "hpcserve.batch", *args.to_argv()]
     return ProcessSpec(name="batch", kind="batch", node=head, argv=argv, log="logs/batch.log", restart=0)
 
 

@@ -121,3 +121,43 @@ def test_router_flag_mistakes_are_one_usage_error(argv, message):
     with pytest.raises(UsageError) as err:
         parse_args(argv)
     assert str(err.value).startswith(message)
+
+
+# ---- the node agent and the batch driver
+
+def test_agent_argv_in_the_batch_script_and_the_local_backend_parses_back():
+    from hpcserve.cmdline.agent import AgentArgs
+    from hpcserve.render import _agent_argv
+    # the batch script quotes each value so the shell expands $RUN_DIR without splitting it
+    assert _agent_argv("$RUN_DIR") == '--plan "$RUN_DIR/plan.json" --run-dir "$RUN_DIR"'
+    assert _agent_argv("$RUN_DIR", sweep=True) == '--sweep "$RUN_DIR"'
+    args = AgentArgs(plan="/r/plan.json", run_dir="/r", node_rank=3)
+    assert args.to_argv() == ["--plan", "/r/plan.json", "--run-dir", "/r", "--node-rank", "3"]
+    assert AgentArgs.from_argv(args.to_argv()) == args
+    assert AgentArgs.from_argv([]).node_rank is None          # SLURM_NODEID decides
+    with pytest.raises(UsageError, match="argument --node-rank: invalid int value: 'x'"):
+        AgentArgs.from_argv(["--node-rank", "x"])
+
+
+def test_batch_stage_argv_written_by_the_planner_is_what_the_driver_parses(monkeypatch):
+    from hpcserve.cmdline.batch import BatchArgs, ShardArgs
+    from hpcserve.plan.router_cmd import batch_spec
+    from hpcserve.recipe.schema import Recipe
+    recipe = Recipe.model_validate({
+        "name": "b", "model": {"path": "/m"}, "engine": {"kind": "mock"}, "workers": {"replicas": 1},
+        "router": {"port": 8123}, "batch": {"input": "in.jsonl", "output": "out.jsonl", "concurrency": 7}})
+    spec = batch_spec(recipe, 0, "/py", (2, 4))
+    assert spec.argv[:3] == ["/py", "-m", "hpcserve.batch"]
+    monkeypatch.setenv("HPCSERVE_REDIS_URL", "redis://h:1/0")     # what the agent gives the stage
+    args = BatchArgs.from_argv(spec.argv[3:])
+    assert (args.router, args.input, args.output, args.concurrency, args.shard_index, args.num_shards,
+            args.run_id, args.redis_url) == ("http://{addr}:8123", "in.jsonl", "out.jsonl", 7, 2, 4, "{run_id}",
+                                             "redis://h:1/0")
+    assert (args.max_retries, args.request_timeout, args.api_key_env) == (3, 600.0, "HPCSERVE_API_KEY")
+    monkeypatch.delenv("HPCSERVE_REDIS_URL")
+    assert BatchArgs.from_argv(spec.argv[3:]).redis_url is None
+    assert BatchArgs.from_argv(args.to_argv()) == args         # a value from the environment is written out
+    # `check` takes the shard part only
+    assert ShardArgs.from_argv(["--input", "i", "--output", "o"]).num_shards == 1
+    with pytest.raises(UsageError, match="unrecognized arguments: --router"):
+        ShardArgs.from_argv(["--input", "i", "--output", "o", "--router", "u"])
