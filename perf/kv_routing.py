@@ -25,8 +25,9 @@ The modelled GPU (the mock workers' timing): Llama-3.1-8B in bf16 on one H100 SX
 0.04 ms per uncached prompt token (25k tokens/s, about 40% of the H100's dense bf16 peak for 16 GFLOP per
 token) plus 5 ms per admitted prompt (reading the 16 GB of weights once at 3.35 TB/s); a decode step 7 ms
 plus 0.15 ms per running sequence (the weights, plus about 0.5 GB of KV read per 4k-token sequence). Chat
-prompts are as long as real sessions: a 1500-token system prompt, 200-token user turns, 250-token replies,
-so the sixth turn resends about 4k tokens. Times are reported in model milliseconds (wall time divided by
+prompts are as long as real sessions: a 1500-token system prompt, user turns of 100 to 300 tokens and
+replies of 125 to 375 (drawn per turn; equal lengths synchronise the sessions sharing a worker), so the
+sixth turn resends about 4k tokens. Times are reported in model milliseconds (wall time divided by
 --scale); the default scale 1 keeps the harness's own per-request cost (Python client and router on a
 shared machine) small beside the modelled times.
 
@@ -126,9 +127,9 @@ async def one(http: httpx.AsyncClient, url: str, text: str, max_new: int, res: R
 async def run_session(http, url, sess, res, sem) -> None:
     for item in sess:
         if item[0] == "chat":
-            _, system, qs, max_new = item
+            _, system, qs, replies = item
             history = system
-            for q in qs:
+            for q, max_new in zip(qs, replies):
                 prompt = history + turn("user", q) + "<|assistant|>\n"
                 async with sem:
                     reply = await one(http, url, prompt, max_new, res)
