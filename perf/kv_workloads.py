@@ -32,9 +32,10 @@ def multiturn(rng: random.Random, sessions: int = 24, turns: int = 6, system_tok
               user_tokens: int = 200, reply_tokens: int = 250, spread: float = 0.5) -> list[list]:
     """Chat sessions as long as real ones (one token per byte): the sixth turn resends about 4k tokens.
 
-    User turns and replies vary in length, each drawn uniformly within +-``spread`` of its mean (as
-    vLLM's synthetic multi-turn benchmark draws them, benchmarks/multi_turn/generate_multi_turn.json):
-    real replies end where the model's end-of-sequence token falls. With every reply exactly as long,
+    User turns and replies vary in length, each drawn uniformly within +-``spread`` of its mean (vLLM's
+    synthetic multi-turn benchmark draws them uniformly too, within about +-20%:
+    benchmarks/multi_turn/generate_multi_turn.json): real replies end where the model's end-of-sequence
+    token falls, and vary more than +-50%. With every reply exactly as long,
     sessions that share a worker finish in the same decode step and send their next turns together,
     a synchronisation that real traffic does not have (docs/kv-routing.md).
     """
