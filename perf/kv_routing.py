@@ -23,10 +23,12 @@ least Dynamo's on every workload.
 
 The modelled GPU (the mock workers' timing): Llama-3.1-8B in bf16 on one H100 SXM (TIMING below). Prefill
 0.04 ms per uncached prompt token (25k tokens/s, about 40% of the H100's dense bf16 peak for 16 GFLOP per
-token) plus 5 ms per admitted prompt (reading the 16 GB of weights once at 3.35 TB/s); a decode step 7 ms
+token) plus 5 ms per prefill batch (one forward pass reads the 16 GB of weights once at 3.35 TB/s; the
+mock runs a prefill batch as its own pass, as SGLang does); a decode step 7 ms
 plus 0.15 ms per running sequence (the weights, plus about 0.5 GB of KV read per 4k-token sequence). Chat
-prompts are as long as real sessions: a 1500-token system prompt, 200-token user turns, 250-token replies,
-so the sixth turn resends about 4k tokens. Times are reported in model milliseconds (wall time divided by
+prompts are as long as real sessions: a 1500-token system prompt, user turns of 100 to 300 tokens and
+replies of 125 to 375 (drawn per turn; equal lengths synchronise the sessions sharing a worker), so the
+sixth turn resends about 4k tokens. Times are reported in model milliseconds (wall time divided by
 --scale); the default scale 1 keeps the harness's own per-request cost (Python client and router on a
 shared machine) small beside the modelled times.
 
@@ -126,9 +128,9 @@ async def one(http: httpx.AsyncClient, url: str, text: str, max_new: int, res: R
 async def run_session(http, url, sess, res, sem) -> None:
     for item in sess:
         if item[0] == "chat":
-            _, system, qs, max_new = item
+            _, system, qs, replies = item
             history = system
-            for q in qs:
+            for q, max_new in zip(qs, replies):
                 prompt = history + turn("user", q) + "<|assistant|>\n"
                 async with sem:
                     reply = await one(http, url, prompt, max_new, res)
@@ -278,7 +280,8 @@ def run_router(procs: Procs, logdir: Path, name: str, urls: list[str], wl: str, 
         print(line(wl, name, res, wall / ns.scale), flush=True)
         eng = sorted(res.engine_ttft)
         if eng:
-            print(f"           engine-side TTFT (queue + prefill, model ms) p50 {eng[len(eng) // 2]:.1f}"
+            print(f"           engine-side TTFT (queue from arrival + prefill batch, model ms) "
+                  f"p50 {eng[len(eng) // 2]:.1f}"
                   f"  p90 {eng[int(.9 * len(eng))]:.1f}", flush=True)
         if name == "kv_aware":
             pol = httpx.get(url + "/workers", timeout=10.0).json()["policies"]["both"]
@@ -358,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'met' if ratio >= 2 else 'NOT met'})")
         rr, kv = (sorted(by["multiturn", n].engine_ttft) for n in ("round_robin", "kv_aware"))
         if rr and kv:
-            print(f"      engine-side (queue + prefill, without waiting for the running iteration and the "
-                  f"harness): {rr[len(rr) // 2] / kv[len(kv) // 2]:.2f}x")
+            print(f"      engine-side (queue from arrival + prefill batch, without the harness): "
+                  f"{rr[len(rr) // 2] / kv[len(kv) // 2]:.2f}x")
     for wl in loads:
         if (wl, "dynamo") in by and (wl, "kv_aware") in by:
             ours, theirs = (by[wl, n].cached / max(by[wl, n].prompt, 1) for n in ("kv_aware", "dynamo"))

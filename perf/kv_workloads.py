@@ -1,7 +1,7 @@
 """The workloads of perf/kv_routing.py: chat sessions, shared system prompts, a Mooncake-style trace.
 
 Each workload is a list of sessions; a session is a list of items, ("chat", system, questions, reply
-tokens) or ("text", prompt, output tokens). One token is one byte (the mock's tokenizer).
+tokens of each turn) or ("text", prompt, output tokens). One token is one byte (the mock's tokenizer).
 """
 
 from __future__ import annotations
@@ -29,13 +29,25 @@ def turn(role: str, text: str) -> str:
 # ---- workloads: each a list of sessions; a session is a list of (prompt builder, max_new_tokens)
 
 def multiturn(rng: random.Random, sessions: int = 24, turns: int = 6, system_tokens: int = 1500,
-              user_tokens: int = 200, reply_tokens: int = 250) -> list[list]:
-    """Chat sessions as long as real ones (one token per byte): the sixth turn resends about 4k tokens."""
+              user_tokens: int = 200, reply_tokens: int = 250, spread: float = 0.5) -> list[list]:
+    """Chat sessions as long as real ones (one token per byte): the sixth turn resends about 4k tokens.
+
+    User turns and replies vary in length, each drawn uniformly within +-``spread`` of its mean (vLLM's
+    synthetic multi-turn benchmark draws them uniformly too, within about +-20%:
+    benchmarks/multi_turn/generate_multi_turn.json): real replies end where the model's end-of-sequence
+    token falls, and vary more than +-50%. With every reply exactly as long,
+    sessions that share a worker finish in the same decode step and send their next turns together,
+    a synchronisation that real traffic does not have (docs/kv-routing.md).
+    """
     system = turn("system", words(random.Random(1), system_tokens))
+
+    def draw(mean: int) -> int:
+        return rng.randint(round(mean * (1 - spread)), round(mean * (1 + spread)))
+
     out = []
     for s in range(sessions):
-        qs = [words(rng, user_tokens) for _ in range(turns)]
-        out.append([("chat", system, qs, reply_tokens)])
+        qs = [words(rng, draw(user_tokens)) for _ in range(turns)]
+        out.append([("chat", system, qs, [draw(reply_tokens) for _ in range(turns)])])
     return out
 
 
@@ -80,7 +92,8 @@ def working_set_blocks(sessions: list[list]) -> int:
     for sess in sessions:
         for kind, head, tail, n_out in ((s[0], s[1], s[2], s[3]) if s[0] == "chat" else (s[0], s[1], None, s[2])
                                         for s in sess):
-            text = head + ("".join(turn("user", q) + turn("assistant", "x" * n_out) for q in tail) if tail else "")
+            text = head + ("".join(turn("user", q) + turn("assistant", "x" * n) for q, n in zip(tail, n_out))
+                           if tail else "")
             data = text.encode()
             for e in range(BLOCK, len(data) + 1, BLOCK):
                 seen.add(hash(data[:e]))

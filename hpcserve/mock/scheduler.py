@@ -1,10 +1,16 @@
-"""Continuous-batching scheduler of the timing model (Dynamo mocker style).
+"""Continuous-batching scheduler of the timing model, after SGLang's scheduler loop.
 
-One loop runs iterations like an engine: admit waiting sequences while fewer than ``max_running`` run,
-then one iteration lasts sum(a + b*prompt_tokens) over the newly admitted sequences that need a prefill
-plus (c + d*batch) when ``batch`` sequences were already decoding. A prefill yields the first token, each
-decode step one more token per running sequence. Wall time = model time * time_scale. Each sequence
-records the model time it spent queued, in prefill and in decode, which meta_info reports.
+One loop runs iterations like an engine. Each iteration first admits waiting sequences while fewer than
+``max_running`` run. If any of them needs a prefill, the iteration is that prefill batch, one forward pass
+of a + b*(their prompt tokens) in which the running sequences make no progress (SGLang runs a new prefill
+batch before the next decode step: scheduler.get_next_batch_to_run); otherwise it is one decode step of
+c + d*batch over the running sequences. With SGLang's ``--enable-mixed-chunk`` the prefill batch and the
+decode step share one iteration of both durations. A prefill yields the first token, each decode step one
+more token per running sequence. Wall time = model time * time_scale.
+
+Each sequence records the model time it spent queued (from its arrival: the rest of the iteration running
+then, plus every whole iteration it waited), in its prefill batch and in decode steps, which meta_info
+reports. The mock does not chunk prefills (SGLang splits a batch above --chunked-prefill-size tokens).
 
 With time_scale 0 this class is not used at all: the server answers at once (see engine.py).
 """
@@ -48,6 +54,8 @@ class Scheduler:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.iterations = 0
+        self.mixed = bool(cfg.extra_args.get("enable_mixed_chunk"))
+        self._busy_until = 0.0  # perf_counter time at which the running iteration ends (0: none running)
 
     def start(self) -> None:
         self._wake = asyncio.Event()
@@ -70,6 +78,9 @@ class Scheduler:
         return len(self.waiting)
 
     def submit(self, seq: Seq) -> None:
+        rest = self._busy_until - time.perf_counter()
+        if rest > 0:  # it waits for the iteration already running before it can be admitted
+            seq.queue_ms += rest / self.scale
         self.waiting.append(seq)
         self._wake.set()
 
@@ -107,17 +118,23 @@ class Scheduler:
                     continue
                 self.running.append(seq)
                 admitted.append(seq)
-            queued = list(self.waiting)  # only those queued for this whole iteration count it as queue time
-            step = 0.0
+            queued = list(self.waiting)  # waiting through this whole iteration: its time is queue time
+            prefill = []
             for seq in admitted:
                 if seq.needs_prefill:
-                    step += prefill_ms(cfg, seq.prompt_tokens)
+                    prefill.append(seq)
                 else:  # the KV arrived with the first token: nothing to compute
                     self._emit(seq)
+            step = 0.0
+            if prefill:  # one forward pass over the whole prefill batch
+                step += prefill_ms(self.cfg, sum(seq.prompt_tokens for seq in prefill))
+                if not self.mixed:
+                    decoding = []  # the running sequences wait for the prefill batch
             if decoding:
                 step += decode_step_ms(cfg, len(decoding))
             if step > 0:
                 clock += step * self.scale
+                self._busy_until = clock
                 delay = clock - time.perf_counter()
                 if delay > 0:
                     # uvloop rounds timers down to whole milliseconds: sleep again until the step is really over
@@ -127,15 +144,15 @@ class Scheduler:
                 else:
                     clock = time.perf_counter()  # overloaded: do not try to catch up
                     await asyncio.sleep(0)
+                self._busy_until = 0.0
             else:
                 await asyncio.sleep(0)
             self.iterations += 1
             for seq in queued:
                 seq.queue_ms += step
-            for seq in admitted:
-                if seq.needs_prefill:
-                    seq.prefill_ms += step
-                    self._emit(seq)
+            for seq in prefill:
+                seq.prefill_ms += step
+                self._emit(seq)
             for seq in decoding:
                 seq.decode_ms += step
                 seq.decode_steps += 1

@@ -452,10 +452,52 @@ def test_timing_model_batches_sequences(procs):
     out = post(mp.url + "/generate", {"text": prompts, "sampling_params": {"max_new_tokens": 5}}).json()
     for prompt, x in zip(prompts, out):
         t = x["meta_info"]["mock_timing"]
-        # both prefills share one iteration; each decode step serves a batch of two
-        assert t["prefill_ms"] == pytest.approx(80.0) and t["decode_ms"] == pytest.approx(4 * 6.0)
+        # both prefills share one forward pass (a + b*80, not 2a + b*80); each decode step serves a batch of two
+        assert t["prefill_ms"] == pytest.approx(60.0) and t["decode_ms"] == pytest.approx(4 * 6.0)
         assert x["text"] == complete(Prompt.from_text(prompt), SamplingParams(5)).text  # same as instant mode
     # streaming emits one chunk per step with the time scale on
     events = sse_events(post(mp.url + "/generate", {"text": "abc", "sampling_params": {"max_new_tokens": 6},
                                                     "stream": True}).text)
     assert [e["meta_info"]["completion_tokens"] for e in events] == [1, 2, 3, 4, 5, 6]
+
+
+TIMING_20_05_4_1 = ("--mock-time-scale", "1", "--mock-prefill-base-ms", "20", "--mock-prefill-per-token-ms", "0.5",
+                    "--mock-decode-step-ms", "4", "--mock-decode-step-per-seq-ms", "1", "--mock-max-running", "8")
+
+
+def _prefill_while_another_decodes(url: str) -> tuple[dict, dict]:
+    """A 40-token prompt arriving while a long request decodes: the timings of both."""
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(post, url + "/generate", {"text": "x" * 8, "sampling_params": {"max_new_tokens": 40}})
+        time.sleep(0.1)  # the long one is decoding (its prefill took 24 ms, 40 steps take 200 ms)
+        short = post(url + "/generate", {"text": "p" * 40, "sampling_params": {"max_new_tokens": 1}}).json()
+        return short["meta_info"]["mock_timing"], long.result().json()["meta_info"]["mock_timing"]
+
+
+def test_a_prefill_batch_is_its_own_forward_pass(procs):
+    # as SGLang's scheduler (without --enable-mixed-chunk): the new prompt's iteration is its prefill alone,
+    # a + b*40 = 40 ms, and the decoding request makes no step during it
+    short, long = _prefill_while_another_decodes(procs(*TIMING_20_05_4_1).url)
+    assert short["prefill_ms"] == pytest.approx(40.0) and short["decode_steps"] == 0
+    assert long["decode_steps"] == 39 and long["prefill_ms"] == pytest.approx(24.0)
+    # it arrived during one of the long request's decode steps (5 ms) and waited for the rest of it
+    assert 0.0 <= short["queue_ms"] <= 5.0 + 1e-6
+
+
+def test_mixed_chunk_runs_the_prefill_with_the_decode_step(procs):
+    # --enable-mixed-chunk: the prefill batch rides in the decode step of the running request (batch of 1)
+    short, _ = _prefill_while_another_decodes(procs(*TIMING_20_05_4_1, "--enable-mixed-chunk").url)
+    assert short["prefill_ms"] == pytest.approx(40.0 + 5.0)
+
+
+def test_queue_time_counts_the_rest_of_the_running_iteration(procs):
+    # a 200 ms prefill is running when the second request arrives about 100 ms into it: that wait is queue time
+    url = procs("--mock-time-scale", "1", "--mock-prefill-base-ms", "200", "--mock-max-running", "8").url
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, url + "/generate", {"text": "a", "sampling_params": {"max_new_tokens": 1}})
+        time.sleep(0.1)
+        second = post(url + "/generate", {"text": "b", "sampling_params": {"max_new_tokens": 1}}).json()
+        first = first.result().json()
+    t1, t2 = first["meta_info"]["mock_timing"], second["meta_info"]["mock_timing"]
+    assert t1["queue_ms"] == 0 and t1["prefill_ms"] == pytest.approx(200.0)
+    assert 20.0 < t2["queue_ms"] < 200.0 and t2["prefill_ms"] == pytest.approx(200.0)
