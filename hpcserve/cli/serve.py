@@ -38,17 +38,19 @@ def register(app: typer.Typer) -> None:
             run, backend = api_up(recipe, set_ or [], run_dir, timeout, tick=progress.tick)
         finally:
             progress.close()
-        ep = run.endpoint
-        console.print(f"run dir   {run.run_dir}", markup=False)
-        console.print(f"endpoint  {ep['url']}   (ready in {time.monotonic() - t0:.1f}s; Ctrl-C stops)", markup=False)
-        console.print(f"try       curl -s {ep['url']}/v1/models", markup=False)
         stop = {"sig": False}
 
         def on_signal(signum, frame):
             stop["sig"] = True
+        # before the endpoint is printed: a Ctrl-C right after it must drain, not interrupt with processes left
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         try:
+            ep = run.endpoint
+            console.print(f"run dir   {run.run_dir}", markup=False)
+            console.print(f"endpoint  {ep['url']}   (ready in {time.monotonic() - t0:.1f}s; Ctrl-C stops)",
+                          markup=False)
+            console.print(f"try       curl -s {ep['url']}/v1/models", markup=False)
             while not stop["sig"]:
                 gone = backend.gone()
                 if gone:
