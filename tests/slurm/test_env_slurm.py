@@ -21,20 +21,22 @@ KEY_ENV = "H22_ROUTER_API_KEY"
 KEY = "key-7Qm2-not-for-engines"
 
 
-def _recipe(tmp_path):
+def _recipe(tmp_path, name: str = "slurm-env",
+            topology: str = "env: {RECIPE_VAR: from-recipe}\nprefill: {replicas: 1, tp: 8}\n"
+                            "decode: {replicas: 1, tp: 8, env: {GROUP_VAR: from-decode-group}}",
+            router: str = f", dedicated_node: true, api_key_env: {KEY_ENV}"):
+    """A mock deployment on the local profile; the default is the environment test's PD layout."""
     base = free_port_block(120)
     model = tmp_path / "model"
     model.mkdir(exist_ok=True)
     p = tmp_path / "recipe.yaml"
     p.write_text(f"""\
-name: slurm-env
+name: {name}
 model: {{path: {model}, served_name: demo}}
 engine: {{kind: mock, mock: {{time-scale: 0}}}}
 cluster: {REPO / "slurm/clusters/local.yaml"}
-env: {{RECIPE_VAR: from-recipe}}
-prefill: {{replicas: 1, tp: 8}}
-decode: {{replicas: 1, tp: 8, env: {{GROUP_VAR: from-decode-group}}}}
-router: {{port: {base + 119}, dedicated_node: true, api_key_env: {KEY_ENV}}}
+{topology}
+router: {{port: {base + 119}{router}}}
 ports: {{base: {base}}}
 timeouts: {{startup: 90}}
 """)
@@ -117,20 +119,7 @@ def test_node_step_gets_planned_cores_and_memory_engines_split_them(tmp_path):
     """Two engines of 4 GPUs on one node: the rendered job asks for the profile's cores and memory (overridden
     here), Slurm gives the agent's step exactly that, and the agent binds each engine to its own half of the
     cores it has."""
-    base = free_port_block(120)
-    model = tmp_path / "model"
-    model.mkdir()
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""\
-name: slurm-cpus
-model: {{path: {model}, served_name: demo}}
-engine: {{kind: mock, mock: {{time-scale: 0}}}}
-cluster: {REPO / "slurm/clusters/local.yaml"}
-workers: {{replicas: 2, tp: 4}}
-router: {{port: {base + 119}}}
-ports: {{base: {base}}}
-timeouts: {{startup: 90}}
-""")
+    recipe = _recipe(tmp_path, "slurm-cpus", "workers: {replicas: 2, tp: 4}", router="")
     [run] = submit(recipe, ["cluster.cpus_per_node=2", "cluster.mem_per_node=300M"], run_dir=tmp_path / "run")
     try:
         wait_ready(run, 150)
