@@ -5,8 +5,9 @@ from hpcserve.http.upstream import (
     ConnectError, ConnectionLost, NoAnswer, Reply, UpstreamConn, UpstreamError, UpstreamTimeout, Watchdog,
     WorkerStalled,
 )
-from hpcserve.http.parse import HttpParseError
+from hpcserve.http.parse import HttpParseError, error_body
 from hpcserve.http.server import HttpConnection, HttpServer, Request
 
 __all__ = ["ConnectError", "ConnectionLost", "HttpConnection", "HttpParseError", "HttpServer", "NoAnswer", "Reply",
-           "Request", "UpstreamConn", "UpstreamError", "UpstreamPool", "UpstreamTimeout", "Watchdog", "WorkerStalled"]
+           "Request", "UpstreamConn", "UpstreamError", "UpstreamPool", "UpstreamTimeout", "Watchdog", "WorkerStalled",
+           "error_body"]

@@ -6,6 +6,8 @@ header names are lower-cased once so lookups are plain dict hits.
 
 from __future__ import annotations
 
+import orjson
+
 MAX_HEAD_BYTES = 64 * 1024
 
 REASONS = {
@@ -24,6 +26,15 @@ class HttpParseError(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+        self.path = b""  # the request's path once known: the error then takes that endpoint's shape
+
+
+def error_body(status: int, message: str, kind: str, path: bytes = b"") -> bytes:
+    """An error in the shape SGLang uses on ``path``: its OpenAI ErrorResponse on /v1/*, its native
+    {"error": {...}} elsewhere, so a client parses one shape per endpoint whoever answered."""
+    if path[:4] == b"/v1/":
+        return orjson.dumps({"object": "error", "message": message, "type": kind, "param": None, "code": status})
+    return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
 
 
 def parse_headers(lines: list[bytes]) -> dict[bytes, bytes]:

@@ -16,9 +16,9 @@ import socket
 import time
 from typing import Any, Awaitable, Callable
 
-import orjson
 
-from hpcserve.http.parse import LAST_CHUNK, MAX_HEAD_BYTES, REASONS, ChunkedDecoder, HttpParseError, encode_chunk
+from hpcserve.http.parse import (LAST_CHUNK, MAX_HEAD_BYTES, REASONS, ChunkedDecoder, HttpParseError, encode_chunk,
+                                 error_body)
 
 log = logging.getLogger("hpcserve.http")
 
@@ -152,8 +152,8 @@ class HttpConnection(asyncio.Protocol):
             self._keep_alive = False
             self.busy = True
             self.started = self.finished = False
-            self.respond(err.status, orjson.dumps({"error": {"message": str(err), "type": "invalid_request_error",
-                                                             "code": err.status}}))
+            path = self._pending[0][1] if self._pending is not None else err.path
+            self.respond(err.status, error_body(err.status, str(err), "invalid_request_error", path))
 
     def _step(self) -> bool:
         """Consume one request (or part of it) from the buffer; False when more bytes are needed."""
@@ -173,31 +173,35 @@ class HttpConnection(asyncio.Protocol):
             parts = (head if eol < 0 else head[:eol]).split(b" ")
             if len(parts) != 3:
                 raise HttpParseError("malformed request line")
-            # 400, not RFC 9110's 505/501: a client's mistake must not count as a server error on dashboards
-            if parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-                raise HttpParseError("unsupported HTTP version: send HTTP/1.1 (or HTTP/1.0)")
-            lower = head.lower()
-            limit = self.server.max_body_bytes
-            # bytes.find, not ``in``: on CPython the ``in`` operator costs about twice as much here
-            te = find_header(head, lower, H_TRANSFER_ENCODING) if lower.find(H_TRANSFER_ENCODING) >= 0 else None
-            if te is not None:
-                if lower.find(H_CONTENT_LENGTH) >= 0:  # RFC 9112 6.3: a smuggling vector; answer and close
-                    raise HttpParseError("a request must not carry both Content-Length and Transfer-Encoding")
-                if te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
-                    raise HttpParseError("unsupported Transfer-Encoding: only chunked is understood")
-                need = -1
-                self._chunks = ChunkedDecoder(limit)
-                self._parts = []
-            else:
-                cl = find_header(head, lower, H_CONTENT_LENGTH)
-                if cl is None:
-                    need = 0
-                elif not cl.isdigit() or lower.count(H_CONTENT_LENGTH) > 1:
-                    raise HttpParseError("invalid Content-Length")
+            try:  # zero-cost in 3.11; gives the error the path so it takes that endpoint's shape
+                # 400, not RFC 9110's 505/501: a client's mistake must not count as a server error on dashboards
+                if parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+                    raise HttpParseError("unsupported HTTP version: send HTTP/1.1 (or HTTP/1.0)")
+                lower = head.lower()
+                limit = self.server.max_body_bytes
+                # bytes.find, not ``in``: on CPython the ``in`` operator costs about twice as much here
+                te = find_header(head, lower, H_TRANSFER_ENCODING) if lower.find(H_TRANSFER_ENCODING) >= 0 else None
+                if te is not None:
+                    if lower.find(H_CONTENT_LENGTH) >= 0:  # RFC 9112 6.3: a smuggling vector; answer and close
+                        raise HttpParseError("a request must not carry both Content-Length and Transfer-Encoding")
+                    if te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
+                        raise HttpParseError("unsupported Transfer-Encoding: only chunked is understood")
+                    need = -1
+                    self._chunks = ChunkedDecoder(limit)
+                    self._parts = []
                 else:
-                    need = int(cl)
-                if need > limit:
-                    raise HttpParseError(f"request body of {need} bytes exceeds the limit of {limit}", 413)
+                    cl = find_header(head, lower, H_CONTENT_LENGTH)
+                    if cl is None:
+                        need = 0
+                    elif not cl.isdigit() or lower.count(H_CONTENT_LENGTH) > 1:
+                        raise HttpParseError("invalid Content-Length")
+                    else:
+                        need = int(cl)
+                    if need > limit:
+                        raise HttpParseError(f"request body of {need} bytes exceeds the limit of {limit}", 413)
+            except HttpParseError as err:
+                err.path = parts[1]
+                raise
             self._pending = (parts, head, lower, need)
             if need and lower.find(b"100-continue") >= 0 and find_header(lower, lower, H_EXPECT) == b"100-continue":
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -247,10 +251,8 @@ class HttpConnection(asyncio.Protocol):
 
     def _internal_error(self, path: bytes) -> None:
         self._keep_alive = False
-        if not self.started:  # SGLang's OpenAI ErrorResponse on /v1/*, its native error object elsewhere
-            self.respond(500, b'{"object":"error","message":"internal server error","type":"internal_error",'
-                              b'"param":null,"code":500}' if path[:4] == b"/v1/" else
-                         b'{"error":{"message":"internal server error","type":"internal_error","code":500}}')
+        if not self.started:
+            self.respond(500, error_body(500, "internal server error", "internal_error", path))
         else:
             self.close()
 

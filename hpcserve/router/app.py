@@ -10,9 +10,9 @@ from urllib.parse import unquote
 
 import orjson
 
-from hpcserve.http import HttpConnection, Request, UpstreamError
+from hpcserve.http import HttpConnection, Request, UpstreamError, error_body
 from hpcserve.http.server import needle
-from hpcserve.router.dispatch import Dispatcher, error_body
+from hpcserve.router.dispatch import Dispatcher
 from hpcserve.router.pd import Pair
 from hpcserve.router.single import Single
 from hpcserve.router.follower import RegistryFollower, redact_url

@@ -19,10 +19,9 @@ import asyncio
 import logging
 from typing import Callable
 
-import orjson
 
 from hpcserve.http import (
-    ConnectError, HttpConnection, UpstreamConn, UpstreamError, UpstreamTimeout, WorkerStalled,
+    ConnectError, HttpConnection, UpstreamConn, UpstreamError, UpstreamTimeout, WorkerStalled, error_body,
 )
 from hpcserve.router.metrics import RouterMetrics, StreamMeter
 from hpcserve.router.policies import Policy
@@ -38,14 +37,6 @@ class RouteError(Exception):
         super().__init__(message)
         self.status = status
         self.kind = kind
-
-
-def error_body(status: int, message: str, kind: str, path: bytes = b"") -> bytes:
-    """The router's own error in the shape the engine uses on ``path``: SGLang's OpenAI ErrorResponse on
-    /v1/*, its native {"error": {...}} elsewhere, so a client parses one shape per endpoint."""
-    if path[:4] == b"/v1/":
-        return orjson.dumps({"object": "error", "message": message, "type": kind, "param": None, "code": status})
-    return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
 
 
 def batch_size(body: dict) -> int | None:

@@ -227,6 +227,25 @@ def test_framing_error_closes_the_connection(cluster, where):
     assert b"connection: close" in data.lower()
 
 
+@pytest.mark.parametrize("where", ["router", "pd"])
+@pytest.mark.parametrize("path, shape", [(b"/v1/completions", ERROR_KEYS), (b"/generate", {"error"})])
+def test_framing_error_has_the_endpoints_error_shape(cluster, where, path, shape):
+    """A framing error is answered in the error shape of the path the request named, like every other
+    router error: OpenAI's ErrorResponse on /v1/*, SGLang's native object elsewhere."""
+    port = int(cluster[where].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST %b HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n" % path)
+        data = b""
+        while part := s.recv(65536):
+            data += part
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    doc = orjson.loads(body)
+    assert set(doc) == shape, doc
+    message = doc["message"] if "message" in doc else doc["error"]["message"]
+    assert "Transfer-Encoding" in message
+
+
 def test_a_handler_crash_answers_in_the_endpoints_error_shape():
     """The HTTP layer's own 500 (a handler raised) has SGLang's OpenAI shape on /v1/* and the native one
     elsewhere, and closes the connection."""
