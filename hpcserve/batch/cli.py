@@ -111,7 +111,7 @@ async def _drive(a: BatchArgs) -> BatchSummary:
                 request_timeout=a.request_timeout, shard_index=a.shard_index, num_shards=a.num_shards,
                 progress=bar, stop_event=stop, api_key=os.environ.get(a.api_key_env) or None,
                 model=a.model, stop_grace=a.stop_grace, checkpoint_rows=a.checkpoint_rows,
-                checkpoint_s=a.checkpoint_seconds, status=status)
+                checkpoint_s=a.checkpoint_seconds, status=status, api=a.api)
     finally:
         if redis is not None:
             await redis.aclose()

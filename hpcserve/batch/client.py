@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from hpcserve.batch.rows import CHAT, Request, error_row, ok_row, parse_response
+from hpcserve.batch.rows import GENERATE, Request, error_row, ok_row, parse_response
 from hpcserve.errors import HpcserveError
 from hpcserve.http import UpstreamError, UpstreamPool
 
@@ -105,7 +105,7 @@ class RouterClient:
 
     async def run(self, req: Request) -> Answer | Transient | Abandoned:
         body = req.body
-        if req.path == CHAT and "model" not in body:
+        if req.path != GENERATE and "model" not in body:  # OpenAI routes need a model name
             body = {**body, "model": await self._chat_model()}
         data = orjson.dumps(body)
         path = self.prefix + req.path.encode()

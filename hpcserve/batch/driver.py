@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from hpcserve.batch.client import Abandoned, Answer, RouterClient, Transient
 from hpcserve.batch.io import OutputWriter, aiter_lines, count_rows, iter_lines, scan_output
-from hpcserve.batch.rows import BadRow, Request, error_row, input_key, parse_line
+from hpcserve.batch.rows import APIS, BadRow, Request, error_row, input_key, parse_line
 from hpcserve.errors import HpcserveError
 
 log = logging.getLogger("hpcserve.batch")
@@ -92,7 +92,7 @@ async def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLik
                     abort_after_failures: int | None = None, checkpoint_rows: int = 1000,
                     checkpoint_s: float = 5.0, backoff_base: float = 0.5,
                     status: Callable[[BatchSummary, str], Any] | None = None,
-                    progress_every: float = 0.5) -> BatchSummary:
+                    progress_every: float = 0.5, api: str = "generate") -> BatchSummary:
     """Answer every row of one shard of ``input_path`` into ``output_path`` (appending; resumable).
 
     ``stop_event``: when set, no new row is taken; in-flight rows get ``stop_grace`` seconds, then are
@@ -100,11 +100,15 @@ async def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLik
     ``abort_after_failures``: this many rows in a row that used up their retries on service failures
     (connect, timeout, 5xx, 429) stop the run with ``aborted`` set, without writing those rows, so a dead
     router does not turn the whole input into error rows (default max(32, 2 * concurrency); 0 = never).
+    ``api``: what prompt and input_ids rows are sent as: SGLang's /generate, or /v1/completions for an
+    endpoint that serves OpenAI routes only (a Dynamo frontend).
     ``progress(summary)`` is called every ``progress_every`` seconds and at the end; ``status(summary,
     state)`` likewise (an async or sync callable; see ``hpcserve.batch.progress.RedisStatus``).
     """
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
     _check_args(input_path, concurrency, max_retries, request_timeout, shard_index, num_shards)
+    if api not in APIS:
+        raise HpcserveError(f"batch api {api!r} is not one of {', '.join(APIS)}")
     if abort_after_failures is None:
         abort_after_failures = max(32, 2 * concurrency)
     client = RouterClient(router_url, concurrency=concurrency, max_retries=max_retries,
@@ -122,7 +126,7 @@ async def run_batch(input_path: str | os.PathLike, output_path: str | os.PathLik
         await writer.close()
         raise
     summary.repaired_bytes = scan.torn_bytes
-    run = _Run(summary, scan.done, stop_event or asyncio.Event(), abort_after_failures, concurrency)
+    run = _Run(summary, scan.done, stop_event or asyncio.Event(), abort_after_failures, concurrency, api)
     run.writer = writer
     reporter = asyncio.create_task(_report(run, progress, status, progress_every))
     counter = asyncio.create_task(asyncio.to_thread(count_rows, input_path, shard_index, num_shards))
@@ -146,8 +150,9 @@ class _Run:
     """The mutable state of one run, shared by the reader, the workers and the writer."""
 
     def __init__(self, summary: BatchSummary, done: set[str], stop_event: asyncio.Event,
-                 abort_after: int, concurrency: int) -> None:
+                 abort_after: int, concurrency: int, api: str = "generate") -> None:
         self.summary = summary
+        self.api = api
         self.done = done  # ids in the output at start
         self.seen: set[str] = set()  # ids taken by this run
         self.stop_event = stop_event
@@ -216,7 +221,7 @@ class _Run:
             for line_no, raw in lines:
                 if (line_no - 1) % num_shards != shard_index:
                     continue
-                row = parse_line(raw, line_no)
+                row = parse_line(raw, line_no, self.api)
                 if row.key in self.done:
                     s.already_done += 1
                     continue

@@ -4,7 +4,8 @@ A line is one JSON object with an optional ``id`` (string or integer; default: t
 and exactly one of ``prompt`` (text), ``messages`` (OpenAI chat) or ``input_ids`` (token ids).
 ``prompt`` and ``input_ids`` rows go to SGLang's ``/generate``; OpenAI sampling parameters given at the
 top level (``max_tokens``, ``temperature``, ...) are translated into SGLang ``sampling_params``; keys in an
-explicit ``sampling_params`` object win. ``messages`` rows go to ``/v1/chat/completions``; other keys are
+explicit ``sampling_params`` object win. Against an endpoint that serves OpenAI routes only (a Dynamo
+frontend: ``api="completions"``) the same rows go to ``/v1/completions`` with OpenAI names. ``messages`` rows go to ``/v1/chat/completions``; other keys are
 passed through unchanged so every OpenAI chat option works. Ids are compared as strings (1 and "1" are
 the same id).
 """
@@ -18,6 +19,8 @@ import orjson
 
 GENERATE = "/generate"
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+APIS = ("generate", "completions")  # what prompt and input_ids rows are sent as
 
 # OpenAI name -> SGLang sampling_params name, for rows sent to /generate.
 OPENAI_TO_SAMPLING = {
@@ -39,15 +42,15 @@ OPENAI_TO_SAMPLING = {
     "logit_bias": "logit_bias",
     "n": "n",
 }
-# The reverse, for sampling_params given on a chat row.
-SAMPLING_TO_CHAT = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "sampling_seed": "seed"}
+# The reverse, for sampling_params given on a chat or completions row.
+SAMPLING_TO_OPENAI = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "sampling_seed": "seed"}
 META_KEYS = ("id", "model", "metadata")  # never sent as sampling options; metadata is ignored
 KINDS = ("prompt", "messages", "input_ids")
 
 
 @dataclass(slots=True)
 class Request:
-    """A row ready to send. ``model`` is filled in for chat rows by the driver when the row has none."""
+    """A row ready to send. ``model`` is filled in for OpenAI rows by the driver when the row has none."""
 
     line_no: int
     id: Any
@@ -68,8 +71,9 @@ def id_key(row_id: Any) -> str:
     return row_id if isinstance(row_id, str) else str(row_id)
 
 
-def parse_line(line: bytes, line_no: int) -> Request | BadRow:
-    """Never raises: anything wrong with the line becomes a BadRow carrying the reason."""
+def parse_line(line: bytes, line_no: int, api: str = "generate") -> Request | BadRow:
+    """Never raises: anything wrong with the line becomes a BadRow carrying the reason. ``api``: what
+    prompt and input_ids rows are sent as (one of APIS)."""
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as e:
@@ -86,6 +90,8 @@ def parse_line(line: bytes, line_no: int) -> Request | BadRow:
     try:
         if kinds[0] == "messages":
             path, body = CHAT, _chat_body(obj)
+        elif api == "completions":
+            path, body = COMPLETIONS, _completions_body(_generate_body(obj, kinds[0]))
         else:
             path, body = GENERATE, _generate_body(obj, kinds[0])
     except ValueError as e:
@@ -132,13 +138,21 @@ def _generate_body(obj: dict, kind: str) -> dict:
     return body
 
 
+def _completions_body(generate: dict) -> dict:
+    """The /generate body of a row as an OpenAI completions body: prompt text or token ids, OpenAI names."""
+    body = {"prompt": generate["text"] if "text" in generate else generate["input_ids"]}
+    for key, val in generate["sampling_params"].items():
+        body[SAMPLING_TO_OPENAI.get(key, key)] = val
+    return body
+
+
 def _chat_body(obj: dict) -> dict:
     messages = obj["messages"]
     if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
         raise ValueError("'messages' must be a non-empty list of objects")
     body = {k: v for k, v in obj.items() if k not in ("id", "metadata", "sampling_params")}
     for key, val in _sampling_params(obj).items():
-        body[SAMPLING_TO_CHAT.get(key, key)] = val
+        body[SAMPLING_TO_OPENAI.get(key, key)] = val
     if body.get("stream"):
         raise ValueError("'stream' is not supported in a batch")
     body.pop("stream", None)
@@ -171,7 +185,7 @@ def error_row(row_id: Any, error: str) -> bytes:
 
 
 def parse_response(path: str, payload: Any) -> tuple[str, int, int, Any]:
-    """(text, prompt_tokens, completion_tokens, finish_reason) from a /generate or chat answer.
+    """(text, prompt_tokens, completion_tokens, finish_reason) from a /generate, completions or chat answer.
     Raises ValueError when the answer does not have the expected shape."""
     try:
         if path == GENERATE:
@@ -185,7 +199,7 @@ def parse_response(path: str, payload: Any) -> tuple[str, int, int, Any]:
                     int(meta.get("completion_tokens", 0)), finish)
         choice = payload["choices"][0]
         usage = payload.get("usage") or {}
-        text = choice["message"].get("content")
+        text = choice["text"] if path == COMPLETIONS else choice["message"].get("content")
         return (text if text is not None else "", int(usage.get("prompt_tokens", 0)),
                 int(usage.get("completion_tokens", 0)), choice.get("finish_reason"))
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:

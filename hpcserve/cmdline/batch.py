@@ -4,7 +4,7 @@ output, shared with ``python -m hpcserve.batch check``."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -32,8 +32,11 @@ class BatchArgs(ShardArgs):
     request_timeout: Annotated[float, flag()] = Field(600.0, description="seconds per attempt")
     stop_grace: Annotated[float, flag()] = Field(
         20.0, description="seconds in-flight rows get to finish after SIGUSR2/SIGTERM")
+    api: Annotated[Literal["generate", "completions"], flag()] = Field(
+        "generate", description="send prompt and input_ids rows to SGLang's /generate, or to /v1/completions "
+                                "(an endpoint with OpenAI routes only, such as a Dynamo frontend)")
     model: Annotated[str | None, flag()] = Field(
-        None, description="model name for chat rows without one (default: from /v1/models)")
+        None, description="model name for OpenAI rows without one (default: from /v1/models)")
     api_key_env: Annotated[str, flag()] = Field(
         "HPCSERVE_API_KEY", description="environment variable holding the router's bearer key (if set)")
     redis_url: Annotated[str | None, flag(env="HPCSERVE_REDIS_URL")] = Field(

@@ -117,7 +117,7 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
     if control_port is not None:
         head_procs.append(control_spec(recipe, head, hp_python, control_port, point))
     if recipe.batch is not None:
-        head_procs.append(batch_spec(recipe, head, hp_python, shard))
+        head_procs.append(batch_spec(recipe, head, hp_python, shard, stack.api))
     if recipe.benchmark is not None:
         # w.gpus already counts every node of a replica
         head_procs.append(bench_spec(recipe, head, hp_python, stack.api, sum(w.gpus for w in workers), point or {}))

@@ -59,12 +59,14 @@ ROUTERS: dict[str, Callable[[Recipe, str, list[WorkerSpec], str], list[str]]] = 
 }
 
 
-def batch_spec(recipe: Recipe, head: int, python: str, shard: tuple[int, int]) -> ProcessSpec:
-    """The offline batch driver: sends every input row through the router on the head node."""
+def batch_spec(recipe: Recipe, head: int, python: str, shard: tuple[int, int], api: str) -> ProcessSpec:
+    """The offline batch driver: sends every input row through the router on the head node (``api``: the
+    stack's, so prompt rows go to /v1/completions where the head serves OpenAI routes only)."""
     b = recipe.batch
     index, count = shard
     args = BatchArgs(router=f"http://{{addr}}:{recipe.router.port}", input=b.input, output=b.output,
-                     concurrency=b.concurrency, run_id="{run_id}", shard_index=index, num_shards=count)
+                     concurrency=b.concurrency, run_id="{run_id}", shard_index=index, num_shards=count,
+                     **({"api": api} if api != "generate" else {}))  # the default stays off the command line
     argv = [python, "-m", "hpcserve.batch", *args.to_argv()]
     return ProcessSpec(name="batch", kind="batch", node=head, argv=argv, log="logs/batch.log", restart=0)
 

@@ -10,7 +10,7 @@ import pytest
 
 from hpcserve.batch.io import OutputWriter, aiter_lines, count_rows, iter_lines, read_rows, scan_output
 from hpcserve.batch.merge import merge, merge_shards, part_path
-from hpcserve.batch.rows import CHAT, GENERATE, BadRow, Request, error_row, ok_row, parse_line, parse_response
+from hpcserve.batch.rows import CHAT, COMPLETIONS, GENERATE, BadRow, Request, error_row, ok_row, parse_line, parse_response
 from hpcserve.errors import HpcserveError
 
 
@@ -26,6 +26,21 @@ def test_default_id_is_the_line_number_and_input_ids_go_to_generate():
     row = parse_line(b'{"input_ids": [1, 2, 3]}', 12)
     assert (row.id, row.key, row.path) == (12, "12", GENERATE)
     assert row.body == {"input_ids": [1, 2, 3], "sampling_params": {}}
+
+
+def test_completions_api_sends_prompt_and_input_ids_rows_with_openai_names():
+    """For an endpoint without /generate (a Dynamo frontend): the same rows, as OpenAI completions bodies."""
+    row = parse_line(b'{"id": "a", "prompt": "hi", "max_tokens": 7, "seed": 3, '
+                     b'"sampling_params": {"temperature": 0.1, "min_new_tokens": 2}}', 4, "completions")
+    assert (row.path, row.body) == (COMPLETIONS, {"prompt": "hi", "max_tokens": 7, "seed": 3, "temperature": 0.1,
+                                                  "min_tokens": 2})
+    row = parse_line(b'{"input_ids": [1, 2, 3]}', 2, "completions")
+    assert (row.path, row.body) == (COMPLETIONS, {"prompt": [1, 2, 3]})
+    assert parse_line(b'{"messages": [{"role": "user", "content": "x"}]}', 1, "completions").path == CHAT
+    assert "'n' other than 1" in parse_line(b'{"prompt": "x", "n": 2}', 1, "completions").error
+    answer = {"choices": [{"text": "out", "finish_reason": "length"}], "usage": {"prompt_tokens": 3,
+                                                                                "completion_tokens": 1}}
+    assert parse_response(COMPLETIONS, answer) == ("out", 3, 1, "length")
 
 
 def test_chat_row_passes_openai_keys_and_translates_sampling_params():

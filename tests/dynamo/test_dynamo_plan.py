@@ -88,6 +88,16 @@ def test_default_stack_is_unchanged():
     assert not any(k.startswith("DYN_") for pr in p.processes for k in pr.env)
 
 
+@pytest.mark.parametrize("stack, api", [("dynamo", ["--api", "completions"]), ("sglang", [])])
+def test_batch_stage_sends_prompt_rows_the_way_the_stack_serves_them(stack, api):
+    """Dynamo's frontend has no /generate: the plan tells the batch driver to send prompt and input_ids rows
+    to /v1/completions; the sglang stack keeps /generate (the default, left off the command line)."""
+    p = _plan(AGG, f"stack={stack}", "batch.input=in.jsonl", "batch.output=out.jsonl")
+    [batch] = [pr for pr in p.processes if pr.kind == "batch"]
+    argv = batch.argv[batch.argv.index("hpcserve.batch") + 1:]
+    assert [a for a in argv if a in ("--api", "completions", "generate")] == api
+
+
 @pytest.mark.parametrize("override,message", [
     ("stack=dinamo", "stack: unknown stack 'dinamo'; choose one of: dynamo, sglang"),
     ("engine.kind=torch", "engine.kind: torch has no Dynamo worker; use mock or sglang with stack: dynamo"),

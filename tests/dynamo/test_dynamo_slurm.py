@@ -115,16 +115,20 @@ def test_agg_ready_from_frontend_answers_openai_and_shows_workers(agg):
     assert st["phase"] == "ready" and st["endpoint"] == ep["url"]
     assert sorted((w["id"], w["role"], w["state"]) for w in st["worker_list"]) == \
         [("workers-0", "both", "ready"), ("workers-1", "both", "ready")]
-    rows = run.run_dir.parent / "chat.jsonl"   # the offline batch driver's chat rows go to /v1/chat/completions
-    rows.write_text("".join(json.dumps({"id": f"r{i}", "messages": [{"role": "user", "content": f"row {i}"}],
-                                        "max_tokens": 5}) + "\n" for i in range(4)))
+    # the offline batch driver: chat rows go to /v1/chat/completions; with --api completions (what the plan
+    # writes for a Dynamo stack) prompt and input_ids rows go to /v1/completions, as the frontend has no /generate
+    rows = run.run_dir.parent / "rows.jsonl"
+    kinds = [{"messages": [{"role": "user", "content": "a chat row"}]}, {"prompt": "a prompt row"},
+             {"input_ids": [40, 41, 42, 43]}, {"prompt": "sampling params", "sampling_params": {"max_new_tokens": 5}}]
+    rows.write_text("".join(json.dumps({"id": f"r{i}", "max_tokens": 5, **kinds[i % 4]}) + "\n" for i in range(8)))
     res = subprocess.run([sys.executable, "-m", "hpcserve.batch", "--input", str(rows), "--output",
-                          str(rows.with_suffix(".out")), "--router", ep["url"], "--concurrency", "4"],
-                         capture_output=True, text=True, timeout=60)
+                          str(rows.with_suffix(".out")), "--router", ep["url"], "--concurrency", "4",
+                          "--api", "completions"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr[-2000:]
     out = [json.loads(line) for line in rows.with_suffix(".out").read_text().splitlines()]
-    assert sorted((o["id"], o["usage"]["completion_tokens"], o["finish_reason"]) for o in out) == \
-        [(f"r{i}", 5, "length") for i in range(4)]
+    assert sorted((o["id"], o.get("error"), o["usage"]["completion_tokens"], o["finish_reason"]) for o in out) == \
+        [(f"r{i}", None, 5, "length") for i in range(8)]
+    assert [o["usage"]["prompt_tokens"] for o in sorted(out, key=lambda o: o["id"])][2] == 4   # the ids as sent
     res = _hpcserve("logs", str(run.run_dir), "--role", "router", "-n", "400")   # the frontend's own log
     assert res.returncode == 0 and "dynamo_runtime" in res.stdout and "\x1b[" not in res.stdout, res.stderr
 

@@ -146,8 +146,9 @@ def test_batch_stage_argv_written_by_the_planner_is_what_the_driver_parses(monke
     recipe = Recipe.model_validate({
         "name": "b", "model": {"path": "/m"}, "engine": {"kind": "mock"}, "workers": {"replicas": 1},
         "router": {"port": 8123}, "batch": {"input": "in.jsonl", "output": "out.jsonl", "concurrency": 7}})
-    spec = batch_spec(recipe, 0, "/py", (2, 4))
-    assert spec.argv[:3] == ["/py", "-m", "hpcserve.batch"]
+    spec = batch_spec(recipe, 0, "/py", (2, 4), "generate")
+    assert spec.argv[:3] == ["/py", "-m", "hpcserve.batch"] and "--api" not in spec.argv   # the default
+    assert BatchArgs.from_argv(batch_spec(recipe, 0, "/py", (2, 4), "completions").argv[3:]).api == "completions"
     monkeypatch.setenv("HPCSERVE_REDIS_URL", "redis://h:1/0")     # what the agent gives the stage
     args = BatchArgs.from_argv(spec.argv[3:])
     assert (args.router, args.input, args.output, args.concurrency, args.shard_index, args.num_shards,
