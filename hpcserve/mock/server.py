@@ -339,7 +339,8 @@ class MockServer:
 
     def metrics(self, req: Request, conn: HttpConnection) -> None:
         self.stats.count("/metrics")
-        body = self.stats.prometheus(self.engine.running, self.engine.queued)
+        kv = self.engine.kvcache
+        body = self.stats.prometheus(self.engine.running, self.engine.queued, None if kv is None else kv.view())
         conn.respond(200, body, b"text/plain; version=0.0.4; charset=utf-8")
 
     def mock_stats(self, req: Request, conn: HttpConnection) -> None:

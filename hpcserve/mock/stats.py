@@ -47,8 +47,9 @@ class Stats:
             "pd_rejected": self.pd_rejected,
         }
 
-    def prometheus(self, running: int, queued: int) -> bytes:
-        """SGLang's metric names where one exists (sglang:*), mock_* for the rest."""
+    def prometheus(self, running: int, queued: int, kv: dict[str, Any] | None = None) -> bytes:
+        """SGLang's metric names where one exists (sglang:*), mock_* for the rest. ``kv``: the KV cache's
+        view, when the server models one: then SGLang's token_usage and cache_hit_rate gauges as well."""
         m = self.model_name.replace("\\", "\\\\").replace('"', '\\"')
         lab = f'model_name="{m}"'
         lines = [
@@ -62,8 +63,15 @@ class Stats:
             f"sglang:generation_tokens_total{{{lab}}} {self.generation_tokens}",
             "# HELP sglang:num_requests_total Requests answered.", "# TYPE sglang:num_requests_total counter",
             f"sglang:num_requests_total{{{lab}}} {self.responses_ok}",
-            "# HELP mock_requests_total Requests received per endpoint.", "# TYPE mock_requests_total counter",
         ]
+        if kv is not None:
+            usage = kv["used_blocks"] / kv["num_blocks"]
+            hit = kv["hit_tokens"] / kv["query_tokens"] if kv["query_tokens"] else 0.0
+            lines += ["# HELP sglang:token_usage Fraction of the KV cache in use.", "# TYPE sglang:token_usage gauge",
+                      f"sglang:token_usage{{{lab}}} {usage:.6g}",
+                      "# HELP sglang:cache_hit_rate Prompt tokens served from the prefix cache.",
+                      "# TYPE sglang:cache_hit_rate gauge", f"sglang:cache_hit_rate{{{lab}}} {hit:.6g}"]
+        lines += ["# HELP mock_requests_total Requests received per endpoint.", "# TYPE mock_requests_total counter"]
         for ep, n in sorted(self.requests.items()):
             lines.append(f'mock_requests_total{{{lab},endpoint="{ep}",role="{self.role}"}} {n}')
         lines += ["# HELP mock_errors_total Requests answered with an error.", "# TYPE mock_errors_total counter",

@@ -194,8 +194,9 @@ def test_status_asks_the_control_api_and_falls_back_to_redis(deployment, tmp_pat
 
 
 def test_kv_usage_and_cached_token_ratio_come_from_the_engine_metrics(deployment, tmp_path, monkeypatch):
-    """The stand-in engines do not report KV gauges; a worker whose engine does (SGLang's names, served by a
-    small real HTTP server here) shows them in /v1/workers. Its role (both) is not routed in PD mode."""
+    """A worker whose engine exports SGLang's KV gauges (served by a small real HTTP server here) shows them in
+    /v1/workers; the demo's mock models no KV cache, so it exports none (the mock with a KV cache does:
+    tests/engines/test_kv_cache.py). The extra worker's role (both) is not routed in PD mode."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

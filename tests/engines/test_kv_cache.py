@@ -190,3 +190,24 @@ def test_bench_reports_the_cached_token_ratio_only_when_the_server_does():
     m = level_metrics([res(10, 8), res(30, 0), res(10, None)], concurrency=1, duration_s=1.0)
     assert m.cached_token_ratio == pytest.approx(8 / 50)
     assert level_metrics([res(10, None)], concurrency=1, duration_s=1.0).cached_token_ratio is None
+
+
+def test_mock_with_a_kv_cache_exports_sglangs_usage_and_hit_rate_gauges(tmp_path):
+    """What the control API shows per worker (kv_usage, cached_token_ratio) comes from these two gauges."""
+    from hpcserve.control.state import engine_gauges
+    mp = MockProcess.start(["--page-size", "4", "--num-gpu-blocks", "6"], log_dir=tmp_path, wait="ready")
+    plain = MockProcess.start([], log_dir=tmp_path, wait="ready")
+    try:
+        c = httpx.Client(timeout=30.0)
+        assert engine_gauges(c.get(mp.url + "/metrics").text) == (0.0, 0.0)
+        for text in ("abcdefghij", "abcdefghijklm"):                     # 10 then 13 tokens, 8 shared
+            c.post(mp.url + "/generate", json={"text": text, "sampling_params": {"max_new_tokens": 2}})
+        usage, ratio = engine_gauges(c.get(mp.url + "/metrics").text)
+        kv = c.get(mp.url + "/mock/stats").json()["kv_cache"]
+        assert (kv["hit_tokens"], kv["query_tokens"], kv["num_blocks"]) == (8, 23, 6)
+        assert (usage, ratio) == (pytest.approx(kv["used_blocks"] / 6), pytest.approx(8 / 23))
+        assert 0 < usage <= 1
+        assert engine_gauges(c.get(plain.url + "/metrics").text) == (None, None)   # no KV cache modelled
+    finally:
+        mp.stop()
+        plain.stop()
