@@ -27,7 +27,7 @@ class WorkerLaunch:
     ep: int
     nnodes: int = 1
     node_rank: int = 0
-    dist_init_addr: str | None = None   # "{host:N}:PORT" for multi-node replicas
+    dist_init_addr: str | None = None   # "{host:N}:PORT": multi-node replicas and DP attention
     bootstrap_port: int | None = None
     nccl_port: int | None = None        # planned, so SGLang does not pick port + random(100, 1000) itself
     transfer_backend: str | None = None
@@ -98,7 +98,9 @@ def server_args(w: WorkerLaunch) -> ServerArgs:
     if w.nccl_port:
         given["nccl_port"] = w.nccl_port
     if w.nnodes > 1:
-        given.update(nnodes=w.nnodes, node_rank=w.node_rank, dist_init_addr=str(w.dist_init_addr))
+        given.update(nnodes=w.nnodes, node_rank=w.node_rank)
+    if w.dist_init_addr:  # multi-node, or single-node DP attention (its ZMQ ports derive from it)
+        given["dist_init_addr"] = w.dist_init_addr
     if w.mode != "null":
         given.update(disaggregation_mode=w.mode, disaggregation_transfer_backend=w.transfer_backend)
         if w.mode == "prefill":

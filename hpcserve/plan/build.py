@@ -9,6 +9,8 @@ Ports are unique across the whole plan, not per node: on test clusters every "no
 unique range also keeps logs unambiguous. Layout from ``ports.base``: redis = base, control API = base + 1,
 then per replica k a block of PORT_STRIDE starting at base + 10 + k*PORT_STRIDE: http, bootstrap (+2),
 nccl (+5, SGLang binds it on 127.0.0.1 only), dist-init (+10; SGLang derives a few ports above it).
+A single-node replica with DP attention gets the dist-init port too: without --dist-init-addr SGLang derives
+its ZMQ ports from --port + 233 (ZMQ_TCP_PORT_DELTA), which lands in another replica's block.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def plan(recipe: Recipe, point: dict | None = None, python: str | None = None,
                 placed = [nodes.take_gpus(role, gpus)]
             w = WorkerSpec(id=wid, group=gname, role=role, replica=r, nodes=[n for n, _ in placed], port=port,
                            bootstrap_port=port + 2 if role == "prefill" else None,
-                           dist_init_port=port + 10 if group.nodes > 1 else None,
+                           dist_init_port=port + 10 if group.nodes > 1 or group.dp_attention else None,
                            nccl_port=port + NCCL_OFFSET, gpus=gpus)
             workers.append(w)
             procs += _engine_processes(recipe, engine, stack, group, w, placed, hp_python)
@@ -158,7 +160,7 @@ def _engine_processes(recipe: Recipe, engine, stack, group: GroupSpec, w: Worker
             model_path=recipe.model.path, served_name=recipe.model.served_name or recipe.model.path,
             mode=MODE_OF_ROLE[w.role], host=listen_host(recipe), port=w.port, tp=group.tp, dp=group.dp, ep=group.ep,
             nnodes=group.nodes, node_rank=rank,
-            dist_init_addr=f"{{host:{placed[0][0]}}}:{w.dist_init_port}" if group.nodes > 1 else None,
+            dist_init_addr=f"{{host:{placed[0][0]}}}:{w.dist_init_port}" if w.dist_init_port else None,
             bootstrap_port=w.bootstrap_port, nccl_port=w.nccl_port,
             transfer_backend=recipe.kv_transfer.backend if recipe.disaggregated else None,
             ib_device=recipe.kv_transfer.ib_device if recipe.disaggregated else None,

@@ -78,6 +78,40 @@ def test_nccl_port_is_planned_and_collides_with_nothing_on_a_packed_node(tmp_pat
     assert [p.env["CUDA_VISIBLE_DEVICES"] for p in engines] == ["0,1", "2,3", "4,5", "6,7"]
 
 
+def _sglang_zmq_ports(argv: list[str]) -> set[int]:
+    """The ports SGLang 0.5.23 derives for a DP-attention server (server_args.py PortArgs.init_new): from
+    --dist-init-addr's port + 1..6 when given, else from --port + 233 (ZMQ_TCP_PORT_DELTA) + 1..6."""
+    if "--dist-init-addr" in argv:
+        dist = int(_flag(argv, "--dist-init-addr").rsplit(":", 1)[1])
+    else:
+        dist = int(_flag(argv, "--port")) + 233
+    return {dist, *range(dist + 1, dist + 7)}
+
+
+def test_single_node_dp_attention_ports_stay_in_the_replicas_block(tmp_path):
+    """Without --dist-init-addr SGLang puts a DP-attention server's ZMQ ports at --port + 233..239, inside the
+    block of the replica 11 or 12 places later (20 ports per replica): with 14 decode replicas, decode-0's ports
+    met decode-11's dist-init and derived ports. The plan now gives every DP-attention replica its dist-init."""
+    recipe = WIDE_EP.replace("decode: {replicas: 1, nodes: 2, tp: 16, dp: 8, ep: 16,",
+                             "decode: {replicas: 14, tp: 8, dp: 8, ep: 8,")
+    plan = _plan(tmp_path, recipe)
+    engines = {p.name: p for p in plan.processes if p.kind == "engine"}
+    decode = [engines[f"decode-{i}"] for i in range(14)]
+    taken = {port: p.name for p in plan.processes for port in p.ports.values()}
+    taken.update({int(_flag(p.argv, "--nccl-port")): p.name for p in engines.values() if "--nccl-port" in p.argv})
+    for p in plan.processes:  # multi-node prefill ranks derive ports from their dist-init too
+        if "--dist-init-addr" in p.argv and p.node_rank == 0:
+            taken.update({port: p.name for port in _sglang_zmq_ports(p.argv)})
+    for p in decode:
+        port = int(_flag(p.argv, "--port"))
+        derived = _sglang_zmq_ports(p.argv)
+        assert all(port < d < port + 20 for d in derived), (p.name, sorted(derived))   # its own block
+        assert _flag(p.argv, "--dist-init-addr") == f"{{host:{p.node}}}:{port + 10}" and p.ports["dist_init"] == port + 10
+        assert {taken.get(d, p.name) for d in derived} == {p.name}, p.name   # nobody else's port
+        taken.update({d: p.name for d in derived})
+    assert "--nnodes" not in decode[0].argv   # still a single-node server
+
+
 def test_multi_node_replica_packs_the_head_node_when_not_dedicated(tmp_path):
     plan = _plan(tmp_path, TP16_TWO_NODES)
     assert plan.num_nodes == 2   # was 3: the head node held only Redis and the router
