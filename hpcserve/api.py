@@ -321,7 +321,7 @@ def wait_batch_jobs(ids: list[str], dirs: list[Path], timeout: float, tick=None,
     failure when a job recorded one, and when ``timeout`` passes first."""
     import time as _t
 
-    from hpcserve.backends.slurm import query_jobs
+    from hpcserve.backends.base import get_backend
     from hpcserve.errors import BackendError
     from hpcserve.rundir import RunPaths, read_json
     live = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED", "REQUEUE_HOLD")
@@ -340,7 +340,7 @@ def wait_batch_jobs(ids: list[str], dirs: list[Path], timeout: float, tick=None,
     deadline = _t.monotonic() + timeout
     last_tick = 0.0
     while True:
-        states = query_jobs(ids)
+        states = get_backend("slurm").status(ids)
         ended = [s.state not in live and s.state != "UNKNOWN" or recorded_end(j, d) is not None
                  for (j, s), d in zip(((j, states[j]) for j in ids), dirs)]
         if all(ended):

@@ -9,7 +9,7 @@ from pathlib import Path
 from hpcserve import registry
 from hpcserve.agent.handover import current_dir, root_of
 from hpcserve.agent.redis_server import read_url
-from hpcserve.backends.base import Run
+from hpcserve.backends.base import Run, get_backend
 from hpcserve.errors import BackendError
 from hpcserve.rundir import RunPaths, read_json
 
@@ -99,7 +99,6 @@ def _phase(st: RunStatus, run_dir: Path | None, redis_status: dict | None) -> st
 
 def collect(targets: list[str]) -> list[RunStatus]:
     """Status for run dirs and/or job ids, with exactly one squeue call for all Slurm jobs."""
-    from hpcserve.backends.slurm import query_jobs
     runs: list[tuple[Run | None, str | None]] = []
     for t in targets:
         p = Path(t)
@@ -111,7 +110,7 @@ def collect(targets: list[str]) -> list[RunStatus]:
         else:
             raise BackendError(f"{t}: neither a run directory nor a job id")
     job_ids = [j for _, j in runs if j]
-    jobs = query_jobs(job_ids) if job_ids else {}
+    jobs = get_backend("slurm").status(job_ids) if job_ids else {}   # a job id is a Slurm job
     out = []
     for run, job_id in runs:
         info = jobs.get(job_id) if job_id else None
