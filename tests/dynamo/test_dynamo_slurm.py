@@ -187,6 +187,21 @@ def test_pd_prefill_decode_with_kv_router(tmp_path):
         _openai_both_ways(ep["url"])
         [st] = json.loads(_hpcserve("status", str(run.run_dir), "--json").stdout)
         assert st["workers"] == {"decode": {"ready": 1}, "prefill": {"ready": 1}}
+        # a killed prefill worker is restarted and registers again with the frontend under a new instance
+        before = _generate_ids(ep["url"], "prefill")
+        [pid] = _pids(run.run_dir)["prefill-0"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ids = _generate_ids(ep["url"], "prefill")
+            if len(ids) == 1 and ids != before and len(_pids(run.run_dir)["prefill-0"]) == 2:
+                break
+            time.sleep(0.5)
+        assert len(ids) == 1 and ids != before, (before, ids)
+        [st] = json.loads(_hpcserve("status", str(run.run_dir), "--json").stdout)
+        assert {w["id"]: (w["state"], w["restarts"]) for w in st["worker_list"]} == \
+            {"prefill-0": ("ready", 1), "decode-0": ("ready", 0)}
+        _openai_both_ways(ep["url"])
         ports = [port for p in plan["processes"] for port in p["ports"].values()]
         _assert_cancelled_clean(run, _pids(run.run_dir), ports)
     finally:
