@@ -151,17 +151,24 @@ def test_bench_both_stacks_and_one_report(agg, tmp_path):
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_killed_worker_restarts_and_rejoins_the_frontend(agg):
-    run, ep = agg["dynamo"]
-    before = _generate_ids(ep["url"], "backend")
-    [pid] = _pids(run.run_dir)["workers-1"]
+def _kill_and_rejoin(run, url: str, worker: str, component: str) -> tuple[set, set]:
+    """SIGKILL a worker's engine; wait until the agent restarted it and the frontend lists the same number of
+    instances of ``component`` again, one of them new. Returns the instance ids before and after."""
+    before = _generate_ids(url, component)
+    [pid] = _pids(run.run_dir)[worker]
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        ids = _generate_ids(ep["url"], "backend")
-        if len(ids) == 2 and ids != before and len(_pids(run.run_dir)["workers-1"]) == 2:
+        ids = _generate_ids(url, component)
+        if len(ids) == len(before) and ids != before and len(_pids(run.run_dir)[worker]) == 2:
             break
         time.sleep(0.5)
+    return before, ids
+
+
+def test_killed_worker_restarts_and_rejoins_the_frontend(agg):
+    run, ep = agg["dynamo"]
+    before, ids = _kill_and_rejoin(run, ep["url"], "workers-1", "backend")
     assert len(ids) == 2 and len(ids & before) == 1, (before, ids)   # one old instance, one new
     [st] = json.loads(_hpcserve("status", str(run.run_dir), "--json").stdout)
     by_id = {w["id"]: w for w in st["worker_list"]}
@@ -188,15 +195,7 @@ def test_pd_prefill_decode_with_kv_router(tmp_path):
         [st] = json.loads(_hpcserve("status", str(run.run_dir), "--json").stdout)
         assert st["workers"] == {"decode": {"ready": 1}, "prefill": {"ready": 1}}
         # a killed prefill worker is restarted and registers again with the frontend under a new instance
-        before = _generate_ids(ep["url"], "prefill")
-        [pid] = _pids(run.run_dir)["prefill-0"]
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ids = _generate_ids(ep["url"], "prefill")
-            if len(ids) == 1 and ids != before and len(_pids(run.run_dir)["prefill-0"]) == 2:
-                break
-            time.sleep(0.5)
+        before, ids = _kill_and_rejoin(run, ep["url"], "prefill-0", "prefill")
         assert len(ids) == 1 and ids != before, (before, ids)
         [st] = json.loads(_hpcserve("status", str(run.run_dir), "--json").stdout)
         assert {w["id"]: (w["state"], w["restarts"]) for w in st["worker_list"]} == \
