@@ -73,8 +73,12 @@ def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
                 if jid in missing:
                     out[jid] = JobInfo(jid, state.split()[0] if state else "UNKNOWN", nodes=nodes)
     for j in job_ids:
-        out.setdefault(j, JobInfo(j, "UNKNOWN"))
+        out.setdefault(j, JobInfo(j, "UNKNOWN", FORGOTTEN))
     return out
+
+
+# Said of a job neither squeue nor sacct reports, so `status` explains the UNKNOWN instead of a blank reason.
+FORGOTTEN = "not known to Slurm: never submitted here, or ended and forgotten (no accounting)"
 
 
 def time_left(job_id: str) -> float | None:

@@ -1,6 +1,10 @@
 """Smoke tests of the local multi-node Slurm cluster (slurm/start-local-slurm.sh)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from slurm_util import job_state, requires_slurm, run_slurm, sbatch, scancel, squeue_state, wait_job_state
@@ -63,6 +67,15 @@ def test_failed_job_final_state_and_exit_code_in_squeue(tmp_path):
 def test_unknown_job_has_no_state():
     assert squeue_state("999999") is None
     assert job_state("999999") is None
+
+
+def test_status_of_a_job_slurm_does_not_know_says_why_it_is_unknown():
+    res = subprocess.run([sys.executable, "-m", "hpcserve", "status", "999999", "--json"], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    [st] = json.loads(res.stdout)
+    assert (st["slurm_state"], st["phase"], st["run_dir"]) == ("UNKNOWN", "unknown", None)
+    assert st["reason"].startswith("not known to Slurm: never submitted here, or ended and forgotten")
 
 
 def test_time_limit_sends_signal_then_ends_job_as_timeout(tmp_path):
