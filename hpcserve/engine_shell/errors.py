@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import orjson
+from hpcserve.http.parse import error_body as shaped_error
 
 
 class EngineError(Exception):
@@ -16,10 +16,10 @@ class EngineError(Exception):
 
 
 def error_body(status: int, message: str, kind: str = "BadRequestError") -> bytes:
-    """SGLang's native error object."""
-    return orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
+    """SGLang's native error object (the two shapes are built in one place: hpcserve.http.parse)."""
+    return shaped_error(status, message, kind)
 
 
 def oai_error(status: int, message: str, kind: str = "BadRequestError") -> bytes:
-    """SGLang's OpenAI-style error object."""
-    return orjson.dumps({"object": "error", "message": message, "type": kind, "param": None, "code": status})
+    """SGLang's OpenAI-style error object, what it answers on /v1/*."""
+    return shaped_error(status, message, kind, b"/v1/")
