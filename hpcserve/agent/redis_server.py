@@ -21,7 +21,6 @@ from hpcserve.errors import BackendError
 from hpcserve.rundir import RunPaths, atomic_write
 
 
-
 def find_redis_server(configured: str | None = None) -> str:
     if configured:
         if shutil.which(configured) or os.access(configured, os.X_OK):

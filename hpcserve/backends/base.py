@@ -14,7 +14,6 @@ from hpcserve.errors import BackendError
 from hpcserve.rundir import RunPaths, read_json
 
 
-
 def new_run_dir(name: str, root: str | Path | None = None) -> Path:
     root = Path(root or os.environ.get("HPCSERVE_RUNS_DIR") or "runs")
     stamp = time.strftime("%Y%m%d-%H%M%S")

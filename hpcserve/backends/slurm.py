@@ -51,6 +51,10 @@ def slurm_cmd(*argv: str, cwd: Path | None = None, check: bool = True,
     return res
 
 
+# Said of a job neither squeue nor sacct reports, so `status` explains the UNKNOWN instead of a blank reason.
+FORGOTTEN = "not known to Slurm: never submitted here, or ended and forgotten (no accounting)"
+
+
 def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
     """One squeue call for all jobs; sacct (if accounting exists) only for the ones squeue forgot."""
     if not job_ids:
@@ -75,10 +79,6 @@ def query_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
     for j in job_ids:
         out.setdefault(j, JobInfo(j, "UNKNOWN", FORGOTTEN))
     return out
-
-
-# Said of a job neither squeue nor sacct reports, so `status` explains the UNKNOWN instead of a blank reason.
-FORGOTTEN = "not known to Slurm: never submitted here, or ended and forgotten (no accounting)"
 
 
 def time_left(job_id: str) -> float | None:

@@ -84,8 +84,8 @@ class RouterClient:
         if self.pool is not None:
             self.pool.close()
 
-    async def _chat_model(self) -> str:
-        """The model name for chat rows without one: given, else the router's first /v1/models entry."""
+    async def _model_name(self) -> str:
+        """The model name for OpenAI rows without one: given, else the router's first /v1/models entry."""
         if self.model is not None:
             return self.model
         async with self._model_lock:
@@ -106,7 +106,7 @@ class RouterClient:
     async def run(self, req: Request) -> Answer | Transient | Abandoned:
         body = req.body
         if req.path != GENERATE and "model" not in body:  # OpenAI routes need a model name
-            body = {**body, "model": await self._chat_model()}
+            body = {**body, "model": await self._model_name()}
         data = orjson.dumps(body)
         path = self.prefix + req.path.encode()
         start = time.monotonic()

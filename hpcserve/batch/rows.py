@@ -5,9 +5,9 @@ and exactly one of ``prompt`` (text), ``messages`` (OpenAI chat) or ``input_ids`
 ``prompt`` and ``input_ids`` rows go to SGLang's ``/generate``; OpenAI sampling parameters given at the
 top level (``max_tokens``, ``temperature``, ...) are translated into SGLang ``sampling_params``; keys in an
 explicit ``sampling_params`` object win. Against an endpoint that serves OpenAI routes only (a Dynamo
-frontend: ``api="completions"``) the same rows go to ``/v1/completions`` with OpenAI names. ``messages`` rows go to ``/v1/chat/completions``; other keys are
-passed through unchanged so every OpenAI chat option works. Ids are compared as strings (1 and "1" are
-the same id).
+frontend: ``api="completions"``) the same rows go to ``/v1/completions`` with OpenAI names. ``messages``
+rows go to ``/v1/chat/completions``; other keys are passed through unchanged so every OpenAI chat option
+works. Ids are compared as strings (1 and "1" are the same id).
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from hpcserve.rundir import RunPaths
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class RunInfo:
     run_dir: Path

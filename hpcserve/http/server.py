@@ -16,7 +16,6 @@ import socket
 import time
 from typing import Any, Awaitable, Callable
 
-
 from hpcserve.http.parse import (LAST_CHUNK, MAX_HEAD_BYTES, REASONS, ChunkedDecoder, HttpParseError, encode_chunk,
                                  error_body)
 

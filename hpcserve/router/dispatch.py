@@ -19,7 +19,6 @@ import asyncio
 import logging
 from typing import Callable
 
-
 from hpcserve.http import (
     ConnectError, HttpConnection, UpstreamConn, UpstreamError, UpstreamTimeout, WorkerStalled, error_body,
 )
