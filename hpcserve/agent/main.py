@@ -75,6 +75,14 @@ def failed_now(run_dir: Path) -> dict | None:
     return fail
 
 
+def why_not_start(run_dir: Path, stop: "StopEvent") -> str | None:
+    """Why this agent must start nothing now: it was told to stop, or another node already failed (its
+    failure.json is the cause the user sees); None to go on."""
+    if stop.is_set():
+        return f"got {stop.signal_name}"
+    return "another node failed" if failed_now(run_dir) is not None else None
+
+
 async def _start_redis(plan: Plan, run_dir: Path, addr: str, managed: list[Managed]) -> str:
     if plan.redis_url:   # external Redis: publish it like our own so other nodes and `status` find it
         u = urlparse(plan.redis_url)
@@ -153,6 +161,11 @@ async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: "St
         return EXIT_OK
     check_model_paths(plan.on_node(rank), rank)
     await preflight(plan, run_dir, rank)   # hpcserve doctor's node checks, before anything starts
+    # a node whose checks failed first ends the step (srun --kill-on-bad-exit): the SIGTERM may arrive while
+    # this node's checks still run, and nothing may be started after it
+    if why := why_not_start(run_dir, stop):
+        log.info("not starting: %s", why)
+        return EXIT_FAILED
     managed: list[Managed] = []
     startup = float(plan.startup_timeout)
     if is_head:
@@ -161,9 +174,9 @@ async def run_agent(plan: Plan, run_dir: Path, rank: int, run_id: str, stop: "St
         # give up at once when the head found nothing to run, another node failed (its failure.json is the
         # cause the user sees) or this agent is told to stop: waiting out the startup timeout helps nobody
         url = await redis_server.read_published(run_dir, startup, give_up=lambda: stages.done_now(run_dir) or
-                                                stop.is_set() or failed_now(run_dir) is not None)
-        if url is None and (stop.is_set() or failed_now(run_dir)):
-            log.info("not starting: %s", f"got {stop.signal_name}" if stop.is_set() else "another node failed")
+                                                why_not_start(run_dir, stop) is not None)
+        if url is None and (why := why_not_start(run_dir, stop)):
+            log.info("not starting: %s", why)
             return EXIT_FAILED
         if url is None:
             log.info("the head node found nothing to run; exiting")

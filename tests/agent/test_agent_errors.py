@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import subprocess
@@ -29,6 +30,22 @@ def test_node_rank_outside_plan(tmp_path):
     assert res.returncode == 2
     assert f"node rank {plan.num_nodes + 3} is outside the plan's {plan.num_nodes} nodes" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_head_starts_nothing_once_another_node_failed_during_its_checks(tmp_path):
+    """On Slurm a node whose preflight failed first ends the step, and the head may get there after its own
+    checks passed: it must not start Redis, the router or an engine then (it did, for 50 ms, until the step's
+    SIGTERM stopped them again)."""
+    [(d, _)] = prepare_run(DEMO, demo_overrides(), run_dir=tmp_path / "run")
+    failure = {"node": 1, "message": "preflight failed: node 1: ib_device: missing", "epoch": "local.0"}
+    (d / "failure.json").write_text(json.dumps(failure) + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT")}
+    res = subprocess.run([sys.executable, "-m", "hpcserve", "node", "--plan", str(d / "plan.json"), "--run-dir",
+                          str(d), "--node-rank", "0"], capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 1, res.stderr
+    assert "not starting: another node failed" in (d / "logs/agent-node0.log").read_text()
+    assert not (d / "redis.json").exists() and not list((d / "logs").glob("redis*.log"))
+    assert json.loads((d / "failure.json").read_text()) == failure      # the cause the user sees is kept
 
 
 def test_redis_unreachable(tmp_path):
